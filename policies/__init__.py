@@ -1,0 +1,1 @@
+"""Pluggable policies: eviction (cache), predictor, horizon and scheduler, one small module each."""

@@ -1,0 +1,180 @@
+"""Policy interfaces shared by the simulator and the real executor.
+
+Nothing here knows about SimPy or CUDA: a driver (``sim`` or ``executor``) owns time and copies, and calls
+these objects at the same points in the same order. Time inside policies is a logical clock, the index of
+the *layer-step* being computed (``step * num_layers + layer``), so decisions that do not depend on timing
+are identical in both drivers.
+
+Expert keys are flat ints unique across layers: ``key = layer_offsets[layer] + expert``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class PolicyConfigError(ValueError):
+    """A policy was configured with values it cannot work with."""
+
+
+# ---------------------------------------------------------------------------------------------- future index
+class FutureIndex:
+    """Perfect knowledge of the replay's future: for each key, the sorted layer-steps that use it.
+    Belady and the oracle predictor read it; nothing else may."""
+
+    def __init__(self, needed: list[np.ndarray]):
+        uses: dict[int, list[int]] = {}
+        for t, keys in enumerate(needed):
+            for k in keys.tolist():
+                uses.setdefault(k, []).append(t)
+        self._uses = uses
+        self.needed = needed  # needed[t] = unique keys used at layer-step t
+        self.horizon = len(needed)
+
+    def next_use(self, key: int, now: int) -> int:
+        """First layer-step >= now that uses ``key`` (``horizon`` if none)."""
+        u = self._uses.get(key)
+        if not u:
+            return self.horizon
+        i = bisect.bisect_left(u, now)
+        return u[i] if i < len(u) else self.horizon
+
+
+# ------------------------------------------------------------------------------------------------ contexts
+@dataclass
+class CacheContext:
+    """What an eviction policy may know when a run starts."""
+
+    num_experts: list[int]  # routed experts per layer
+    partition_of: np.ndarray  # int [total_experts]: partition (cache region) of each key
+    capacity: list[int]  # slots per partition
+    future: FutureIndex | None = None  # only for clairvoyant policies (belady)
+    popularity: np.ndarray | None = None  # float [total_experts]: use counts on the training split
+
+
+@dataclass
+class Observation:
+    """What is known when layer ``layer`` of a step is about to compute."""
+
+    layer_step: int  # logical clock: step * num_layers + layer
+    step: int  # index of the batch step in the replay
+    layer: int  # MoE layer about to compute
+    tokens: np.ndarray  # trace token indices in this step's batch
+    experts: np.ndarray  # int [B, K]: the experts those tokens actually use at ``layer`` (their router ran)
+    token_ids: np.ndarray  # int [B]: input token ids (-1 where unknown)
+    hidden: np.ndarray | None = None  # [B, H] input hidden state of ``layer``, where the trace has them
+
+
+@dataclass
+class PredictorContext:
+    """What a predictor may know when a run starts."""
+
+    num_experts: list[int]  # routed experts per layer
+    top_k: int
+    train: object | None = None  # traces.Trace of the training split (learned predictors fit on it)
+    future: FutureIndex | None = None  # only for the oracle
+    layer_offsets: np.ndarray | None = None  # to turn (layer, expert) into keys
+    model_path: str = ""  # model the trace came from, for predictors that need its weights
+
+
+@dataclass
+class HorizonFeedback:
+    """Measured after each layer computes; drives adaptive horizons."""
+
+    layer_compute_s: float  # compute time of the layer just finished
+    stall_s: float  # time that layer waited for experts
+    bandwidth_bytes_per_s: float  # recent achieved copy bandwidth (0 if no copy finished yet)
+    experts_needed: int  # distinct experts the layer used
+    prefetch_hits: int  # of those, how many were resident/in flight thanks to a prefetch
+    prefetch_issued: int  # prefetches issued since the last feedback
+    prefetch_wasted: int  # prefetched experts evicted unused since the last feedback
+    late_hits: int = 0  # needed experts still in flight when the layer wanted them
+
+
+@dataclass
+class HorizonContext:
+    num_layers: int
+    top_k: int
+    expert_bytes: int
+    batch_size: int
+    num_experts: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- protocols
+@runtime_checkable
+class EvictionPolicy(Protocol):
+    """Which resident expert to drop. Hooks in the style of libCacheSim: the cache calls them, the policy
+    only keeps its own bookkeeping."""
+
+    def reset(self, ctx: CacheContext) -> None: ...
+    def on_hit(self, key: int, now: int) -> None: ...
+    def on_insert(self, key: int, now: int) -> None: ...
+    def on_remove(self, key: int) -> None: ...
+    def victim(self, partition: int, candidates: set[int], now: int) -> int | None:
+        """Pick one key from ``candidates`` (resident, unprotected, in ``partition``); None = keep all."""
+        ...
+
+    def pinned(self) -> set[int]:
+        """Keys loaded before the run and never evicted (static policies)."""
+        ...
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    def reset(self, ctx: PredictorContext) -> None: ...
+    def predict(self, obs: Observation, ahead: int) -> np.ndarray:
+        """Scores in [0, 1] over the experts of layer ``(obs.layer + ahead) % L`` (of the next step when it
+        wraps): how likely this step's batch is to use each. Zeros = no opinion."""
+        ...
+
+    def observe(self, obs: Observation) -> None:
+        """Feedback: the actual routing of ``obs.layer`` for this step."""
+        ...
+
+
+@runtime_checkable
+class Horizon(Protocol):
+    def reset(self, ctx: HorizonContext) -> None: ...
+    def distance(self) -> int:
+        """How many layers ahead to prefetch now (0 = no prefetch)."""
+        ...
+
+    def feedback(self, fb: HorizonFeedback) -> None: ...
+
+
+@dataclass
+class Step:
+    """One forward pass of the batch: which trace tokens it computes."""
+
+    tokens: np.ndarray  # trace token indices
+    phase: int  # traces.PHASE_PREFILL or PHASE_DECODE
+    sequences: np.ndarray  # sequence ids in the batch (for latency accounting)
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    def plan(self, seq_id: np.ndarray, phase: np.ndarray, batch_size: int, routes: np.ndarray | None) -> list[Step]:
+        """Order the trace's tokens into steps. ``routes`` [T, L, K] may be predicted routes (never the truth
+        unless the caller is an oracle experiment)."""
+        ...
+
+
+def top_scores(scores: np.ndarray, limit: int, min_score: float) -> list[int]:
+    """Experts to prefetch from a score vector: best first, at most ``limit``, score >= ``min_score`` (> 0)."""
+    if limit <= 0:
+        return []
+    cand = np.flatnonzero(scores >= max(min_score, 1e-12))
+    if cand.size == 0:
+        return []
+    order = cand[np.argsort(-scores[cand], kind="stable")]
+    return order[:limit].tolist()
+
+
+def unique_keys(keys: Iterable[int]) -> list[int]:
+    """Distinct keys in first-seen order (deterministic, unlike set iteration)."""
+    return list(dict.fromkeys(keys))

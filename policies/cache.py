@@ -1,0 +1,161 @@
+"""The fast-memory residency container that the simulator and the executor both drive.
+
+It knows which expert keys are resident or in flight, which partition (cache region) each key belongs to
+and how many slots each partition has. The *eviction policy* (one module per policy) only chooses victims
+through hooks. The driver decides what is protected (experts the current layer still needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import CacheContext, EvictionPolicy, PolicyConfigError
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # uses whose expert was resident
+    late_hits: int = 0  # uses whose expert was still in flight (partial stall)
+    misses: int = 0  # uses whose expert was neither (demand load)
+    inserts: int = 0  # slots filled (demand + prefetch)
+    prefetch_inserts: int = 0  # slots filled by prefetches
+    prefetch_used: int = 0  # prefetched experts used before eviction
+    prefetch_wasted: int = 0  # prefetched experts evicted unused
+    evictions: int = 0
+
+
+def partitions_for(num_experts: list[int], scope: str) -> np.ndarray:
+    """Partition id per flat key: one per layer (``per_layer``) or a single shared one (``global``)."""
+    if scope == "per_layer":
+        return np.repeat(np.arange(len(num_experts)), num_experts)
+    if scope == "global":
+        return np.zeros(sum(num_experts), dtype=np.int64)
+    raise PolicyConfigError(f"cache.scope: expected 'per_layer' or 'global', got {scope!r}")
+
+
+def capacities_for(num_experts: list[int], scope: str, slots: int | None, fraction: float | None) -> list[int]:
+    """Slots per partition from either ``slots`` (per layer, or total when global) or ``fraction`` of all
+    experts. Capacity 0, or as many slots as experts (nothing to decide), is a configuration error."""
+    if (slots is None) == (fraction is None):
+        raise PolicyConfigError("cache: set exactly one of cache.slots or cache.fraction")
+    sizes = list(num_experts) if scope == "per_layer" else [sum(num_experts)]
+    if fraction is not None:
+        if not 0.0 < float(fraction) < 1.0:
+            raise PolicyConfigError(f"cache.fraction: expected a value in (0, 1), got {fraction}")
+        caps = [max(1, int(round(n * float(fraction)))) for n in sizes]
+    else:
+        caps = [int(slots)] * len(sizes)
+    for n, c in zip(sizes, caps):
+        if not 1 <= c < n:
+            what = "per layer" if scope == "per_layer" else "in total"
+            raise PolicyConfigError(
+                f"cache capacity: {c} slots {what} is out of range; expected 1..{n - 1} "
+                f"(0 holds nothing, {n} or more holds every expert)"
+            )
+    return caps
+
+
+class ExpertCache:
+    """Residency of expert keys across partitions, with an eviction policy deciding victims."""
+
+    def __init__(self, policy: EvictionPolicy, ctx: CacheContext):
+        self.policy = policy
+        self.ctx = ctx
+        self.partition_of = ctx.partition_of
+        self.capacity = list(ctx.capacity)
+        self.resident: list[set[int]] = [set() for _ in self.capacity]
+        self.inflight: set[int] = set()
+        self.prefetched_unused: set[int] = set()
+        self.stats = CacheStats()
+        policy.reset(ctx)
+        for key in sorted(policy.pinned()):
+            part = int(self.partition_of[key])
+            if len(self.resident[part]) >= self.capacity[part]:
+                raise PolicyConfigError(f"cache: pinned experts exceed the {self.capacity[part]} slots of partition {part}")
+            self.resident[part].add(key)
+
+    # -------------------------------------------------------------------------------------- queries
+    def is_resident(self, key: int) -> bool:
+        return key in self.resident[self.partition_of[key]]
+
+    def is_inflight(self, key: int) -> bool:
+        return key in self.inflight
+
+    def used(self, part: int) -> int:
+        return len(self.resident[part])
+
+    # ------------------------------------------------------------------------------------- decisions
+    def use(self, key: int, now: int) -> str:
+        """Record one use of ``key`` at layer-step ``now``; returns 'hit', 'late' (in flight) or 'miss'."""
+        if key in self.prefetched_unused:
+            self.prefetched_unused.discard(key)
+            self.stats.prefetch_used += 1
+        if key in self.inflight:
+            self.stats.late_hits += 1
+            self.policy.on_hit(key, now)
+            return "late"
+        if self.is_resident(key):
+            self.stats.hits += 1
+            self.policy.on_hit(key, now)
+            return "hit"
+        self.stats.misses += 1
+        return "miss"
+
+    def count_repeat_use(self, outcome: str) -> None:
+        """Extra uses of an expert by more tokens of the same layer-step count with the first use's outcome."""
+        if outcome == "hit":
+            self.stats.hits += 1
+        elif outcome == "late":
+            self.stats.late_hits += 1
+        else:
+            self.stats.misses += 1
+
+    def reserve(self, key: int, now: int, protected: set[int], prefetch: bool = False) -> tuple[bool, int | None]:
+        """Claim a slot for ``key`` (a copy is about to start). Returns (ok, evicted key or None).
+        Not ok when the partition is full of protected, pinned or in-flight keys (the copy must wait or drop)."""
+        part = int(self.partition_of[key])
+        res = self.resident[part]
+        if key in res or key in self.inflight:
+            return True, None
+        evicted = None
+        if len(res) >= self.capacity[part]:
+            candidates = res - protected - self.inflight - self.policy.pinned()
+            if not candidates:
+                return False, None
+            evicted = self.policy.victim(part, candidates, now)
+            if evicted is None:
+                return False, None
+            if evicted not in candidates:
+                raise RuntimeError(f"{type(self.policy).__name__}.victim returned {evicted}, not a candidate")
+            self._remove(evicted)
+        res.add(key)
+        self.inflight.add(key)
+        self.stats.inserts += 1
+        if prefetch:
+            self.stats.prefetch_inserts += 1
+            self.prefetched_unused.add(key)
+        self.policy.on_insert(key, now)
+        return True, evicted
+
+    def complete(self, key: int) -> None:
+        """The copy of ``key`` finished: it is now usable."""
+        self.inflight.discard(key)
+
+    def cancel(self, key: int) -> None:
+        """A queued prefetch is dropped before its copy started: give the slot back."""
+        self.inflight.discard(key)
+        self.prefetched_unused.discard(key)
+        self.stats.prefetch_inserts -= 1
+        self.stats.inserts -= 1
+        self.resident[int(self.partition_of[key])].discard(key)
+        self.policy.on_remove(key)
+
+    def _remove(self, key: int) -> None:
+        self.resident[int(self.partition_of[key])].discard(key)
+        self.stats.evictions += 1
+        if key in self.prefetched_unused:
+            self.prefetched_unused.discard(key)
+            self.stats.prefetch_wasted += 1
+        self.policy.on_remove(key)

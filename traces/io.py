@@ -1,0 +1,166 @@
+"""Read and write traces as Parquet; atomic writes (temp file + rename) so an error never leaves output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .schema import META_KEY, PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
+
+COLUMNS = ("seq_id", "position", "phase", "layer", "token_id", "experts", "weights")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def trace_to_table(trace: Trace) -> pa.Table:
+    T, L, K = trace.experts.shape
+    rep = lambda a: np.repeat(a, L)  # noqa: E731 - one row per (token, layer)
+    table = pa.table(
+        {
+            "seq_id": pa.array(rep(trace.seq_id.astype(np.int32))),
+            "position": pa.array(rep(trace.position.astype(np.int32))),
+            "phase": pa.array(rep(trace.phase.astype(np.int8))),
+            "layer": pa.array(np.tile(np.arange(L, dtype=np.int16), T)),
+            "token_id": pa.array(rep(trace.token_id.astype(np.int32))),
+            "experts": pa.FixedSizeListArray.from_arrays(pa.array(trace.experts.reshape(-1).astype(np.int16)), K),
+            "weights": pa.FixedSizeListArray.from_arrays(
+                pa.array(trace.weights.reshape(-1).astype(np.float32)), K
+            ),
+        }
+    )
+    return table.replace_schema_metadata({META_KEY: trace.meta.to_json().encode()})
+
+
+def write_trace(trace: Trace, path: str | Path) -> Path:
+    """Validate and write ``trace`` to ``path`` atomically. Returns the path."""
+    check_trace(trace, where=str(path))
+    with atomic_path(path) as tmp:
+        pq.write_table(trace_to_table(trace), tmp, compression="zstd")
+    return Path(path)
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Load a trace file into dense arrays. Errors name the file and what was wrong with it."""
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise TraceError(f"{where}: no such trace file")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for truncated/foreign files
+        raise TraceError(f"{where}: not a readable Parquet file ({exc})") from exc
+    raw_meta = (pf.schema_arrow.metadata or {}).get(META_KEY)
+    if raw_meta is None:
+        raise TraceError(f"{where}: Parquet file has no '{META_KEY.decode()}' metadata: not an expertflow trace")
+    meta = TraceMeta.from_json(raw_meta, where=f"{where}: metadata")
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise TraceError(f"{where}: missing column(s) {missing}; expected {list(COLUMNS)}")
+    try:
+        table = pf.read(columns=list(COLUMNS))
+    except Exception as exc:
+        raise TraceError(f"{where}: could not read Parquet data ({exc})") from exc
+    return table_to_trace(table, meta, where, path)
+
+
+def table_to_trace(table: pa.Table, meta: TraceMeta, where: str, path: Path | None = None) -> Trace:
+    L, K = meta.num_layers, meta.top_k
+    n = table.num_rows
+    if n % L:
+        raise TraceError(f"{where}: {n} rows is not a multiple of num_layers={L} (one row per token and layer)")
+    col = lambda name: table.column(name).combine_chunks()  # noqa: E731
+    layer = col("layer").to_numpy(zero_copy_only=False).astype(np.int64)
+    bad_layer = np.flatnonzero(layer != np.tile(np.arange(L), n // L))
+    if bad_layer.size:
+        r = int(bad_layer[0])
+        raise TraceError(f"{where}: row {r}: field 'layer' = {layer[r]}, expected {r % L} (rows grouped by token)")
+    experts = _fixed_list(col("experts"), K, where, "experts").astype(np.int16)
+    weights = _fixed_list(col("weights"), K, where, "weights").astype(np.float32)
+    per_token = lambda name: col(name).to_numpy(zero_copy_only=False)[::L]  # noqa: E731
+    trace = Trace(
+        meta,
+        experts.reshape(n // L, L, K),
+        weights.reshape(n // L, L, K),
+        per_token("seq_id").astype(np.int32),
+        per_token("position").astype(np.int32),
+        per_token("phase").astype(np.int8),
+        per_token("token_id").astype(np.int32),
+        path,
+    )
+    check_trace(trace, where)
+    return trace
+
+
+def _fixed_list(arr: pa.Array, k: int, where: str, name: str) -> np.ndarray:
+    if pa.types.is_fixed_size_list(arr.type):
+        if arr.type.list_size != k:
+            raise TraceError(f"{where}: column '{name}' holds lists of {arr.type.list_size}, expected top_k={k}")
+        return arr.flatten().to_numpy(zero_copy_only=False)
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(lengths != k)
+        if bad.size:
+            raise TraceError(f"{where}: row {int(bad[0])}: column '{name}' has {lengths[bad[0]]} entries, expected {k}")
+        return arr.flatten().to_numpy(zero_copy_only=False)
+    raise TraceError(f"{where}: column '{name}' has type {arr.type}, expected a list of {k} numbers")
+
+
+def check_trace(trace: Trace, where: str) -> None:
+    """Content checks shared by every reader and writer: ranges, duplicates, NaNs, ordering of phases."""
+    meta = trace.meta
+    meta.validate(f"{where}: metadata")
+    T = trace.num_tokens
+    if trace.experts.ndim != 3 or trace.experts.shape[1:] != (meta.num_layers, meta.top_k):
+        raise TraceError(
+            f"{where}: experts array has shape {trace.experts.shape}, expected (tokens, {meta.num_layers}, {meta.top_k})"
+        )
+    for name in ("weights",):
+        if getattr(trace, name).shape != trace.experts.shape:
+            raise TraceError(f"{where}: {name} shape {getattr(trace, name).shape} != experts shape")
+    for name in ("seq_id", "position", "phase", "token_id"):
+        if getattr(trace, name).shape != (T,):
+            raise TraceError(f"{where}: {name} has shape {getattr(trace, name).shape}, expected ({T},)")
+    limit = np.asarray(meta.num_experts)[None, :, None]
+    bad = np.argwhere((trace.experts < 0) | (trace.experts >= limit))
+    if bad.size:
+        t, l, k = (int(x) for x in bad[0])
+        raise TraceError(
+            f"{where}: token {t} layer {l} rank {k}: field 'experts' = {int(trace.experts[t, l, k])}, "
+            f"expected an expert id in 0..{meta.num_experts[l] - 1}"
+        )
+    if meta.top_k > 1:
+        s = np.sort(trace.experts, axis=2)
+        dup = np.argwhere((s[:, :, 1:] == s[:, :, :-1]).any(axis=2))
+        if dup.size:
+            t, l = (int(x) for x in dup[0])
+            raise TraceError(
+                f"{where}: token {t} layer {l}: field 'experts' = {trace.experts[t, l].tolist()} repeats an expert; "
+                "expected distinct experts in a token's top-k"
+            )
+    nan = np.argwhere(~np.isfinite(trace.weights))
+    if nan.size:
+        t, l, k = (int(x) for x in nan[0])
+        raise TraceError(f"{where}: token {t} layer {l} rank {k}: field 'weights' is {trace.weights[t, l, k]}, expected a finite number")
+    if not np.isin(trace.phase, (PHASE_PREFILL, PHASE_DECODE)).all():
+        raise TraceError(f"{where}: field 'phase' must be 0 (prefill) or 1 (decode)")
