@@ -1,0 +1,39 @@
+"""Shared fixtures. The real traces live in ../shared/traces (beside the project), never copied in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from traces import Trace, TraceMeta
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRACES = ROOT.parent / "shared" / "traces"
+
+
+@pytest.fixture(scope="session")
+def shared_traces() -> Path:
+    if not SHARED_TRACES.is_dir():
+        pytest.fail(f"real traces expected at {SHARED_TRACES} (shared/ beside the project)")
+    return SHARED_TRACES
+
+
+def random_trace(
+    tokens: int = 200, layers: int = 4, experts: int = 8, top_k: int = 2, sequences: int = 2, seed: int = 0
+) -> Trace:
+    """Uniform random routing (distinct experts per token), for property and reference tests."""
+    rng = np.random.default_rng(seed)
+    ex = np.argsort(rng.random((tokens, layers, experts)), axis=2)[:, :, :top_k].astype(np.int16)
+    w = rng.random((tokens, layers, top_k)).astype(np.float32)
+    seq = np.sort(rng.integers(0, sequences, tokens)).astype(np.int32)
+    pos = np.zeros(tokens, dtype=np.int32)
+    for s in np.unique(seq):
+        m = seq == s
+        pos[m] = np.arange(m.sum())
+    meta = TraceMeta(
+        model="random", num_layers=layers, num_experts=[experts] * layers, top_k=top_k,
+        expert_bytes=1 << 20, hidden_size=0, source="tests.random_trace",
+    )
+    return Trace(meta, ex, w, seq, pos, np.ones(tokens, dtype=np.int8), np.full(tokens, -1, np.int32))
