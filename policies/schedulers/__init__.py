@@ -1,0 +1,1 @@
+"""Token schedulers: how the trace's tokens are grouped into batch steps."""

@@ -1,0 +1,53 @@
+"""``python -m sim [overrides]``: replay a trace against policies (hydra; ``-m`` sweeps, ``--help`` lists groups).
+
+Examples::
+
+    python -m sim trace.path=TRACE.parquet cache=lru predictor=transition horizon=adaptive \
+        hardware=a100-pcie4 cache.fraction=0.5
+    python -m sim -m strategy=ondemand-lru,transition-fixed cache.fraction=0.25,0.5
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+log = logging.getLogger("sim")
+
+
+def known_errors() -> tuple[type[Exception], ...]:
+    from policies.base import PolicyConfigError
+    from traces import TraceError
+
+    from .hardware import HardwareConfigError
+    from .run import SimConfigError
+
+    return (PolicyConfigError, TraceError, HardwareConfigError, SimConfigError)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from .run import simulate
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        res = simulate(cfg, out_dir)
+    except known_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    log.info(
+        "%s | %s: hit %.3f (Belady %.3f) stall %.4fs (oracle %.4fs) TPOT %s -> %s",
+        res["run"]["trace_name"], res["run"]["policy"], res["hit_rate"], res["belady_hit_rate"],
+        res["stall_s"], res["oracle_stall_s"],
+        f"{res['tpot_s'] * 1e3:.2f} ms" if res["tpot_s"] is not None else "n/a", out_dir / "results.json",
+    )
+    return res["stall_s"]
+
+
+if __name__ == "__main__":
+    main()

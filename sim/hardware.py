@@ -1,0 +1,140 @@
+"""Bandwidth and compute models of real hardware.
+
+Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbytes``:
+- ``constant``: bytes / bandwidth.
+- ``alpha_beta``: latency + bytes / bandwidth (small per-expert copies fall well below link peak).
+- ``shared_link``: alpha_beta per copy, but concurrent copies share the link's bandwidth equally
+  (processor sharing; see :class:`sim.channels.CopyChannels`).
+- ``profiled``: a measured table bytes -> seconds (``executor profile``), interpolated; the fitted
+  latency + bandwidth extrapolate beyond the table.
+Compute models give the dense (attention etc.) time of a layer for a number of tokens, and the time of one
+expert's FFN for the tokens routed to it:
+- ``analytic``: roofline, max(FLOPs / achievable FLOP/s, bytes read / achievable memory bandwidth).
+- ``profiled``: measured tables, interpolated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+GB = 1e9
+
+
+class HardwareConfigError(ValueError):
+    """A hardware setting is missing or out of range."""
+
+
+@dataclass
+class CopyModel:
+    kind: str  # constant | alpha_beta | shared_link | profiled
+    bandwidth_bytes_per_s: float  # link bandwidth of one channel (shared by all copies for shared_link)
+    latency_s: float = 0.0  # fixed cost per copy (alpha)
+    channels: int = 1  # copies in flight at once
+    table_bytes: np.ndarray | None = None  # profiled: sizes measured
+    table_s: np.ndarray | None = None  # profiled: seconds measured
+
+    def seconds(self, nbytes: int) -> float:
+        """Time of one copy running alone on the link."""
+        if self.kind == "constant":
+            return nbytes / self.bandwidth_bytes_per_s
+        if self.kind == "profiled" and self.table_bytes is not None and nbytes <= self.table_bytes[-1]:
+            return float(np.interp(nbytes, self.table_bytes, self.table_s))
+        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
+
+@dataclass
+class ComputeModel:
+    kind: str  # analytic | profiled
+    hidden_size: int
+    intermediate_size: int
+    matrices: int = 3  # matrices per expert (3 SwiGLU, 2 plain FFN)
+    dtype_bytes: int = 2
+    flops_per_s: float = 0.0  # achievable dense FLOP/s (peak x efficiency)
+    mem_bytes_per_s: float = 0.0  # achievable fast-memory bandwidth
+    dense_tokens: np.ndarray | None = None  # profiled tables
+    dense_s: np.ndarray | None = None
+    expert_tokens: np.ndarray | None = None
+    expert_s: np.ndarray | None = None
+
+    def dense_time_s(self, tokens: int) -> float:
+        """Attention + projections of one layer; stand-in of 4 x hidden^2 weights (q, k, v, o)."""
+        if self.kind == "profiled":
+            return float(np.interp(tokens, self.dense_tokens, self.dense_s))
+        weights = 4 * self.hidden_size * self.hidden_size
+        return max(2.0 * tokens * weights / self.flops_per_s, weights * self.dtype_bytes / self.mem_bytes_per_s)
+
+    def expert_time_s(self, tokens: int) -> float:
+        """One expert's FFN over the ``tokens`` routed to it (reads its weights once)."""
+        if self.kind == "profiled":
+            return float(np.interp(tokens, self.expert_tokens, self.expert_s))
+        weights = self.matrices * self.hidden_size * self.intermediate_size
+        return max(2.0 * tokens * weights / self.flops_per_s, weights * self.dtype_bytes / self.mem_bytes_per_s)
+
+
+def _positive(cfg: dict, key: str, where: str) -> float:
+    v = cfg.get(key)
+    if v is None or not isinstance(v, (int, float)) or not v > 0:
+        raise HardwareConfigError(f"{where}.{key}: expected a positive number, got {v!r}")
+    return float(v)
+
+
+def load_profile(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise HardwareConfigError(f"hardware.profile_path: no such profile file {p} (make one with `python -m executor profile`)")
+    try:
+        prof = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise HardwareConfigError(f"{p}: not valid JSON ({exc})") from exc
+    if prof.get("schema") != "expertflow.hwprofile/1":
+        raise HardwareConfigError(f"{p}: field 'schema': expected 'expertflow.hwprofile/1', got {prof.get('schema')!r}")
+    return prof
+
+
+def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
+    """Copy and compute models from a ``hardware`` config group and the trace's metadata."""
+    bw = hw.get("bandwidth", {})
+    kind = bw.get("model", "alpha_beta")
+    if kind not in ("constant", "alpha_beta", "shared_link", "profiled"):
+        raise HardwareConfigError(f"hardware.bandwidth.model: expected constant|alpha_beta|shared_link|profiled, got {kind!r}")
+    channels = int(bw.get("channels", 1))
+    if channels < 1:
+        raise HardwareConfigError(f"hardware.bandwidth.channels: expected >= 1, got {channels}")
+    inter = meta.intermediate_size or max(1, meta.expert_bytes // (3 * 2 * max(meta.hidden_size, 1)))
+    comp = hw.get("compute", {})
+    ckind = comp.get("model", "analytic")
+    prof = load_profile(hw["profile_path"]) if (kind == "profiled" or ckind == "profiled") else None
+    if kind == "profiled":
+        c = prof["copy"]
+        copy = CopyModel(
+            kind, float(c["bandwidth_bytes_per_s"]), float(c["latency_s"]), int(c.get("io_threads", channels)),
+            np.asarray(c["bytes"], float), np.asarray(c["seconds"], float),
+        )
+    else:
+        lat = float(bw.get("latency_s", 0.0))
+        if lat < 0:
+            raise HardwareConfigError(f"hardware.bandwidth.latency_s: expected >= 0, got {lat}")
+        copy = CopyModel(kind, _positive(bw, "bandwidth_gbps", "hardware.bandwidth") * GB, lat, channels)
+    if ckind == "profiled":
+        c = prof["compute"]
+        # The profile measured a scaled-down shape; the trace says what it replays. Use the tables as is:
+        # profiled runs replay the same (scaled) shape the executor runs.
+        compute = ComputeModel(
+            ckind, meta.hidden_size, inter,
+            dense_tokens=np.asarray(c["dense_tokens"], float), dense_s=np.asarray(c["dense_s"], float),
+            expert_tokens=np.asarray(c["expert_tokens"], float), expert_s=np.asarray(c["expert_s"], float),
+        )
+    elif ckind == "analytic":
+        matrices = 2 if meta.model.startswith("switch") else 3
+        compute = ComputeModel(
+            ckind, max(meta.hidden_size, 1), inter, matrices, 2,
+            flops_per_s=_positive(comp, "tflops", "hardware.compute") * 1e12 * float(comp.get("efficiency", 0.5)),
+            mem_bytes_per_s=_positive(comp, "mem_gbps", "hardware.compute") * GB * float(comp.get("mem_efficiency", 0.8)),
+        )
+    else:
+        raise HardwareConfigError(f"hardware.compute.model: expected analytic|profiled, got {ckind!r}")
+    return copy, compute

@@ -1,0 +1,193 @@
+"""One simulator run from a composed config: load the trace, build policies and hardware, replay, bound,
+write ``results.json`` (+ ``per_layer.parquet``, optional ``chrome_trace.json``) atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from policies.base import FutureIndex
+from policies.cache import ExpertCache, capacities_for, partitions_for
+from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
+from traces import Trace, TraceError, split_by_sequence
+
+from .bounds import ondemand_replay, oracle_stall
+from .engine import replay
+from .hardware import build_models
+from .outputs import write_outputs
+
+RESULTS_SCHEMA = "expertflow.results/1"
+
+
+class SimConfigError(ValueError):
+    """A configuration value the simulator cannot run with; raised before any replay work."""
+
+
+def instantiate(node, what: str):
+    """Instantiate ``node.policy`` with hydra, turning failures into a clear configuration error."""
+    from hydra.utils import instantiate as hy_instantiate
+
+    try:
+        return hy_instantiate(node["policy"])
+    except Exception as exc:
+        raise SimConfigError(f"{what}.policy: cannot instantiate {node['policy'].get('_target_')!r}: {exc}") from exc
+
+
+def step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
+    """Per layer-step of the replay: the distinct keys (first-seen order) and their use counts."""
+    needed: list[np.ndarray] = []
+    uses: list[dict[int, int]] = []
+    L = trace.meta.num_layers
+    for st in steps:
+        ex = trace.experts[st.tokens].astype(np.int64)  # [B, L, K]
+        for layer in range(L):
+            keys = (ex[:, layer, :] + offsets[layer]).ravel().tolist()
+            u: dict[int, int] = {}
+            for k in keys:
+                u[k] = u.get(k, 0) + 1
+            uses.append(u)
+            needed.append(np.fromiter(u.keys(), dtype=np.int64, count=len(u)))
+    return needed, uses
+
+
+def load_run_trace(cfg) -> Trace:
+    from .trace_source import resolve_trace
+
+    return resolve_trace(cfg.trace, seed=int(cfg.seed))
+
+
+def simulate(cfg, out_dir: Path) -> dict:
+    """Run one configuration; returns the results dict (also written to ``out_dir``)."""
+    from traces.schema import PHASE_DECODE, PHASE_PREFILL
+
+    wall0 = time.perf_counter()
+    if int(cfg.batch_size) < 1:
+        raise SimConfigError(f"batch_size: expected >= 1, got {cfg.batch_size}")
+    full = load_run_trace(cfg)
+    meta = full.meta
+    copy_model, compute = build_models(_plain(cfg.hardware), meta)
+    scope = str(cfg.cache.get("scope", "per_layer"))
+    partition_of = partitions_for(meta.num_experts, scope)
+    capacity = capacities_for(meta.num_experts, scope, cfg.cache.get("slots"), cfg.cache.get("fraction"))
+    frac = cfg.split.test_fraction
+    train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac else (full, full)
+    if cfg.get("max_tokens"):
+        test = test.select(np.arange(test.num_tokens) < int(cfg.max_tokens))
+    if test.num_tokens == 0:
+        raise TraceError(f"{cfg.trace.get('path') or cfg.trace.name}: no tokens to replay after the split")
+
+    eviction = instantiate(cfg.cache, "cache")
+    predictor = instantiate(cfg.predictor, "predictor")
+    horizon = instantiate(cfg.horizon, "horizon")
+    scheduler = instantiate(cfg.scheduler, "scheduler")
+    steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), None)
+    offsets = meta.layer_offsets
+    needed, uses = step_keys(test, steps, offsets)
+    future = FutureIndex(needed)
+    popularity = np.bincount(train.flat_ids().ravel(), minlength=meta.total_experts).astype(float)
+    cctx, pctx, hctx = contexts(
+        meta.num_experts, partition_of, capacity, meta.top_k, meta.expert_bytes, int(cfg.batch_size), future,
+        train=train, popularity=popularity, model_path=meta.model_path,
+    )
+    rcfg = RuntimeConfig(
+        meta.num_layers, meta.num_experts, meta.expert_bytes,
+        min_score=float(cfg.predictor.get("min_score", 0.05)), max_per_layer=cfg.predictor.get("max_per_layer"),
+    )
+    predictor.reset(pctx)
+    horizon.reset(hctx)
+    hidden = test.hidden_states() if getattr(predictor, "needs_hidden", False) else None
+    runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden)
+    log = bool(cfg.output.get("chrome_trace", False))
+    res = replay(steps, runtime, copy_model, compute, meta.expert_bytes, meta.num_layers, log=log)
+
+    # bounds on the same access stream and capacity
+    from policies.horizons.fixed import FixedHorizon
+
+    from policies.eviction.belady import Belady
+    from policies.predictors.none import NoPredictor
+
+    b_cache = ExpertCache(Belady(), cctx)
+    b_rt = PolicyRuntime(b_cache, NoPredictor(), FixedHorizon(0), rcfg, test.experts, test.token_id)
+    b_hits, b_req = ondemand_replay(steps, b_rt)
+    o_stall = oracle_stall(steps, future, uses, partition_of, capacity, copy_model, compute, meta.expert_bytes, meta.num_layers)
+
+    st = runtime.cache.stats
+    requests = int(res.layers.requests.sum())
+    decode = [s for s, p in zip(res.step_s, res.step_phase) if p == PHASE_DECODE]
+    prefill = [s for s, p in zip(res.step_s, res.step_phase) if p == PHASE_PREFILL]
+    decode_tokens = sum(n for n, p in zip(res.step_tokens, res.step_phase) if p == PHASE_DECODE)
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "run": run_info(cfg, meta, capacity, scope, copy_model),
+        "stall_s": res.stall_s,
+        "total_s": res.total_s,
+        "tpot_s": float(np.mean(decode)) if decode else None,
+        "tpot_p50_s": float(np.percentile(decode, 50)) if decode else None,
+        "tpot_p90_s": float(np.percentile(decode, 90)) if decode else None,
+        "ttft_s": float(np.mean(prefill)) if prefill else None,
+        "tokens_per_s": decode_tokens / res.total_s if res.total_s > 0 else None,
+        "hit_rate": st.hits / requests,
+        "late_hit_rate": st.late_hits / requests,
+        "miss_rate": st.misses / requests,
+        "prefetch_precision": st.prefetch_used / st.prefetch_inserts if st.prefetch_inserts else None,
+        "prefetch_recall": (
+            st.prefetch_used / (st.prefetch_used + res.demand_loads) if st.prefetch_inserts else None
+        ),
+        "prefetch_issued": st.prefetch_inserts,
+        "wasted_bytes": st.prefetch_wasted * meta.expert_bytes,
+        "bytes_moved": res.bytes_moved,
+        "copies": res.copies,
+        "expert_requests": requests,
+        "belady_hit_rate": b_hits / b_req,
+        "belady_misses_unique": b_cache.stats.inserts,  # expert loads MIN needs at this capacity
+        "oracle_stall_s": o_stall,
+        "allresident_total_s": res.compute_s,
+        "steps": len(steps),
+        "tokens": int(sum(res.step_tokens)),
+        "sim_wall_s": time.perf_counter() - wall0,
+    }
+    write_outputs(out_dir, results, res, meta.num_layers, log)
+    return results
+
+
+def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
+    slots_per_layer = float(np.mean(capacity)) if scope == "per_layer" else capacity[0] / meta.num_layers
+    hname = str(cfg.horizon.name)
+    dist = cfg.horizon.get("distance")
+    policy = f"{cfg.cache.name}+{cfg.predictor.name}"
+    if str(cfg.predictor.name) != "none":
+        policy += f"+{hname}{dist if hname == 'fixed' else ''}"
+    return {
+        "driver": "sim",
+        "trace": str(cfg.trace.get("path") or ""),
+        "trace_name": str(cfg.trace.name),
+        "model": meta.model,
+        "cache": str(cfg.cache.name),
+        "predictor": str(cfg.predictor.name),
+        "horizon": hname,
+        "horizon_distance": dist,
+        "scheduler": str(cfg.scheduler.name),
+        "policy": policy,
+        "hardware": str(cfg.hardware.name),
+        "bandwidth_gbps": copy_model.bandwidth_bytes_per_s / 1e9,
+        "copy_model": copy_model.kind,
+        "scope": scope,
+        "capacity_slots_per_layer": slots_per_layer,
+        "capacity_fraction": sum(capacity) / meta.total_experts if scope == "global" else slots_per_layer / float(np.mean(meta.num_experts)),
+        "expert_bytes": meta.expert_bytes,
+        "batch_size": int(cfg.batch_size),
+        "seed": int(cfg.seed),
+    }
+
+
+def _plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,43 @@
+"""Where a run's trace comes from: ``trace.path`` (any trace file), or, when it is null, the synthetic
+generator with ``trace.synth`` settings, cached under ``.cache/traces`` keyed by those settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from traces import Trace, TraceError, read_trace, write_trace
+
+
+def _to_abs(path: str) -> Path:
+    try:
+        from hydra.utils import to_absolute_path
+
+        return Path(to_absolute_path(path))
+    except ValueError:  # hydra not initialised (called from Python)
+        return Path(path).resolve()
+
+
+def resolve_trace(node, seed: int = 0) -> Trace:
+    path = node.get("path")
+    if path:
+        p = _to_abs(str(path))
+        if not p.exists():
+            raise TraceError(f"trace.path: no such trace file {p}")
+        return read_trace(p)
+    synth = node.get("synth")
+    if not synth:
+        raise TraceError(f"trace '{node.get('name')}': set trace.path or trace.synth")
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(synth, resolve=True) if not isinstance(synth, dict) else dict(synth)
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    cache_dir = Path(node.get("cache_dir") or _to_abs(".cache/traces"))
+    out = cache_dir / f"{node.get('name', 'synth')}-{digest}.parquet"
+    if out.exists():
+        return read_trace(out)
+    from traces.synth import generate_from_settings
+
+    write_trace(generate_from_settings(settings), out)
+    return read_trace(out)

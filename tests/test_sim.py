@@ -1,0 +1,149 @@
+"""Simulator invariants, bounds, determinism and golden numbers (through the hydra config path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT, random_trace
+from hydra import compose, initialize_config_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from traces import write_trace
+
+CONF = str(ROOT / "conf")
+
+
+def run_sim(tmp_path, overrides: list[str], trace=None, name="t"):
+    from sim.run import simulate
+
+    if trace is not None:
+        p = write_trace(trace, tmp_path / f"{name}.parquet")
+        overrides = [f"trace.path={p}", "trace.name=" + name, *overrides]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    out = tmp_path / f"out-{name}-{abs(hash(tuple(overrides)))}"
+    return simulate(cfg, out), out
+
+
+POLICIES = [
+    ["cache=lru", "predictor=none"],
+    ["cache=lfu", "predictor=none"],
+    ["cache=lfru", "predictor=none"],
+    ["cache=static", "predictor=none"],
+    ["cache=belady", "predictor=none"],
+    ["cache=lru", "predictor=transition", "horizon=fixed", "horizon.distance=2"],
+    ["cache=lru", "predictor=last_token", "horizon=fixed", "horizon.distance=1"],
+    ["cache=lru", "predictor=frequency", "horizon=adaptive"],
+    ["cache=belady", "predictor=oracle", "horizon=fixed", "horizon.distance=3"],
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: "+".join(x.split("=")[1] for x in p))
+def test_invariants_and_bounds(tmp_path, policy):
+    tr = random_trace(tokens=240, layers=4, experts=8, top_k=2, sequences=6, seed=1)
+    res, out = run_sim(tmp_path, [*policy, "cache.fraction=0.5", "batch_size=2", "hardware=t4"], tr)
+    assert res["stall_s"] >= 0
+    assert res["total_s"] >= res["allresident_total_s"] - 1e-12
+    assert res["total_s"] == pytest.approx(res["allresident_total_s"] + res["stall_s"], rel=1e-9)
+    # the integrated perfect-foresight schedule is a bound on every policy's stall
+    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12
+    # nobody loads fewer experts than MIN misses at the same capacity
+    min_misses = round((1 - res["belady_hit_rate"]) * res["expert_requests"])
+    assert res["bytes_moved"] >= 0
+    assert res["copies"] * res["run"]["expert_bytes"] == res["bytes_moved"]
+    if res["run"]["predictor"] == "none":
+        assert res["hit_rate"] <= res["belady_hit_rate"] + 1e-12
+        assert res["prefetch_precision"] is None
+    per_layer = __import__("pandas").read_parquet(out / "per_layer.parquet")
+    assert per_layer.requests.sum() == res["expert_requests"]
+    assert per_layer.hits.sum() + per_layer.late_hits.sum() + per_layer.misses.sum() == res["expert_requests"]
+    assert min_misses >= 0 and res["expert_requests"] > 0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 10_000),
+    slots=st.integers(1, 5),
+    batch=st.integers(1, 3),
+    policy=st.sampled_from(POLICIES),
+    hw=st.sampled_from(["t4", "h100-pcie5", "cpu-nvme"]),
+)
+def test_property_bounds(tmp_path, seed, slots, batch, policy, hw):
+    tr = random_trace(tokens=60, layers=3, experts=6, top_k=2, sequences=3, seed=seed)
+    res, _ = run_sim(tmp_path, [*policy, f"cache.slots={slots}", "cache.fraction=null", f"batch_size={batch}", f"hardware={hw}"], tr)
+    eb = res["run"]["expert_bytes"]
+    min_misses_unique = res["belady_misses_unique"]
+    assert res["bytes_moved"] >= min_misses_unique * eb
+    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12
+    assert res["stall_s"] >= 0
+    if res["run"]["predictor"] == "none":
+        assert res["hit_rate"] <= res["belady_hit_rate"] + 1e-12
+
+
+def test_same_seed_identical_results(tmp_path):
+    tr = random_trace(tokens=120, layers=3, experts=8, top_k=2, sequences=4, seed=5)
+    ov = ["cache=lru", "predictor=transition", "horizon=adaptive", "cache.fraction=0.5"]
+    a, _ = run_sim(tmp_path, ov, tr, name="a")
+    b, _ = run_sim(tmp_path, ov, tr, name="b")
+    for r in (a, b):
+        r.pop("sim_wall_s")
+        r["run"].pop("trace")
+        r["run"].pop("trace_name")
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_ondemand_decisions_do_not_depend_on_hardware(tmp_path):
+    """On-demand caches decide on the logical clock only: the same hits and bytes on any hardware."""
+    tr = random_trace(tokens=150, layers=3, experts=8, top_k=2, sequences=3, seed=9)
+    a, _ = run_sim(tmp_path, ["cache=lfru", "hardware=t4", "batch_size=2"], tr, name="a")
+    b, _ = run_sim(tmp_path, ["cache=lfru", "hardware=h100-pcie5", "batch_size=2"], tr, name="b")
+    assert a["hit_rate"] == b["hit_rate"] and a["bytes_moved"] == b["bytes_moved"]
+    assert a["stall_s"] > b["stall_s"]  # a slower link stalls longer
+
+
+def test_prefetch_with_oracle_beats_ondemand_when_compute_bound(tmp_path):
+    tr = random_trace(tokens=200, layers=4, experts=8, top_k=2, sequences=2, seed=2)
+    base, _ = run_sim(tmp_path, ["cache=lru", "predictor=none", "hardware=h100-pcie5"], tr, name="a")
+    orc, _ = run_sim(tmp_path, ["cache=belady", "predictor=oracle", "horizon.distance=4", "hardware=h100-pcie5"], tr, name="b")
+    assert orc["stall_s"] < 0.8 * base["stall_s"]
+    assert orc["prefetch_precision"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["cache.fraction=0"], "cache.fraction"),
+        (["cache.slots=8", "cache.fraction=null"], "out of range"),
+        (["cache.slots=0", "cache.fraction=null"], "out of range"),
+        (["hardware.bandwidth.bandwidth_gbps=-1"], "bandwidth_gbps"),
+        (["trace.path=/nonexistent/x.parquet"], "no such trace file"),
+        (["batch_size=0"], "batch_size"),
+    ],
+)
+def test_bad_config_stops_with_clear_message(tmp_path, override, message):
+    tr = random_trace(tokens=50, layers=2, experts=8)
+    with pytest.raises(ValueError, match=message):
+        run_sim(tmp_path, override, tr)
+
+
+def test_unknown_policy_is_a_hydra_error():
+    from hydra.errors import MissingConfigException
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(MissingConfigException, match="nosuch"):
+            compose("config", overrides=["cache=nosuch"])
+
+
+def test_golden_numbers_tiny_trace(tmp_path):
+    """Pinned on a fixed tiny trace: a change in any of these numbers is a behaviour change to explain."""
+    tr = random_trace(tokens=100, layers=2, experts=4, top_k=2, sequences=2, seed=0)
+    got = {}
+    for name, ov in [("lru", ["cache=lru"]), ("belady", ["cache=belady"]), ("oracle", ["cache=belady", "predictor=oracle"])]:
+        res, _ = run_sim(tmp_path, [*ov, "cache.slots=2", "cache.fraction=null", "hardware=a100-pcie4"], tr, name=name)
+        got[name] = (res["copies"], round(res["hit_rate"], 6), round(res["stall_s"] * 1e3, 6), round(res["oracle_stall_s"] * 1e3, 6))
+    assert got == GOLDEN
+
+
+GOLDEN: dict = {}
