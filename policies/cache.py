@@ -66,6 +66,10 @@ class ExpertCache:
         self.partition_of = ctx.partition_of
         self.capacity = list(ctx.capacity)
         self.resident: list[set[int]] = [set() for _ in self.capacity]
+        # Physical slot of every resident/in-flight key: the executor copies into it, the simulator ignores it.
+        starts = np.concatenate([[0], np.cumsum(self.capacity)[:-1]]).astype(int)
+        self.free_slots: list[list[int]] = [list(range(s + c - 1, s - 1, -1)) for s, c in zip(starts, self.capacity)]
+        self.slot_of: dict[int, int] = {}
         self.inflight: set[int] = set()
         self.prefetched_unused: set[int] = set()
         self.stats = CacheStats()
@@ -75,6 +79,7 @@ class ExpertCache:
             if len(self.resident[part]) >= self.capacity[part]:
                 raise PolicyConfigError(f"cache: pinned experts exceed the {self.capacity[part]} slots of partition {part}")
             self.resident[part].add(key)
+            self.slot_of[key] = self.free_slots[part].pop()
 
     # -------------------------------------------------------------------------------------- queries
     def is_resident(self, key: int) -> bool:
@@ -131,6 +136,7 @@ class ExpertCache:
                 raise RuntimeError(f"{type(self.policy).__name__}.victim returned {evicted}, not a candidate")
             self._remove(evicted)
         res.add(key)
+        self.slot_of[key] = self.free_slots[part].pop()
         self.inflight.add(key)
         self.stats.inserts += 1
         if prefetch:
@@ -149,11 +155,15 @@ class ExpertCache:
         self.prefetched_unused.discard(key)
         self.stats.prefetch_inserts -= 1
         self.stats.inserts -= 1
-        self.resident[int(self.partition_of[key])].discard(key)
+        part = int(self.partition_of[key])
+        self.resident[part].discard(key)
+        self.free_slots[part].append(self.slot_of.pop(key))
         self.policy.on_remove(key)
 
     def _remove(self, key: int) -> None:
-        self.resident[int(self.partition_of[key])].discard(key)
+        part = int(self.partition_of[key])
+        self.resident[part].discard(key)
+        self.free_slots[part].append(self.slot_of.pop(key))
         self.stats.evictions += 1
         if key in self.prefetched_unused:
             self.prefetched_unused.discard(key)
