@@ -12,19 +12,19 @@ import time
 from collections import OrderedDict
 
 import numpy as np
-from policies.horizons.fixed import FixedHorizon
-from policies.predictors.transition import Transition
 
 from policies.base import FutureIndex
 from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.eviction.lru import LRU
+from policies.horizons.fixed import FixedHorizon
+from policies.predictors.transition import TransitionPredictor
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from policies.schedulers.fifo import FIFOScheduler
 from sim.engine import replay
 from sim.hardware import ComputeModel, CopyModel
 from sim.run import step_keys
+from sim.trace_source import synth_from_settings
 from traces import split_by_sequence
-from traces.synth import generate_from_settings
 
 
 def bare_lru(experts: np.ndarray, slots: int) -> tuple[int, float]:
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=20_000)
     ap.add_argument("--slots", type=int, default=32)
     args = ap.parse_args()
-    full = generate_from_settings({"preset": "deepseek-v2-lite", "tokens": 2 * args.tokens, "sequences": 8, "seed": 0})
+    full = synth_from_settings({"preset": "deepseek-v2-lite", "tokens": 2 * args.tokens, "sequences": 8, "seed": 0})
     train, test = split_by_sequence(full, 0.5, seed=0)
     test = test.select(np.arange(test.num_tokens) < args.tokens)
     meta = test.meta
@@ -62,7 +62,7 @@ def main() -> None:
     part = partitions_for(meta.num_experts, "per_layer")
     cap = capacities_for(meta.num_experts, "per_layer", args.slots, None)
     cctx, pctx, hctx = contexts(meta.num_experts, part, cap, meta.top_k, meta.expert_bytes, 1, FutureIndex(needed), train=train)
-    pred = Transition()
+    pred = TransitionPredictor()
     pred.reset(pctx)
     hor = FixedHorizon(1)
     hor.reset(hctx)

@@ -73,6 +73,7 @@ class ExpertCache:
         self.inflight: set[int] = set()
         self.prefetched_unused: set[int] = set()
         self.stats = CacheStats()
+        self.load_log: list[tuple[int, int, int | None]] | None = None  # (now, key, evicted) if set to a list
         policy.reset(ctx)
         for key in sorted(policy.pinned()):
             part = int(self.partition_of[key])
@@ -143,6 +144,8 @@ class ExpertCache:
             self.stats.prefetch_inserts += 1
             self.prefetched_unused.add(key)
         self.policy.on_insert(key, now)
+        if self.load_log is not None:
+            self.load_log.append((now, key, evicted))
         return True, evicted
 
     def complete(self, key: int) -> None:

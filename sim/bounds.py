@@ -1,14 +1,28 @@
-"""Lower bounds every result is compared with.
+"""Bounds every result is compared with.
 
 - :func:`ondemand_replay`: a timing-free on-demand replay through the shared runtime (no prefetch). With the
-  Belady policy it gives MIN's hit rate at the same capacity (``belady_hit_rate``).
-- :func:`oracle_stall`: the stall of an integrated prefetch-and-cache schedule with perfect foresight, after
-  Cao, Felten, Karlin and Li (1995), "aggressive": whenever a copy channel is free, fetch the next expert
-  that will be needed and is not resident, evicting the resident expert whose next use is farthest, but
-  only if that victim is needed later than the expert fetched. Same hardware and compute models as the run.
+  Belady policy it gives MIN's hit rate at the same capacity (``belady_hit_rate``) and MIN's sequence of
+  loads and evictions.
+- :func:`oracle_stall`: the stall of integrated prefetch-and-cache schedules with perfect foresight, after
+  Cao, Felten, Karlin and Li (1995), on the same hardware and compute models as the run:
+
+  * ``aggressive``: whenever a copy channel is free, fetch the earliest-needed expert that is not resident,
+    evicting the resident expert whose next use is farthest, but only if that victim is needed later than
+    the expert fetched (per partition; a partition that must wait does not hold up the others).
+  * ``conservative``: make exactly MIN's loads and evictions, in MIN's order, each as early as possible: as
+    soon as a channel is free and the victim is not needed before the load's use.
+
+  Aggressive wins when copies are cheap relative to compute (it starts early); conservative wins when the
+  link is the bottleneck (it never copies more than MIN). ``oracle_stall_s`` is the better of the two: the
+  stall a perfectly informed prefetcher achieves. It is a reference schedule, not a proven optimum; the
+  tests check it against every policy on random traces.
+
+Within a layer the oracle computes whichever needed expert is resident first.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import simpy
@@ -20,8 +34,9 @@ from .channels import CopyChannels
 from .hardware import ComputeModel, CopyModel
 
 
-def ondemand_replay(steps: list[Step], runtime: PolicyRuntime) -> tuple[int, int]:
-    """Replay without time or prefetch; returns (hits, requests). The runtime's horizon must be 0."""
+def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | None = None) -> tuple[int, int]:
+    """Replay without time or prefetch; returns (hits, requests). The runtime's horizon must be 0. If
+    ``orders`` is a list, the compute order of every layer-step is appended to it."""
     L = runtime.cfg.num_layers
     max_ls = len(steps) * L - 1
     for si, step in enumerate(steps):
@@ -29,11 +44,93 @@ def ondemand_replay(steps: list[Step], runtime: PolicyRuntime) -> tuple[int, int
             plan = runtime.begin_layer(si, layer, step.tokens, max_ls)
             for k in plan.demand:
                 runtime.cache.complete(k)
+            if orders is not None:
+                orders.append(plan.order)
             for k in plan.order:
                 for s in runtime.release(k):
                     runtime.cache.complete(s)
     st = runtime.cache.stats
     return st.hits, st.hits + st.misses + st.late_hits
+
+
+class _OracleState:
+    """Residency and timing shared by both schedules."""
+
+    def __init__(self, future: FutureIndex, partition_of: np.ndarray, capacity: list[int], channels: int):
+        self.future = future
+        self.partition_of = partition_of
+        self.capacity = capacity
+        self.resident: list[set[int]] = [set() for _ in capacity]
+        self.inflight: set[int] = set()
+        self.protected: set[int] = set()  # experts the current layer has still to compute
+        self.now = 0
+        self.channels = channels
+        self.submit: Callable[[int], None] = lambda key: None
+
+    def victim(self, part: int) -> int | None:
+        cands = self.resident[part] - self.protected - self.inflight
+        if not cands:
+            return None
+        nxt, after = self.future.next_use, self.now + 1  # strictly after now: computed experts are done
+        return max(cands, key=lambda k: (nxt(k, after), k))
+
+    def load(self, key: int, victim: int | None) -> None:
+        part = int(self.partition_of[key])
+        if victim is not None:
+            self.resident[part].discard(victim)
+        self.resident[part].add(key)
+        self.inflight.add(key)
+        self.submit(key)
+
+
+def _aggressive(st: _OracleState, window: int) -> Callable[[], None]:
+    def fetch_more() -> None:
+        now, fut = st.now, st.future
+        end = min(fut.horizon, now + window)
+        blocked: set[int] = set()
+        i, j = now, 0
+        while len(st.inflight) < st.channels and i < end:
+            keys = fut.needed[i]
+            if j >= len(keys):
+                i, j = i + 1, 0
+                continue
+            key = int(keys[j])
+            j += 1
+            part = int(st.partition_of[key])
+            if (i == now and key not in st.protected) or key in st.resident[part] or part in blocked:
+                continue
+            victim = None
+            if len(st.resident[part]) >= st.capacity[part]:
+                victim = st.victim(part)
+                if victim is None or fut.next_use(victim, now + 1) <= i:
+                    blocked.add(part)
+                    continue
+            st.load(key, victim)
+
+    return fetch_more
+
+
+def _conservative(st: _OracleState, min_loads: list[tuple[int, int, int | None]]) -> Callable[[], None]:
+    pos = [0]
+
+    def fetch_more() -> None:
+        while len(st.inflight) < st.channels and pos[0] < len(min_loads):
+            need_at, key, victim = min_loads[pos[0]]
+            part = int(st.partition_of[key])
+            if key in st.resident[part]:
+                pos[0] += 1
+                continue
+            if victim is not None and victim in st.resident[part]:
+                if victim in st.protected or victim in st.inflight or st.future.next_use(victim, st.now + 1) <= need_at:
+                    return  # the victim is still needed before this load's use: wait
+            elif len(st.resident[part]) >= st.capacity[part]:
+                return  # MIN had a free slot here that this schedule has not freed yet
+            else:
+                victim = None
+            st.load(key, victim)
+            pos[0] += 1
+
+    return fetch_more
 
 
 def oracle_stall(
@@ -46,61 +143,35 @@ def oracle_stall(
     compute: ComputeModel,
     expert_bytes: int,
     num_layers: int,
+    schedule: str = "aggressive",
+    min_loads: list[tuple[int, int, int | None]] | None = None,
+    orders: list[list[int]] | None = None,
     window: int | None = None,
 ) -> float:
-    """Stall of the aggressive perfect-foresight schedule. ``uses[i]`` maps key -> tokens at layer-step i.
-    ``window`` bounds how many layer-steps ahead the schedule looks (default: 4 steps' worth of layers)."""
+    """Stall of one perfect-foresight schedule. ``uses[i]`` maps key -> tokens at layer-step i;
+    ``min_loads`` (for ``conservative``) lists MIN's (layer-step, key, victim) in order, and ``orders`` MIN's
+    compute order per layer-step, which the schedule then follows (so it only ever moves MIN's loads
+    earlier); ``window`` bounds
+    how far ahead ``aggressive`` looks (default: 4 steps' worth of layers)."""
     env = simpy.Environment()
     L = num_layers
-    window = window or 4 * L
-    resident: list[set[int]] = [set() for _ in capacity]
-    inflight: set[int] = set()
-    protected: set[int] = set()
-    now_ref = [0]
+    st = _OracleState(future, partition_of, capacity, copy_model.channels)
+    if schedule == "aggressive":
+        fetch_more = _aggressive(st, window or 4 * L)
+    elif schedule == "conservative":
+        if min_loads is None:
+            raise ValueError("oracle_stall: the conservative schedule needs MIN's loads (min_loads)")
+        fetch_more = _conservative(st, min_loads)
+    else:
+        raise ValueError(f"oracle_stall: schedule must be 'aggressive' or 'conservative', got {schedule!r}")
 
     def landed(key: int) -> None:
-        inflight.discard(key)
+        st.inflight.discard(key)
         fetch_more()
 
     chan = CopyChannels(env, copy_model, expert_bytes, landed)
-    max_inflight = copy_model.channels
-
-    def fetch_more() -> None:
-        """While a channel is free, fetch the earliest-needed missing expert, unless the best victim is needed
-        before it (then wait: that is the aggressive rule's only reason to hold back)."""
-        now = now_ref[0]
-        end = min(future.horizon, now + window)
-        i = now
-        while len(inflight) < max_inflight:
-            found = None
-            while i < end and found is None:
-                for key in future.needed[i].tolist():
-                    if i == now and key not in protected:
-                        continue  # already computed in this layer
-                    if key not in resident[int(partition_of[key])]:
-                        found = key
-                        break
-                else:
-                    i += 1
-            if found is None:
-                return
-            part = int(partition_of[found])
-            res = resident[part]
-            if len(res) >= capacity[part]:
-                cands = res - protected - inflight
-                if not cands:
-                    return
-                # next use strictly after now: experts of this layer already computed are done with
-                victim = max(cands, key=lambda k: (future.next_use(k, now + 1), k))
-                if future.next_use(victim, now + 1) <= i:
-                    return
-                res.discard(victim)
-            res.add(found)
-            inflight.add(found)
-            chan.submit(found, 0)
-
-    t = 0.0
-    stall = 0.0
+    st.submit = lambda key: chan.submit(key, 0)
+    t = stall = 0.0
     dense_memo: dict[int, float] = {}
     for si, step in enumerate(steps):
         n = len(step.tokens)
@@ -108,21 +179,27 @@ def oracle_stall(
         for layer in range(L):
             i = si * L + layer
             t += dense
-            if t > env.now:
-                env.run(until=t)
-            now_ref[0] = i
-            protected.clear()
-            protected.update(uses[i])
-            fetch_more()
+            st.now = i
+            st.protected = set(uses[i])
             remaining = set(uses[i])
             while remaining:
                 if t > env.now:
                     env.run(until=t)
-                ready = [k for k in remaining if k not in inflight and k in resident[int(partition_of[k])]]
-                if not ready:  # the oracle computes whatever expert is resident first, then waits
-                    fetch_more()
-                    if not inflight:
-                        raise RuntimeError("oracle: cannot make room for a needed expert")
+                fetch_more()
+                if orders is not None:  # fixed order: the next expert or nothing
+                    nxt = next(k for k in orders[i] if k in remaining)
+                    ready = [nxt] if nxt not in st.inflight and nxt in st.resident[int(partition_of[nxt])] else []
+                else:
+                    ready = [k for k in remaining if k not in st.inflight and k in st.resident[int(partition_of[k])]]
+                if not ready:
+                    if not st.inflight:  # off the schedule's plan (it deviated earlier): load on demand
+                        key = next(k for k in orders[i] if k in remaining) if orders is not None else min(remaining)
+                        part = int(partition_of[key])
+                        full = len(st.resident[part]) >= capacity[part]
+                        victim = st.victim(part) if full else None
+                        if full and victim is None:
+                            raise RuntimeError(f"oracle ({schedule}): no slot for a needed expert at layer-step {i}")
+                        st.load(key, victim)
                     env.run(until=chan.any_done)
                     if env.now > t:
                         stall += env.now - t
@@ -131,5 +208,5 @@ def oracle_stall(
                 key = min(ready)
                 t += compute.expert_time_s(uses[i][key])
                 remaining.discard(key)
-                protected.discard(key)
+                st.protected.discard(key)
     return stall

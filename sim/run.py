@@ -104,15 +104,18 @@ def simulate(cfg, out_dir: Path) -> dict:
     res = replay(steps, runtime, copy_model, compute, meta.expert_bytes, meta.num_layers, log=log)
 
     # bounds on the same access stream and capacity
-    from policies.horizons.fixed import FixedHorizon
-
     from policies.eviction.belady import Belady
+    from policies.horizons.fixed import FixedHorizon
     from policies.predictors.none import NoPredictor
 
     b_cache = ExpertCache(Belady(), cctx)
     b_rt = PolicyRuntime(b_cache, NoPredictor(), FixedHorizon(0), rcfg, test.experts, test.token_id)
-    b_hits, b_req = ondemand_replay(steps, b_rt)
-    o_stall = oracle_stall(steps, future, uses, partition_of, capacity, copy_model, compute, meta.expert_bytes, meta.num_layers)
+    b_cache.load_log = []
+    min_orders: list[list[int]] = []
+    b_hits, b_req = ondemand_replay(steps, b_rt, min_orders)
+    bound_args = (steps, future, uses, partition_of, capacity, copy_model, compute, meta.expert_bytes, meta.num_layers)
+    o_aggr = oracle_stall(*bound_args, schedule="aggressive")
+    o_cons = oracle_stall(*bound_args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders)
 
     st = runtime.cache.stats
     requests = int(res.layers.requests.sum())
@@ -143,7 +146,9 @@ def simulate(cfg, out_dir: Path) -> dict:
         "expert_requests": requests,
         "belady_hit_rate": b_hits / b_req,
         "belady_misses_unique": b_cache.stats.inserts,  # expert loads MIN needs at this capacity
-        "oracle_stall_s": o_stall,
+        "oracle_stall_s": min(o_aggr, o_cons),
+        "oracle_aggressive_stall_s": o_aggr,
+        "oracle_conservative_stall_s": o_cons,
         "allresident_total_s": res.compute_s,
         "steps": len(steps),
         "tokens": int(sum(res.step_tokens)),

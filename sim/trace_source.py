@@ -37,7 +37,16 @@ def resolve_trace(node, seed: int = 0) -> Trace:
     out = cache_dir / f"{node.get('name', 'synth')}-{digest}.parquet"
     if out.exists():
         return read_trace(out)
-    from traces.synth import generate_from_settings
-
-    write_trace(generate_from_settings(settings), out)
+    write_trace(synth_from_settings(settings), out)
     return read_trace(out)
+
+
+def synth_from_settings(settings: dict) -> Trace:
+    """A synthetic trace from ``{"preset": NAME, "tokens": N, "sequences": S, "seed": K, ...knobs}``."""
+    from traces.synth import generate, preset_config
+
+    settings = dict(settings)
+    preset = settings.pop("preset", None)
+    if preset is None:
+        raise TraceError(f"trace.synth: field 'preset' is missing; got {sorted(settings)}")
+    return generate(preset_config(str(preset), **settings))

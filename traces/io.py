@@ -144,23 +144,23 @@ def check_trace(trace: Trace, where: str) -> None:
     limit = np.asarray(meta.num_experts)[None, :, None]
     bad = np.argwhere((trace.experts < 0) | (trace.experts >= limit))
     if bad.size:
-        t, l, k = (int(x) for x in bad[0])
+        t, layer, k = (int(x) for x in bad[0])
         raise TraceError(
-            f"{where}: token {t} layer {l} rank {k}: field 'experts' = {int(trace.experts[t, l, k])}, "
-            f"expected an expert id in 0..{meta.num_experts[l] - 1}"
+            f"{where}: token {t} layer {layer} rank {k}: field 'experts' = {int(trace.experts[t, layer, k])}, "
+            f"expected an expert id in 0..{meta.num_experts[layer] - 1}"
         )
     if meta.top_k > 1:
         s = np.sort(trace.experts, axis=2)
         dup = np.argwhere((s[:, :, 1:] == s[:, :, :-1]).any(axis=2))
         if dup.size:
-            t, l = (int(x) for x in dup[0])
+            t, layer = (int(x) for x in dup[0])
             raise TraceError(
-                f"{where}: token {t} layer {l}: field 'experts' = {trace.experts[t, l].tolist()} repeats an expert; "
+                f"{where}: token {t} layer {layer}: field 'experts' = {trace.experts[t, layer].tolist()} repeats an expert; "
                 "expected distinct experts in a token's top-k"
             )
     nan = np.argwhere(~np.isfinite(trace.weights))
     if nan.size:
-        t, l, k = (int(x) for x in nan[0])
-        raise TraceError(f"{where}: token {t} layer {l} rank {k}: field 'weights' is {trace.weights[t, l, k]}, expected a finite number")
+        t, layer, k = (int(x) for x in nan[0])
+        raise TraceError(f"{where}: token {t} layer {layer} rank {k}: field 'weights' is {trace.weights[t, layer, k]}, expected a finite number")
     if not np.isin(trace.phase, (PHASE_PREFILL, PHASE_DECODE)).all():
         raise TraceError(f"{where}: field 'phase' must be 0 (prefill) or 1 (decode)")

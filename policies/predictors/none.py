@@ -1,0 +1,24 @@
+"""No prediction: on-demand loading only (the baseline of mixtral-offloading and ExpertFlow)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..base import Observation, PredictorContext
+from . import target_layer
+
+
+class NoPredictor:
+    """Always scores zero, so the driver never prefetches."""
+
+    def __init__(self) -> None:
+        self._num_experts: list[int] = []
+
+    def reset(self, ctx: PredictorContext) -> None:
+        self._num_experts = list(ctx.num_experts)
+
+    def predict(self, obs: Observation, ahead: int) -> np.ndarray:
+        return np.zeros(self._num_experts[target_layer(obs, ahead, len(self._num_experts))])
+
+    def observe(self, obs: Observation) -> None:
+        pass
