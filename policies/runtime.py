@@ -57,7 +57,7 @@ class RuntimeConfig:
     num_experts: list[int]  # routed experts per layer
     expert_bytes: int  # bytes of one expert copy
     min_score: float = 0.05  # predictor scores below this are not prefetched
-    max_per_layer: int | None = None  # prefetch at most this many experts per target layer (None: partition size)
+    max_per_layer: int | None = None  # prefetch at most this many per target layer (None: min(k x batch, slots))
 
 
 class PolicyRuntime:
@@ -158,7 +158,10 @@ class PolicyRuntime:
             scores = self.predictor.predict(obs, ahead)
             base = int(self.offsets[tl])
             part = int(cache.partition_of[base])
-            limit = self.cfg.max_per_layer or min(self.cfg.num_experts[tl], cache.capacity[part])
+            # default: no more than the batch can use (k per token), nor than the partition holds
+            limit = self.cfg.max_per_layer or min(
+                self.cfg.num_experts[tl], cache.capacity[part], self.experts.shape[2] * len(obs.tokens)
+            )
             chosen = [base + e for e in top_scores(scores, limit, self.cfg.min_score)]
             # A prefetch must not evict what this layer still needs, another expert predicted for the same
             # target, or an earlier prefetch not yet used.
