@@ -57,7 +57,7 @@ def brute_hits(experts, seq, cap, policy, protect=True, reset=False) -> list[int
                         return u
                 return T
 
-            key = {"lru": lambda v: (last[v], v), "lfu": lambda v: (cnt[v], last[v], v),
+            key = {"lru": lambda v: (last[v], v), "lfu": lambda v: (cnt[v], last[v], v),  # noqa: B023 - used within this iteration
                    "belady": lambda v: (-nxt(v), v)}[policy]
             hits += sum(e in res for e in cur)
             if not protect:
