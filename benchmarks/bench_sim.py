@@ -58,7 +58,7 @@ def main() -> None:
     test = test.select(np.arange(test.num_tokens) < args.tokens)
     meta = test.meta
     steps = FIFOScheduler().plan(test.seq_id, test.phase, 1)
-    needed, _ = step_keys(test, steps, meta.layer_offsets)
+    needed, uses = step_keys(test, steps, meta.layer_offsets)
     part = partitions_for(meta.num_experts, "per_layer")
     cap = capacities_for(meta.num_experts, "per_layer", args.slots, None)
     cctx, pctx, hctx = contexts(meta.num_experts, part, cap, meta.top_k, meta.expert_bytes, 1, FutureIndex(needed), train=train)
@@ -69,7 +69,7 @@ def main() -> None:
     rt = PolicyRuntime(ExpertCache(LRU(), cctx), pred, hor, RuntimeConfig(meta.num_layers, meta.num_experts, meta.expert_bytes), test.experts, test.token_id)
     copy = CopyModel("alpha_beta", 25e9, 1e-5)
     comp = ComputeModel("analytic", meta.hidden_size, meta.intermediate_size, flops_per_s=156e12, mem_bytes_per_s=1.5e12)
-    res = replay(steps, rt, copy, comp, meta.expert_bytes, meta.num_layers)
+    res = replay(steps, rt, copy, comp, meta.expert_bytes, meta.num_layers, uses=uses)
     requests = int(res.layers.requests.sum())
     _, bare_s = bare_lru(test.experts, args.slots)
     sim_rate, bare_rate = requests / res.wall_s, requests / bare_s

@@ -109,14 +109,14 @@ class ExpertCache:
         self.stats.misses += 1
         return "miss"
 
-    def count_repeat_use(self, outcome: str) -> None:
-        """Extra uses of an expert by more tokens of the same layer-step count with the first use's outcome."""
+    def count_repeat_use(self, outcome: str, n: int = 1) -> None:
+        """``n`` extra uses of an expert by more tokens of the same layer-step count with the first use's outcome."""
         if outcome == "hit":
-            self.stats.hits += 1
+            self.stats.hits += n
         elif outcome == "late":
-            self.stats.late_hits += 1
+            self.stats.late_hits += n
         else:
-            self.stats.misses += 1
+            self.stats.misses += n
 
     def reserve(self, key: int, now: int, protected: set[int], prefetch: bool = False) -> tuple[bool, int | None]:
         """Claim a slot for ``key`` (a copy is about to start). Returns (ok, evicted key or None).

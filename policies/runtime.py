@@ -103,16 +103,19 @@ class PolicyRuntime:
             hidden=hid,
         )
 
-    def begin_layer(self, step: int, layer: int, tokens: np.ndarray, max_layer_step: int) -> LayerPlan:
+    def begin_layer(
+        self, step: int, layer: int, tokens: np.ndarray, max_layer_step: int, uses: dict[int, int] | None = None
+    ) -> LayerPlan:
+        """Decisions for one layer of a step. ``uses`` (key -> tokens using it) may be passed precomputed."""
         L = self.cfg.num_layers
         now = step * L + layer
         self.now = now
         cache = self.cache
         obs = self.observation(step, layer, tokens)
-        keys = (obs.experts.astype(np.int64) + self.offsets[layer]).ravel().tolist()
-        uses: dict[int, int] = {}
-        for k in keys:
-            uses[k] = uses.get(k, 0) + 1
+        if uses is None:
+            uses = {}
+            for k in (obs.experts.astype(np.int64) + self.offsets[layer]).ravel().tolist():
+                uses[k] = uses.get(k, 0) + 1
         needed = list(uses)
         self.protected = set(needed)
         outcome: dict[int, str] = {}
@@ -121,8 +124,8 @@ class PolicyRuntime:
         for k in needed:
             was_prefetched = k in cache.prefetched_unused
             o = cache.use(k, now)
-            for _ in range(uses[k] - 1):
-                cache.count_repeat_use(o)
+            if uses[k] > 1:
+                cache.count_repeat_use(o, uses[k] - 1)
             outcome[k] = o
             if o == "hit":
                 hits.append(k)

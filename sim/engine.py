@@ -57,7 +57,9 @@ def replay(
     expert_bytes: int,
     num_layers: int,
     log: bool = False,
+    uses: list[dict[int, int]] | None = None,
 ) -> ReplayResult:
+    """Replay ``steps`` through ``runtime``; ``uses[i]`` (key -> tokens at layer-step i) may be precomputed."""
     wall0 = time.perf_counter()
     env = simpy.Environment()
     cache = runtime.cache
@@ -75,6 +77,7 @@ def replay(
     expert_cache: dict[int, float] = {}
 
     def advance(to: float) -> None:
+        # copies only progress while the channels have work; an idle link needs no simulated events
         if to > env.now:
             env.run(until=to)
 
@@ -103,8 +106,11 @@ def replay(
         for layer in range(L):
             t += dense
             compute_total += dense
-            advance(t)
-            plan = runtime.begin_layer(si, layer, step.tokens, max_ls)
+            if chan.busy():
+                advance(t)
+            plan = runtime.begin_layer(si, layer, step.tokens, max_ls, uses[si * L + layer] if uses else None)
+            if plan.demand or plan.prefetch:
+                advance(t)
             now = plan.layer_step
             # prefetches whose target layer has come and gone without starting: drop them
             while pending_prefetch and pending_prefetch[0][0] <= now:

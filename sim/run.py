@@ -101,7 +101,7 @@ def simulate(cfg, out_dir: Path) -> dict:
     hidden = test.hidden_states() if getattr(predictor, "needs_hidden", False) else None
     runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden)
     log = bool(cfg.output.get("chrome_trace", False))
-    res = replay(steps, runtime, copy_model, compute, meta.expert_bytes, meta.num_layers, log=log)
+    res = replay(steps, runtime, copy_model, compute, meta.expert_bytes, meta.num_layers, log=log, uses=uses)
 
     # bounds on the same access stream and capacity
     from policies.eviction.belady import Belady
