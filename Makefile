@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench lint validate-gpu clean
+.PHONY: venv demo test test-slow bench lint clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: a policy sweep on the embedded (generated, cached) default traces, then the comparison report.
 demo: venv
-	$(PY) -m analysis demo
+	$(PY) -m sim +experiment=demo
+	$(PY) -m analysis report multirun/demo
+	@echo "report: multirun/demo/report/report.html (and report.md)"
 
 test: venv
 	$(PY) -m ruff check .
