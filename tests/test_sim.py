@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
@@ -154,3 +155,16 @@ GOLDEN: dict = {
     "lru": (101, 0.495, 5.190703, 3.877901),
     "oracle": (101, 0.495, 5.127029, 3.877901),
 }
+
+
+def test_prefill_is_modelled_and_batches_follow_fifo(tmp_path):
+    tr = random_trace(tokens=120, layers=2, experts=8, top_k=2, sequences=4, seed=4)
+    tr.phase[tr.position < 10] = 0  # the first 10 tokens of every sequence are its prompt
+    res, _ = run_sim(tmp_path, ["cache=lru", "batch_size=2", "split.test_fraction=null"], tr)
+    n_prefill = 4
+    decode_steps = res["steps"] - n_prefill
+    assert res["ttft_s"] is not None and res["ttft_s"] > res["tpot_s"]  # a 10-token prefill touches more experts
+    lengths = sorted(np.bincount(tr.seq_id)[np.unique(tr.seq_id)] - 10)
+    # two sequences decode together; the longest pairs bound the decode steps from below
+    assert decode_steps >= lengths[-1] and decode_steps <= sum(lengths)
+    assert res["tokens"] == tr.num_tokens

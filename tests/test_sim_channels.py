@@ -1,0 +1,132 @@
+"""Copy channels and hardware models: priorities, cancellation, processor sharing, profiled tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import simpy
+
+from sim.channels import CopyChannels
+from sim.hardware import CopyModel, HardwareConfigError, build_models
+from traces.presets import MODEL_PRESETS
+
+
+def make(model: CopyModel, nbytes: int = 1000):
+    env = simpy.Environment()
+    landed: list[tuple[int, float]] = []
+    chan = CopyChannels(env, model, nbytes, lambda k: landed.append((k, env.now)), log=True)
+    return env, chan, landed
+
+
+def test_demand_overtakes_queued_prefetch():
+    env, chan, landed = make(CopyModel("constant", 1000.0))  # 1 s per copy
+    chan.submit(1, 2)
+    env.run(until=0.5)  # copy 1 has started
+    chan.submit(2, 2)
+    chan.submit(3, 0)  # demand: must go before 2
+    env.run()
+    assert [k for k, _ in landed] == [1, 3, 2]
+    assert [t for _, t in landed] == [1.0, 2.0, 3.0]
+
+
+def test_same_instant_submissions_go_by_priority():
+    env, chan, landed = make(CopyModel("constant", 1000.0))
+    for k, p in [(1, 2), (2, 1), (3, 0)]:
+        chan.submit(k, p)
+    env.run()
+    assert [k for k, _ in landed] == [3, 2, 1]
+
+
+def test_cancel_and_upgrade():
+    env, chan, landed = make(CopyModel("constant", 1000.0))
+    chan.submit(1, 1)
+    env.run(until=0.5)
+    for k, p in [(2, 3), (3, 2)]:
+        chan.submit(k, p)
+    assert chan.cancel(3) and not chan.cancel(1)  # 1 already started
+    chan.upgrade(2)
+    env.run()
+    assert [k for k, _ in landed] == [1, 2]
+    assert chan.copies_started == 2 and chan.bytes_started == 2000
+
+
+def test_alpha_beta_latency_term():
+    m = CopyModel("alpha_beta", 1e9, latency_s=1e-4)
+    assert m.seconds(10**9) == pytest.approx(1.0001)
+    env, chan, landed = make(m, 10**6)
+    chan.submit(7, 0)
+    env.run()
+    assert landed == [(7, pytest.approx(1e-4 + 1e-3))]
+
+
+def test_parallel_channels_run_concurrently():
+    env, chan, landed = make(CopyModel("constant", 1000.0, channels=2))
+    for k in range(4):
+        chan.submit(k, 0)
+    env.run()
+    assert [t for _, t in landed] == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_shared_link_splits_bandwidth():
+    """Two copies sharing a link each take twice as long; a third that joins later gets a third of it."""
+    env, chan, landed = make(CopyModel("shared_link", 1000.0, channels=3))
+    chan.submit(1, 0)
+    chan.submit(2, 0)
+    env.run()
+    assert [t for _, t in landed] == [pytest.approx(2.0), pytest.approx(2.0)]
+    env2, chan2, landed2 = make(CopyModel("shared_link", 1000.0, channels=3))
+    chan2.submit(1, 0)
+
+    def late():
+        yield env2.timeout(0.5)
+        chan2.submit(2, 0)
+
+    env2.process(late())
+    env2.run()
+    # copy 1: 500 bytes alone in 0.5 s, then 500 bytes at half rate = 1.0 s -> lands at 1.5;
+    # copy 2: 500 bytes at half rate by 1.5, then 500 alone -> lands at 2.0
+    assert dict(landed2) == {1: pytest.approx(1.5), 2: pytest.approx(2.0)}
+
+
+def test_profiled_model_interpolates_and_extrapolates(tmp_path):
+    prof = {
+        "schema": "expertflow.hwprofile/1",
+        "copy": {"bytes": [1000, 2000], "seconds": [0.002, 0.003], "latency_s": 0.001, "bandwidth_bytes_per_s": 1e6},
+        "compute": {"dense_tokens": [1, 8], "dense_s": [1e-3, 2e-3], "expert_tokens": [1, 8], "expert_s": [1e-4, 8e-4]},
+    }
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps(prof))
+    meta = MODEL_PRESETS["olmoe-1b-7b"].meta()
+    copy, comp = build_models({"bandwidth": {"model": "profiled"}, "compute": {"model": "profiled"}, "profile_path": str(p)}, meta)
+    assert copy.seconds(1500) == pytest.approx(0.0025)
+    assert copy.seconds(10_000) == pytest.approx(0.001 + 0.01)
+    assert comp.dense_time_s(4) == pytest.approx(1e-3 + 3 / 7 * 1e-3)
+    assert comp.expert_time_s(8) == pytest.approx(8e-4)
+
+
+def test_analytic_compute_is_a_roofline():
+    meta = MODEL_PRESETS["mixtral-8x7b"].meta()
+    hw = {"bandwidth": {"model": "constant", "bandwidth_gbps": 25}, "compute": {"model": "analytic", "tflops": 100, "efficiency": 1.0, "mem_gbps": 1000, "mem_efficiency": 1.0}}
+    _, comp = build_models(hw, meta)
+    # one token reads all 352 MB of an expert: memory bound
+    assert comp.expert_time_s(1) == pytest.approx(meta.expert_bytes / 1e12)
+    # enough tokens make it compute bound: 2 FLOPs per weight per token
+    w = meta.expert_bytes / 2
+    assert comp.expert_time_s(4096) == pytest.approx(2 * 4096 * w / 1e14)
+    assert np.isclose(comp.dense_time_s(1), 4 * 4096 * 4096 * 2 / 1e12)
+
+
+@pytest.mark.parametrize(
+    "hw, msg",
+    [
+        ({"bandwidth": {"model": "warp"}}, "bandwidth.model"),
+        ({"bandwidth": {"model": "constant", "bandwidth_gbps": 0}}, "bandwidth_gbps"),
+        ({"bandwidth": {"model": "constant", "bandwidth_gbps": 1, "channels": 0}}, "channels"),
+        ({"bandwidth": {"model": "profiled"}, "compute": {"model": "analytic"}, "profile_path": "/no/such.json"}, "no such profile"),
+    ],
+)
+def test_bad_hardware_values(hw, msg):
+    with pytest.raises(HardwareConfigError, match=msg):
+        build_models(hw, MODEL_PRESETS["mixtral-8x7b"].meta())
