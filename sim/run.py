@@ -83,7 +83,10 @@ def simulate(cfg, out_dir: Path) -> dict:
     predictor = instantiate(cfg.predictor, "predictor")
     horizon = instantiate(cfg.horizon, "horizon")
     scheduler = instantiate(cfg.scheduler, "scheduler")
-    steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), None)
+    routes = predicted_routes(test, str(cfg.scheduler.policy.get("route_source", "last_token"))) if getattr(scheduler, "needs_routes", False) else None
+    t_plan = time.perf_counter()
+    steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), routes)
+    plan_wall_s = time.perf_counter() - t_plan
     offsets = meta.layer_offsets
     needed, uses = step_keys(test, steps, offsets)
     future = FutureIndex(needed)
@@ -151,11 +154,39 @@ def simulate(cfg, out_dir: Path) -> dict:
         "oracle_conservative_stall_s": o_cons,
         "allresident_total_s": res.compute_s,
         "steps": len(steps),
+        "distinct_experts_per_layer_step": float(np.mean([len(u) for u in uses])),
+        "request_tpot_s": request_tpot(steps, res.step_s),
+        "scheduler_wall_s": plan_wall_s,
         "tokens": int(sum(res.step_tokens)),
         "sim_wall_s": time.perf_counter() - wall0,
     }
     write_outputs(out_dir, results, res, meta.num_layers, log)
     return results
+
+
+def predicted_routes(trace: Trace, source: str) -> np.ndarray:
+    """Routes a scheduler may plan with: the true ones (``oracle``), or each token's predecessor's in its
+    sequence (``last_token``; -1 for a sequence's first token)."""
+    if source == "oracle":
+        return trace.experts.astype(np.int64)
+    routes = np.full(trace.experts.shape, -1, dtype=np.int64)
+    same = trace.seq_id[1:] == trace.seq_id[:-1]
+    routes[1:][same] = trace.experts[:-1][same]
+    return routes
+
+
+def request_tpot(steps, step_s: list[float]) -> float | None:
+    """Mean over sequences of the time between their consecutive decode tokens (what a user waits per token)."""
+    from traces.schema import PHASE_DECODE
+
+    ends = np.cumsum(step_s)
+    times: dict[int, list[float]] = {}
+    for st, end in zip(steps, ends):
+        if st.phase == PHASE_DECODE:
+            for s in st.sequences.tolist():
+                times.setdefault(s, []).append(float(end))
+    gaps = [np.mean(np.diff(v)) for v in times.values() if len(v) > 1]
+    return float(np.mean(gaps)) if gaps else None
 
 
 def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
