@@ -90,6 +90,7 @@ def test_same_seed_identical_results(tmp_path):
     b, _ = run_sim(tmp_path, ov, tr, name="b")
     for r in (a, b):
         r.pop("sim_wall_s")
+        r.pop("scheduler_wall_s")  # host time, like sim_wall_s
         r["run"].pop("trace")
         r["run"].pop("trace_name")
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
