@@ -1,0 +1,42 @@
+"""``python -m analysis {report,...}``: reads results only and makes tables, figures and reports.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = ("report", "predictors", "validate", "paper")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description="Compare policies from their results.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"analysis.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"analysis.{name}":
+                continue  # not present in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from traces import TraceError
+
+    from .runs import ResultsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ResultsError, TraceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Load every run of a sweep into one table. Reads ``results.json`` + ``per_layer.parquet`` files only: no
+simulator or executor code is imported here, so the analysis works on results copied from anywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED = ("run", "stall_s", "total_s", "hit_rate", "belady_hit_rate", "oracle_stall_s", "bytes_moved")
+RUN_FIELDS = (
+    "driver", "trace_name", "model", "policy", "cache", "predictor", "horizon", "horizon_distance", "scheduler",
+    "hardware", "bandwidth_gbps", "capacity_fraction", "capacity_slots_per_layer", "batch_size", "seed",
+    "expert_bytes", "scope",
+)
+
+
+class ResultsError(ValueError):
+    """No usable results where the user pointed."""
+
+
+def find_results(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("results.json") if "report" not in p.parts)
+
+
+def load_runs(root: str | Path, log=None) -> pd.DataFrame:
+    """One row per finished run under ``root``; unreadable or incomplete results are reported and skipped."""
+    log = log or sys.stderr
+    root = Path(root)
+    if not root.is_dir():
+        raise ResultsError(f"{root}: not a directory of runs")
+    paths = find_results(root)
+    rows = []
+    for p in _progress(paths):
+        try:
+            res = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"skipped {p}: not valid JSON ({exc})", file=log)
+            continue
+        missing = [k for k in REQUIRED if k not in res]
+        if missing:
+            print(f"skipped {p}: missing key(s) {missing}", file=log)
+            continue
+        row = {f: res["run"].get(f) for f in RUN_FIELDS}
+        row.update({k: v for k, v in res.items() if k != "run" and not isinstance(v, (dict, list))})
+        row["run_dir"] = str(p.parent.relative_to(root))
+        rows.append(row)
+    if not rows:
+        raise ResultsError(f"{root}: no usable results.json found (looked in {len(paths)} file(s))")
+    df = pd.DataFrame(rows)
+    df["oracle_gap_s"] = df["stall_s"] - df["oracle_stall_s"]
+    df["wasted_gb"] = df.get("wasted_bytes", 0) / 1e9
+    df["stall_vs_ondemand"] = relative_to_ondemand(df)
+    return df.sort_values(["trace_name", "hardware", "capacity_fraction", "policy"], kind="stable").reset_index(drop=True)
+
+
+def relative_to_ondemand(df: pd.DataFrame) -> pd.Series:
+    """stall_s over the stall of on-demand LRU (cache lru, predictor none) with the same trace, hardware,
+    capacity, batch size and driver; NaN where there is no such baseline run."""
+    keys = ["driver", "trace_name", "hardware", "capacity_fraction", "batch_size", "scheduler"]
+    base = df[(df.cache == "lru") & (df.predictor == "none")].groupby(keys, dropna=False)["stall_s"].mean()
+    idx = pd.MultiIndex.from_frame(df[keys])
+    ref = base.reindex(idx).to_numpy()
+    return pd.Series(df["stall_s"].to_numpy() / ref, index=df.index)
+
+
+def per_layer(root: str | Path, run_dir: str) -> pd.DataFrame | None:
+    p = Path(root) / run_dir / "per_layer.parquet"
+    return pd.read_parquet(p) if p.exists() else None
+
+
+def _progress(items):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc="loading runs", unit="run", disable=len(items) < 50, file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return items

@@ -1,0 +1,91 @@
+"""The report reads results only: table values, figures, self-contained HTML, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from analysis.__main__ import main
+
+
+def fake_run(root, name, trace, policy, cache, predictor, frac, bw, stall, oracle, hit=0.5):
+    d = root / name
+    d.mkdir(parents=True)
+    res = {
+        "schema": "expertflow.results/1",
+        "run": {"driver": "sim", "trace_name": trace, "model": "m", "policy": policy, "cache": cache,
+                "predictor": predictor, "horizon": "fixed", "horizon_distance": 1, "scheduler": "fifo",
+                "hardware": f"hw{bw}", "bandwidth_gbps": bw, "capacity_fraction": frac,
+                "capacity_slots_per_layer": frac * 8, "batch_size": 1, "seed": 0, "expert_bytes": 10, "scope": "per_layer"},
+        "stall_s": stall, "total_s": stall + 1.0, "tpot_s": (stall + 1) / 10, "tokens_per_s": 10 / (stall + 1),
+        "hit_rate": hit, "belady_hit_rate": 0.8, "oracle_stall_s": oracle, "bytes_moved": 100,
+        "wasted_bytes": 2e9, "prefetch_precision": None, "prefetch_recall": None, "allresident_total_s": 1.0,
+    }
+    (d / "results.json").write_text(json.dumps(res))
+    pd.DataFrame({"layer": [0, 1], "requests": [10, 10], "hits": [5, 6], "late_hits": [0, 0], "misses": [5, 4],
+                  "stall_s": [0.1, 0.2], "hit_rate": [0.5, 0.6]}).to_parquet(d / "per_layer.parquet")
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "mr"
+    i = 0
+    for trace in ("A", "B"):
+        for frac in (0.25, 0.5):
+            for bw in (12.0, 25.0):
+                for pol, cache, pred, stall in (("lru+none", "lru", "none", 4.0), ("lru+transition+fixed1", "lru", "transition", 3.0)):
+                    fake_run(root, f"{i}_x", trace, pol, cache, pred, frac, bw, stall * (1 - frac) * 25 / bw, 1.0)
+                    i += 1
+    return root
+
+
+def test_report_table_and_files(sweep, capsys):
+    assert main(["report", str(sweep)]) == 0
+    out = sweep / "report"
+    df = pd.read_parquet(out / "runs.parquet")
+    assert len(df) == 16 and (out / "runs.csv").exists()
+    assert (df.oracle_gap_s == df.stall_s - 1.0).all()
+    tr = df[df.predictor == "transition"]
+    assert tr.stall_vs_ondemand.round(6).eq(0.75).all()
+    assert df[df.predictor == "none"].stall_vs_ondemand.eq(1.0).all()
+    for png in ("stall_vs_cache", "hit_vs_cache", "stall_vs_bandwidth", "per_layer_hits", "tpot"):
+        assert (out / f"{png}.png").stat().st_size > 5000
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and 'src="http' not in page
+    md = (out / "report.md").read_text()
+    assert "## A on hw12.0" in md or "## A on hw25.0" in md
+    assert "lru+transition+fixed1" in md
+
+
+def test_malformed_results_are_skipped_with_their_path(sweep, capsys):
+    bad = sweep / "broken"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    partial = sweep / "partial"
+    partial.mkdir()
+    (partial / "results.json").write_text(json.dumps({"run": {}}))
+    assert main(["report", str(sweep), "--out", str(sweep / "r2")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {bad / 'results.json'}" in err and "missing key" in err
+    assert len(pd.read_parquet(sweep / "r2" / "runs.parquet")) == 16
+
+
+def test_empty_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no usable results.json" in capsys.readouterr().err
+
+
+def test_report_on_a_real_sweep(tmp_path):
+    mr = tmp_path / "mr"
+    sim = subprocess.run([sys.executable, "-m", "sim", "-m", "+experiment=smoke", f"hydra.sweep.dir={mr}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    assert main(["report", str(mr)]) == 0
+    df = pd.read_parquet(mr / "report" / "runs.parquet")
+    assert set(df.policy) == {"lru+none", "lru+transition+fixed1"}
+    assert (df.stall_s >= df.oracle_stall_s).all()
