@@ -1,0 +1,156 @@
+"""Importers: the real shared Mixtral files, npy and long-csv round trips, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import random_trace
+
+from traces import TraceError, read_trace
+from traces.__main__ import main
+
+DECODE = "speculative-moe/mixtral8x7b_fp8_humaneval_2problems_routing.jsonl"
+RAW = "speculative-moe/mixtral8x7b_humaneval_p0_routing_raw.jsonl"
+META = ["--num-layers", "4", "--num-experts", "8", "--top-k", "2", "--expert-bytes", "1048576", "--hidden-size", "0", "--model", "random"]
+
+
+def run(args):
+    return main(["import", *map(str, args)])
+
+
+def test_real_decode_file(shared_traces, tmp_path, capsys):
+    out = tmp_path / "real.parquet"
+    assert run([shared_traces / DECODE, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b", "-o", out]) == 0
+    tr = read_trace(out)
+    assert tr.experts.shape == (333, 32, 2)
+    assert tr.meta.num_experts == [8] * 32 and (tr.phase == 1).all()
+    assert np.bincount(tr.seq_id).tolist() == [81, 252]  # 83 and 255 decode steps, 2 + 3 dropped
+    err = capsys.readouterr().err
+    assert "'keyed tokens missing a layer': 5" in err
+    rep = tr.meta.extra["import"]
+    assert rep["missing_records_per_layer"][27] == 4 and sum(rep["missing_records_per_layer"]) == 37
+    # alignment: spot-check tokens against the source records
+    recs = {}
+    for line in open(shared_traces / DECODE):
+        r = json.loads(line)
+        recs[(r["problem_id"], r["layer"], r["token_idx"])] = r["experts"]
+    for t in (0, 40, 80, 81, 200, 332):
+        s, pos = int(tr.seq_id[t]), int(tr.position[t])
+        for layer in (0, 13, 31):
+            assert tr.experts[t, layer].tolist() == recs[(s, layer, pos)]
+
+
+def test_real_raw_file_prefill_and_decode_alignment(shared_traces, tmp_path, capsys):
+    strict = tmp_path / "strict.parquet"
+    assert run([shared_traces / RAW, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b", "-o", strict]) == 0
+    tr = read_trace(strict)
+    assert tr.experts.shape == (59, 32, 2) and (tr.phase == 0).all()  # decode counts differ by layer: dropped
+    assert "'seq 0 unkeyed decode': 83" in capsys.readouterr().err
+    order = tmp_path / "order.parquet"
+    assert run([shared_traces / RAW, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b",
+                "--align", "order", "-o", order]) == 0
+    tr2 = read_trace(order)
+    assert (tr2.phase == 1).sum() == 77 and (tr2.phase == 0).sum() == 59
+
+
+def test_npy_round_trip(tmp_path):
+    tr = random_trace(tokens=50, layers=4, experts=8, top_k=2, sequences=2)
+    np.save(tmp_path / "e.npy", tr.experts.astype(np.int32))
+    np.save(tmp_path / "w.npy", tr.weights)
+    np.save(tmp_path / "s.npy", tr.seq_id)
+    out = tmp_path / "o.parquet"
+    assert run([tmp_path / "e.npy", "--format", "npy", "--weights", tmp_path / "w.npy", "--seq-ids", tmp_path / "s.npy", "-o", out, *META]) == 0
+    back = read_trace(out)
+    np.testing.assert_array_equal(back.experts, tr.experts)
+    np.testing.assert_array_equal(back.weights, tr.weights)
+    np.testing.assert_array_equal(back.position, tr.position)
+
+
+def write_csv(path, tr, rows=None, header="seq,token,layer,rank,expert,weight"):
+    lines = [header]
+    for t in range(tr.num_tokens):
+        for layer in range(tr.meta.num_layers):
+            for k in range(tr.meta.top_k):
+                lines.append(f"{tr.seq_id[t]},{tr.position[t]},{layer},{k},{tr.experts[t, layer, k]},{float(tr.weights[t, layer, k])!r}")
+    if rows:
+        lines = rows(lines)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_long_csv_round_trip_any_order(tmp_path):
+    tr = random_trace(tokens=30, layers=4, experts=8, top_k=2, sequences=3)
+    src = tmp_path / "r.csv"
+    write_csv(src, tr, rows=lambda ls: [ls[0], *reversed(ls[1:])])
+    out = tmp_path / "o.parquet"
+    assert run([src, "--format", "long-csv", "-o", out, *META]) == 0
+    back = read_trace(out)
+    np.testing.assert_array_equal(back.experts, tr.experts)
+    np.testing.assert_allclose(back.weights, tr.weights)
+
+
+GOOD = {"dataset": "d", "problem_id": 0, "layer": 0, "token_idx": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", r"line 2: not valid JSON"),
+        (json.dumps({**GOOD, "layer": "0"}), r"line 2: field 'layer' = '0', expected an integer"),
+        (json.dumps({**GOOD, "experts": [1, 9]}), r"line 2: field 'experts' = \[1, 9\]: expert 9 out of range, expected 0..7"),
+        (json.dumps({**GOOD, "experts": [3, 3]}), r"line 2: field 'experts' = \[3, 3\] repeats an expert"),
+        (json.dumps({**GOOD, "experts": [1, 2, 3], "gating_probs": [0.3, 0.3, 0.4]}), r"line 2: field 'experts' has 3 entries, expected top_k=2"),
+        (json.dumps({**GOOD, "gating_probs": [float("nan"), 0.4]}).replace("NaN", "NaN"), r"line 2: field 'gating_probs' holds nan"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "experts"}), r"line 2: missing field 'experts'"),
+    ],
+)
+def test_bad_jsonl_lines(tmp_path, bad, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(json.dumps(GOOD) + "\n" + bad + "\n")
+    out = tmp_path / "o.parquet"
+    with pytest.raises(TraceError, match=rf"bad\.jsonl.*{message}"):
+        from traces.importers import import_speculative_moe
+        from traces.presets import get_preset
+
+        import_speculative_moe([src], get_preset("mixtral-8x7b").meta())
+    assert run([src, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b", "-o", out]) == 2
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_empty_input_and_missing_metadata(tmp_path, capsys):
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    assert run([src, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b", "-o", tmp_path / "o.parquet"]) == 2
+    assert "empty input" in capsys.readouterr().err
+    assert run([src, "--format", "npy", "-o", tmp_path / "o.parquet", "--num-layers", "4"]) == 2
+    assert "--expert-bytes" in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda ls: ls[:1] + [",".join(["0", "0", "0", "x", *ls[1].split(",")[4:]])] + ls[2:], r"line 2: field 'rank' = 'x', expected an integer"),
+        (lambda ls: ls[:-1], r"has 7 rows, expected 4 layers x 2 ranks"),
+        (lambda ls: ls + [ls[1]], r"second row for seq"),
+        (lambda ls: ls[:1] + [ls[1].rsplit(",", 1)[0] + ",nan"] + ls[2:], r"line 2: field 'weight' = nan"),
+    ],
+)
+def test_bad_csv(tmp_path, mutate, message):
+    tr = random_trace(tokens=3, layers=4, experts=8, top_k=2, sequences=1)
+    src = tmp_path / "bad.csv"
+    write_csv(src, tr, rows=mutate)
+    out = tmp_path / "o.parquet"
+    from traces.importers import import_long_csv
+
+    with pytest.raises(TraceError, match=rf"bad\.csv.*{message}"):
+        import_long_csv(src, random_trace(tokens=1).meta)
+    assert run([src, "--format", "long-csv", "-o", out, *META]) == 2
+    assert not out.exists()
+
+
+def test_npy_wrong_shape(tmp_path):
+    np.save(tmp_path / "e.npy", np.zeros((5, 3, 2), np.int32))
+    assert run([tmp_path / "e.npy", "--format", "npy", "-o", tmp_path / "o.parquet", *META]) == 2
+    assert not (tmp_path / "o.parquet").exists()
