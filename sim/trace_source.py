@@ -26,18 +26,18 @@ def resolve_trace(node, seed: int = 0) -> Trace:
         if not p.exists():
             raise TraceError(f"trace.path: no such trace file {p}")
         return read_trace(p)
-    synth = node.get("synth")
-    if not synth:
-        raise TraceError(f"trace '{node.get('name')}': set trace.path or trace.synth")
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.to_container(synth, resolve=True) if not isinstance(synth, dict) else dict(synth)
+    spec = node.get("synth") or node.get("imported")
+    if not spec:
+        raise TraceError(f"trace '{node.get('name')}': set trace.path, trace.synth or trace.imported")
+    settings = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else dict(spec)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = Path(node.get("cache_dir") or _to_abs(".cache/traces"))
     out = cache_dir / f"{node.get('name', 'synth')}-{digest}.parquet"
     if out.exists():
         return read_trace(out)
-    write_trace(synth_from_settings(settings), out)
+    write_trace(synth_from_settings(settings) if node.get("synth") else import_from_settings(settings), out)
     return read_trace(out)
 
 
@@ -50,3 +50,17 @@ def synth_from_settings(settings: dict) -> Trace:
     if preset is None:
         raise TraceError(f"trace.synth: field 'preset' is missing; got {sorted(settings)}")
     return generate(preset_config(str(preset), **settings))
+
+
+def import_from_settings(settings: dict) -> Trace:
+    """An imported trace from ``{"sources": [...], "format": FMT, "model_preset": NAME}`` (paths relative to
+    the working directory, i.e. the project root)."""
+    from traces.importers import import_trace
+    from traces.presets import get_preset
+
+    missing = [k for k in ("sources", "format", "model_preset") if k not in settings]
+    if missing:
+        raise TraceError(f"trace.imported: missing field(s) {missing}")
+    sources = [_to_abs(str(s)) for s in settings["sources"]]
+    meta = get_preset(str(settings["model_preset"])).meta(source=f"import:{settings['format']}")
+    return import_trace(sources, str(settings["format"]), meta, str(settings.get("align", "strict")))

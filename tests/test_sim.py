@@ -169,3 +169,15 @@ def test_prefill_is_modelled_and_batches_follow_fifo(tmp_path):
     # two sequences decode together; the longest pairs bound the decode steps from below
     assert decode_steps >= lengths[-1] and decode_steps <= sum(lengths)
     assert res["tokens"] == tr.num_tokens
+
+
+def test_golden_on_the_real_mixtral_trace(shared_traces, tmp_path):
+    """On-demand LRU and MIN at 4 of 8 slots per layer, on the imported real decode trace (pinned)."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["trace=mixtral-real", "split.test_fraction=null", f"+trace.cache_dir={tmp_path}"])
+    from sim.run import simulate
+
+    res = simulate(cfg, tmp_path / "out")
+    assert res["expert_requests"] == 333 * 32 * 2
+    assert (round(res["hit_rate"], 4), round(res["belady_hit_rate"], 4), res["copies"]) == GOLDEN_REAL
+GOLDEN_REAL = (0.6219, 0.7691, 8058)

@@ -242,6 +242,20 @@ def import_long_csv(path: Path, meta: TraceMeta) -> Trace:
                  np.array([info[k][0] for k in keys], np.int32))
 
 
+def import_trace(sources: list[Path], fmt: str, meta: TraceMeta, align: str = "strict", weights: Path | None = None,
+                 seq_ids: Path | None = None) -> Trace:
+    """Python entry point: import ``sources`` of format ``fmt`` with the given metadata."""
+    if fmt == "speculative-moe-jsonl":
+        return import_speculative_moe(sources, meta, align)[0]
+    if fmt not in FORMATS:
+        raise TraceError(f"--format: expected one of {FORMATS}, got {fmt!r}")
+    if len(sources) != 1:
+        raise TraceError(f"--format {fmt}: expected one source file, got {len(sources)}")
+    if fmt == "npy":
+        return import_npy(sources[0], meta, weights, seq_ids)
+    return import_long_csv(sources[0], meta)
+
+
 def build_meta(args: argparse.Namespace, fmt: str) -> TraceMeta:
     meta = get_preset(args.model_preset).meta(source=f"import:{fmt}") if args.model_preset else None
     fields = {"model": args.model, "num_layers": args.num_layers, "top_k": args.top_k,
@@ -286,15 +300,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     meta = build_meta(args, args.format)
-    report = None
-    if args.format == "speculative-moe-jsonl":
-        trace, report = import_speculative_moe(args.sources, meta, args.align)
-    elif len(args.sources) != 1:
-        raise TraceError(f"--format {args.format}: expected one source file, got {len(args.sources)}")
-    elif args.format == "npy":
-        trace = import_npy(args.sources[0], meta, args.weights, args.seq_ids)
-    else:
-        trace = import_long_csv(args.sources[0], meta)
+    trace = import_trace(args.sources, args.format, meta, args.align, args.weights, args.seq_ids)
+    report = trace.meta.extra.get("import")
     write_trace(trace, args.output)
     n_seq = len(np.unique(trace.seq_id))
     print(f"wrote {args.output}: {trace.num_tokens} tokens in {n_seq} sequence(s), {meta.num_layers} layers, "
