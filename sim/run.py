@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
 
 from .bounds import ondemand_replay, oracle_stall
-from .engine import replay
+from .engine import ReplayResult, replay
 from .hardware import build_models
 from .outputs import write_outputs
 
@@ -59,11 +60,30 @@ def load_run_trace(cfg) -> Trace:
     return resolve_trace(cfg.trace, seed=int(cfg.seed))
 
 
-def simulate(cfg, out_dir: Path) -> dict:
-    """Run one configuration; returns the results dict (also written to ``out_dir``)."""
-    from traces.schema import PHASE_DECODE, PHASE_PREFILL
+@dataclass
+class Prepared:
+    """Everything a driver (simulator or executor) needs for one configured run."""
 
-    wall0 = time.perf_counter()
+    cfg: object
+    meta: object  # traces.TraceMeta of the replayed trace
+    train: Trace
+    test: Trace
+    steps: list
+    uses: list[dict[int, int]]  # per layer-step: key -> tokens using it
+    future: FutureIndex
+    scope: str
+    partition_of: np.ndarray
+    capacity: list[int]
+    cctx: object
+    rcfg: RuntimeConfig
+    runtime: PolicyRuntime
+    copy_model: object
+    compute: object
+    plan_wall_s: float
+
+
+def prepare(cfg) -> Prepared:
+    """Validate the config, load the trace, build the policies and models. Raises before any replay work."""
     if int(cfg.batch_size) < 1:
         raise SimConfigError(f"batch_size: expected >= 1, got {cfg.batch_size}")
     full = load_run_trace(cfg)
@@ -83,12 +103,13 @@ def simulate(cfg, out_dir: Path) -> dict:
     predictor = instantiate(cfg.predictor, "predictor")
     horizon = instantiate(cfg.horizon, "horizon")
     scheduler = instantiate(cfg.scheduler, "scheduler")
-    routes = predicted_routes(test, str(cfg.scheduler.policy.get("route_source", "last_token"))) if getattr(scheduler, "needs_routes", False) else None
+    routes = None
+    if getattr(scheduler, "needs_routes", False):
+        routes = predicted_routes(test, str(cfg.scheduler.policy.get("route_source", "last_token")))
     t_plan = time.perf_counter()
     steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), routes)
     plan_wall_s = time.perf_counter() - t_plan
-    offsets = meta.layer_offsets
-    needed, uses = step_keys(test, steps, offsets)
+    needed, uses = step_keys(test, steps, meta.layer_offsets)
     future = FutureIndex(needed)
     popularity = np.bincount(train.flat_ids().ravel(), minlength=meta.total_experts).astype(float)
     cctx, pctx, hctx = contexts(
@@ -103,31 +124,49 @@ def simulate(cfg, out_dir: Path) -> dict:
     horizon.reset(hctx)
     hidden = test.hidden_states() if getattr(predictor, "needs_hidden", False) else None
     runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden)
-    log = bool(cfg.output.get("chrome_trace", False))
-    res = replay(steps, runtime, copy_model, compute, meta.expert_bytes, meta.num_layers, log=log, uses=uses)
+    return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
+                    runtime, copy_model, compute, plan_wall_s)
 
-    # bounds on the same access stream and capacity
+
+def bounds(p: Prepared) -> dict:
+    """Belady's MIN and the perfect-foresight oracle on the same access stream, capacity and models."""
     from policies.eviction.belady import Belady
     from policies.horizons.fixed import FixedHorizon
     from policies.predictors.none import NoPredictor
 
-    b_cache = ExpertCache(Belady(), cctx)
-    b_rt = PolicyRuntime(b_cache, NoPredictor(), FixedHorizon(0), rcfg, test.experts, test.token_id)
+    meta = p.meta
+    b_cache = ExpertCache(Belady(), p.cctx)
+    b_rt = PolicyRuntime(b_cache, NoPredictor(), FixedHorizon(0), p.rcfg, p.test.experts, p.test.token_id)
     b_cache.load_log = []
     min_orders: list[list[int]] = []
-    b_hits, b_req = ondemand_replay(steps, b_rt, min_orders)
-    bound_args = (steps, future, uses, partition_of, capacity, copy_model, compute, meta.expert_bytes, meta.num_layers)
-    o_aggr = oracle_stall(*bound_args, schedule="aggressive")
-    o_cons = oracle_stall(*bound_args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders)
+    b_hits, b_req = ondemand_replay(p.steps, b_rt, min_orders)
+    args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, meta.expert_bytes,
+            meta.num_layers)
+    o_aggr = oracle_stall(*args, schedule="aggressive")
+    o_cons = oracle_stall(*args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders)
+    return {
+        "belady_hit_rate": b_hits / b_req,
+        "belady_misses_unique": b_cache.stats.inserts,  # expert loads MIN needs at this capacity
+        "oracle_stall_s": min(o_aggr, o_cons),
+        "oracle_aggressive_stall_s": o_aggr,
+        "oracle_conservative_stall_s": o_cons,
+    }
 
-    st = runtime.cache.stats
+
+def results_dict(p: Prepared, res: ReplayResult, expert_bytes: int, driver: str) -> dict:
+    """The metrics every driver reports (the public results.json schema), from a replay's result."""
+    from traces.schema import PHASE_DECODE, PHASE_PREFILL
+
+    st = p.runtime.cache.stats
     requests = int(res.layers.requests.sum())
-    decode = [s for s, p in zip(res.step_s, res.step_phase) if p == PHASE_DECODE]
-    prefill = [s for s, p in zip(res.step_s, res.step_phase) if p == PHASE_PREFILL]
-    decode_tokens = sum(n for n, p in zip(res.step_tokens, res.step_phase) if p == PHASE_DECODE)
-    results = {
+    decode = [s for s, ph in zip(res.step_s, res.step_phase) if ph == PHASE_DECODE]
+    prefill = [s for s, ph in zip(res.step_s, res.step_phase) if ph == PHASE_PREFILL]
+    decode_tokens = sum(n for n, ph in zip(res.step_tokens, res.step_phase) if ph == PHASE_DECODE)
+    info = run_info(p.cfg, p.meta, p.capacity, p.scope, p.copy_model)
+    info.update(driver=driver, expert_bytes=expert_bytes)
+    return {
         "schema": RESULTS_SCHEMA,
-        "run": run_info(cfg, meta, capacity, scope, copy_model),
+        "run": info,
         "stall_s": res.stall_s,
         "total_s": res.total_s,
         "tpot_s": float(np.mean(decode)) if decode else None,
@@ -143,24 +182,29 @@ def simulate(cfg, out_dir: Path) -> dict:
             st.prefetch_used / (st.prefetch_used + res.demand_loads) if st.prefetch_inserts else None
         ),
         "prefetch_issued": st.prefetch_inserts,
-        "wasted_bytes": st.prefetch_wasted * meta.expert_bytes,
+        "wasted_bytes": st.prefetch_wasted * expert_bytes,
         "bytes_moved": res.bytes_moved,
         "copies": res.copies,
         "expert_requests": requests,
-        "belady_hit_rate": b_hits / b_req,
-        "belady_misses_unique": b_cache.stats.inserts,  # expert loads MIN needs at this capacity
-        "oracle_stall_s": min(o_aggr, o_cons),
-        "oracle_aggressive_stall_s": o_aggr,
-        "oracle_conservative_stall_s": o_cons,
         "allresident_total_s": res.compute_s,
-        "steps": len(steps),
-        "distinct_experts_per_layer_step": float(np.mean([len(u) for u in uses])),
-        "request_tpot_s": request_tpot(steps, res.step_s),
-        "scheduler_wall_s": plan_wall_s,
+        "steps": len(p.steps),
+        "distinct_experts_per_layer_step": float(np.mean([len(u) for u in p.uses])),
+        "request_tpot_s": request_tpot(p.steps, res.step_s),
+        "scheduler_wall_s": p.plan_wall_s,
         "tokens": int(sum(res.step_tokens)),
-        "sim_wall_s": time.perf_counter() - wall0,
     }
-    write_outputs(out_dir, results, res, meta.num_layers, log)
+
+
+def simulate(cfg, out_dir: Path) -> dict:
+    """Run one configuration in the simulator; returns the results dict (also written to ``out_dir``)."""
+    wall0 = time.perf_counter()
+    p = prepare(cfg)
+    log = bool(cfg.output.get("chrome_trace", False))
+    res = replay(p.steps, p.runtime, p.copy_model, p.compute, p.meta.expert_bytes, p.meta.num_layers, log=log, uses=p.uses)
+    results = results_dict(p, res, p.meta.expert_bytes, "sim")
+    results.update(bounds(p))
+    results["sim_wall_s"] = time.perf_counter() - wall0
+    write_outputs(out_dir, results, res, p.meta.num_layers, log)
     return results
 
 
