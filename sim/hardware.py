@@ -36,6 +36,7 @@ class CopyModel:
     channels: int = 1  # copies in flight at once
     table_bytes: np.ndarray | None = None  # profiled: sizes measured
     table_s: np.ndarray | None = None  # profiled: seconds measured
+    expert_bytes: int | None = None  # profiled: the (scaled) expert size the profile measured; replay copies that
 
     def seconds(self, nbytes: int) -> float:
         """Time of one copy running alone on the link."""
@@ -112,7 +113,7 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
         c = prof["copy"]
         copy = CopyModel(
             kind, float(c["bandwidth_bytes_per_s"]), float(c["latency_s"]), int(c.get("io_threads", channels)),
-            np.asarray(c["bytes"], float), np.asarray(c["seconds"], float),
+            np.asarray(c["bytes"], float), np.asarray(c["seconds"], float), prof.get("expert_bytes"),
         )
     else:
         lat = float(bw.get("latency_s", 0.0))

@@ -81,6 +81,11 @@ class Prepared:
     compute: object
     plan_wall_s: float
 
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes of one expert copy: the trace's, or the scaled size a measured profile was taken at."""
+        return self.copy_model.expert_bytes or self.meta.expert_bytes
+
 
 def prepare(cfg) -> Prepared:
     """Validate the config, load the trace, build the policies and models. Raises before any replay work."""
@@ -140,7 +145,7 @@ def bounds(p: Prepared) -> dict:
     b_cache.load_log = []
     min_orders: list[list[int]] = []
     b_hits, b_req = ondemand_replay(p.steps, b_rt, min_orders)
-    args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, meta.expert_bytes,
+    args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, p.copy_bytes,
             meta.num_layers)
     o_aggr = oracle_stall(*args, schedule="aggressive")
     o_cons = oracle_stall(*args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders)
@@ -200,8 +205,8 @@ def simulate(cfg, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
     p = prepare(cfg)
     log = bool(cfg.output.get("chrome_trace", False))
-    res = replay(p.steps, p.runtime, p.copy_model, p.compute, p.meta.expert_bytes, p.meta.num_layers, log=log, uses=p.uses)
-    results = results_dict(p, res, p.meta.expert_bytes, "sim")
+    res = replay(p.steps, p.runtime, p.copy_model, p.compute, p.copy_bytes, p.meta.num_layers, log=log, uses=p.uses)
+    results = results_dict(p, res, p.copy_bytes, "sim")
     results.update(bounds(p))
     results["sim_wall_s"] = time.perf_counter() - wall0
     write_outputs(out_dir, results, res, p.meta.num_layers, log)

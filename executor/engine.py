@@ -1,0 +1,116 @@
+"""The executor's replay loop: the simulator's loop (sim/engine.py) with real copies and real compute.
+
+Same calls into the same policy runtime in the same order; time is the wall clock. Copies land on I/O
+threads; the main thread marks them resident in the cache when it next looks (before each layer's decisions
+and after every wait), so the cache itself is only ever touched by the main thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+import numpy as np
+
+from policies.base import Step
+from policies.runtime import PolicyRuntime
+from sim.engine import LayerStats, ReplayResult
+
+from .compute import LayerCompute
+from .transfer import TransferEngine
+
+
+def execute(
+    steps: list[Step],
+    runtime: PolicyRuntime,
+    transfer: TransferEngine,
+    compute: LayerCompute,
+    num_layers: int,
+    uses: list[dict[int, int]],
+    log: bool = False,
+) -> ReplayResult:
+    cache = runtime.cache
+    L = num_layers
+    max_ls = len(steps) * L - 1
+    stats = LayerStats(*(np.zeros(L, dtype=np.int64) for _ in range(4)), np.zeros(L))
+    pending_prefetch: list[tuple[int, int]] = []
+    events: list = []
+    stall_total = compute_total = 0.0
+    step_s: list[float] = []
+    demand_loads = 0
+
+    def sync() -> None:
+        for k in transfer.landed():
+            if cache.is_inflight(k):
+                cache.complete(k)
+
+    def submit(key: int, priority: int) -> None:
+        transfer.submit(key, cache.slot_of[key], priority)
+
+    def wait_for(key: int) -> float:
+        waited = 0.0
+        while key in runtime.deferred:
+            for k in runtime.retry_deferred():
+                submit(k, 0)
+            if key in runtime.deferred:
+                waited += transfer.wait_any()
+                sync()
+        if cache.is_inflight(key):
+            waited += transfer.wait(key)
+        sync()
+        return waited
+
+    t_run = time.perf_counter()
+    for si, step in enumerate(steps):
+        t_step = time.perf_counter()
+        ntok = len(step.tokens)
+        for layer in range(L):
+            t0 = time.perf_counter()
+            compute.run_dense(ntok)
+            dense = time.perf_counter() - t0
+            compute_total += dense
+            sync()
+            now = si * L + layer
+            plan = runtime.begin_layer(si, layer, step.tokens, max_ls, uses[now])
+            while pending_prefetch and pending_prefetch[0][0] <= now:
+                _, k = heapq.heappop(pending_prefetch)
+                if k not in plan.uses and transfer.cancel(k):
+                    runtime.cancel(k)
+            for k in plan.demand:
+                submit(k, 0)
+            for k, target in plan.prefetch:
+                submit(k, 1 + target - now)
+                heapq.heappush(pending_prefetch, (target, k))
+            for k in plan.needed:
+                if plan.outcome[k] == "late":
+                    transfer.upgrade(k)
+            layer_stall = expert_s = 0.0
+            for k in plan.order:
+                if cache.is_inflight(k) or k in runtime.deferred:
+                    layer_stall += wait_for(k)
+                t1 = time.perf_counter()
+                compute.run_expert(cache.slot_of[k], plan.uses[k])
+                dt = time.perf_counter() - t1
+                if log:
+                    events.append((t1 - t_run, dt, layer, k))
+                expert_s += dt
+                for s in runtime.release(k):
+                    submit(s, 0)
+            compute_total += expert_s
+            stall_total += layer_stall
+            stats.stall_s[layer] += layer_stall
+            demand_loads += sum(1 for k in plan.needed if plan.outcome[k] == "miss")
+            for k in plan.needed:
+                u = plan.uses[k]
+                stats.requests[layer] += u
+                o = plan.outcome[k]
+                getattr(stats, {"hit": "hits", "late": "late_hits", "miss": "misses"}[o])[layer] += u
+            runtime.end_layer(dense + expert_s, layer_stall, transfer.bandwidth_bytes_per_s(), plan)
+        step_s.append(time.perf_counter() - t_step)
+    total = time.perf_counter() - t_run
+    return ReplayResult(
+        total_s=total, stall_s=stall_total, compute_s=compute_total, step_s=step_s,
+        step_phase=[s.phase for s in steps], step_tokens=[len(s.tokens) for s in steps],
+        bytes_moved=transfer.bytes_started, copies=transfer.copies_started, demand_loads=demand_loads,
+        layers=stats, wall_s=total, events=events, copy_records=transfer.records,
+    )

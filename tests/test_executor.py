@@ -1,0 +1,170 @@
+"""The CPU executor: packed tier, O_DIRECT and its fallback, the I/O thread queue, faults, the same decisions
+as the simulator, and the profile the simulator reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from conftest import ROOT, random_trace
+from hydra import compose, initialize_config_dir
+
+from executor.profile import fit_alpha_beta
+from executor.tier import HEADER_BYTES, ExpertReader, StoreLayout, TierError, aligned_buffer, write_store
+from executor.transfer import TransferEngine
+from traces import write_trace
+
+LAYOUT = StoreLayout([4, 4], hidden=32, intermediate=48, seed=1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return write_store(tmp_path / "t.experts", LAYOUT)
+
+
+def test_store_round_trip_and_alignment(store):
+    r = ExpertReader(store)
+    buf = aligned_buffer(LAYOUT.stride_bytes)
+    assert r.read_into(5, memoryview(buf)) == LAYOUT.stride_bytes
+    assert LAYOUT.stride_bytes % 4096 == 0 and store.stat().st_size == LAYOUT.file_bytes()
+    got = np.frombuffer(buf, np.float32, LAYOUT.expert_bytes // 4)
+    with open(store, "rb") as f:
+        f.seek(HEADER_BYTES + 5 * LAYOUT.stride_bytes)
+        want = np.frombuffer(f.read(LAYOUT.expert_bytes), np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert 0.5 < got.std() * np.sqrt(32) < 2  # initialised like a real layer
+    r.close()
+
+
+def test_buffered_fallback_warns(store, tmp_path):
+    r = ExpertReader(store, direct=False)
+    assert not r.direct
+    r.close()
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.statvfs(shm):
+        p = write_store(os.path.join(shm, f"ef-test-{os.getpid()}.experts"), LAYOUT)
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                r2 = ExpertReader(p)
+            if not r2.direct:  # tmpfs refuses O_DIRECT: the warning names the file
+                assert any(str(p) in str(x.message) and "O_DIRECT" in str(x.message) for x in w)
+            buf = aligned_buffer(LAYOUT.stride_bytes)
+            assert r2.read_into(0, memoryview(buf)) == LAYOUT.stride_bytes
+            r2.close()
+        finally:
+            os.unlink(p)
+
+
+def test_short_and_foreign_files(store, tmp_path):
+    short = tmp_path / "short.experts"
+    short.write_bytes(store.read_bytes()[: HEADER_BYTES + LAYOUT.stride_bytes])
+    with pytest.raises(TierError, match=r"short\.experts.*short file"):
+        ExpertReader(short)
+    foreign = tmp_path / "x.experts"
+    foreign.write_bytes(b"\x00" * 8192)
+    with pytest.raises(TierError, match=r"x\.experts.*not an expert file"):
+        ExpertReader(foreign)
+    with pytest.raises(TierError, match="no such expert file"):
+        ExpertReader(tmp_path / "missing.experts")
+
+
+def test_demand_overtakes_queued_prefetches_and_cancel(store):
+    r = ExpertReader(store)
+    slots = aligned_buffer(8 * LAYOUT.stride_bytes)
+    eng = TransferEngine(r, memoryview(slots), io_threads=1)
+    import heapq
+
+    with eng._cv:  # hold the queue so everything is queued before the thread picks
+        for k in range(6):
+            eng._queued[k] = (3, k, 0.0)
+            eng._seq += 1
+            heapq.heappush(eng._queue, (3, eng._seq, k))
+        eng._queued[7] = (0, 7, 0.0)
+        eng._seq += 1
+        heapq.heappush(eng._queue, (0, eng._seq, 7))
+        eng._queued.pop(5)  # cancelled before it started
+        eng._cv.notify_all()
+    eng.wait(4)
+    eng.wait(7)
+    order = [rec.key for rec in eng.records]
+    assert order[0] == 7 and 5 not in order
+    eng.close()
+    r.close()
+
+
+def test_failed_read_reaches_the_waiter_and_threads_stop(store):
+    r = ExpertReader(store, direct=False)
+    with open(store, "r+b") as f:
+        f.truncate(HEADER_BYTES + 2 * LAYOUT.stride_bytes)  # experts 2.. are gone now
+    slots = aligned_buffer(2 * LAYOUT.stride_bytes)
+    eng = TransferEngine(r, memoryview(slots), io_threads=2)
+    eng.submit(6, 0, 0)
+    with pytest.raises(TierError, match=r"expert 6 at offset \d+ returned 0 bytes, expected"):
+        eng.wait(6, timeout_s=10)
+    eng.close()
+    assert not any(t.is_alive() for t in eng._threads)
+    r.close()
+
+
+def test_fit_recovers_alpha_beta():
+    b = [65536, 262144, 1 << 20, 4 << 20]
+    s = [50e-6 + x / 2e9 for x in b]
+    lat, bw = fit_alpha_beta(b, s)
+    assert lat == pytest.approx(50e-6, rel=1e-6) and bw == pytest.approx(2e9, rel=1e-6)
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.parametrize("cache", ["lru", "lfru"])
+def test_executor_makes_the_simulators_decisions(tmp_path, cache):
+    tr = random_trace(tokens=120, layers=3, experts=8, top_k=2, sequences=4, seed=3)
+    tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
+    path = write_trace(tr, tmp_path / "t.parquet")
+    ov = [f"trace.path={path}", "trace.name=t", f"cache={cache}", "batch_size=2", "executor.scale=1",
+          f"executor.tier_dir={tmp_path / 'tier'}"]
+    from executor.run import execute_config
+    from sim.run import simulate
+
+    real = execute_config(compose_cfg(ov), tmp_path / "ex")
+    sim = simulate(compose_cfg(ov), tmp_path / "sim")
+    for k in ("hit_rate", "late_hit_rate", "copies", "expert_requests", "belady_hit_rate"):
+        assert real[k] == sim[k], k
+    assert real["run"]["driver"] == "executor" and real["stall_s"] >= 0 and real["total_s"] > 0
+    assert real["bytes_moved"] == real["copies"] * real["run"]["expert_bytes"]
+    assert (tmp_path / "ex" / "results.json").exists() and (tmp_path / "ex" / "per_layer.parquet").exists()
+
+
+def test_profile_writes_what_the_simulator_reads(tmp_path):
+    out = tmp_path / "prof.json"
+    proc = subprocess.run([sys.executable, "-m", "executor", "profile", "--model-preset", "olmoe-1b-7b", "--scale", "16",
+                           "--tier-dir", str(tmp_path), "--repeats", "3", "-o", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prof = json.loads(out.read_text())
+    assert prof["copy"]["bandwidth_bytes_per_s"] > 1e7 and all(s > 0 for s in prof["compute"]["expert_s"])
+    tr = random_trace(tokens=60, layers=2, experts=8, top_k=2, sequences=2, seed=1)
+    p = write_trace(tr, tmp_path / "t.parquet")
+    from sim.run import simulate
+
+    res = simulate(compose_cfg([f"trace.path={p}", "hardware=profiled", f"hardware.profile_path={out}"]), tmp_path / "s")
+    assert res["run"]["expert_bytes"] == prof["expert_bytes"] and res["total_s"] > 0
+
+
+def test_bad_input_leaves_no_results(tmp_path):
+    tr = random_trace(tokens=30, layers=2, experts=8, top_k=2, sequences=2, seed=1)
+    tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
+    path = write_trace(tr, tmp_path / "t.parquet")
+    proc = subprocess.run([sys.executable, "-m", "executor", f"trace.path={path}", "executor.scale=0",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"executor.tier_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "executor.scale" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
