@@ -33,6 +33,7 @@ test-slow: venv
 
 bench: venv
 	$(PY) benchmarks/bench_sim.py
+	$(PY) benchmarks/bench_executor.py
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

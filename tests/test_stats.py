@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -171,15 +170,12 @@ def test_stats_overall_is_mean_of_layers():
 
 
 def load_mixtral_problem(path: Path, problem: int) -> Trace:
-    """Tiny loader: one problem of the real decode file, layers aligned by token_idx, keeping only the
-    token_idx present in all 32 layers (the recorder dropped [0.5, 0.5] records)."""
-    by_layer: dict[int, dict[int, list[int]]] = defaultdict(dict)
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["problem_id"] == problem:
-            by_layer[rec["layer"]][rec["token_idx"]] = rec["experts"]
-    common = sorted(set.intersection(*(set(d) for d in by_layer.values())))
-    return make_trace(np.array([[by_layer[layer][t] for layer in range(32)] for t in common]), num_experts=8)
+    """One problem of the real decode file through the official importer (layers aligned by token_idx)."""
+    from traces.importers import import_speculative_moe
+    from traces.presets import get_preset
+
+    full, _ = import_speculative_moe([path], get_preset("mixtral-8x7b").meta())
+    return full.select(full.seq_id == problem)
 
 
 def test_golden_hit_rates_on_real_mixtral(shared_traces):
