@@ -5,23 +5,16 @@ Each subcommand lives in its own module exposing ``register(subparsers)``."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from traces.cli import add_subcommands
 
 SUBCOMMAND_MODULES = ("report", "predictors", "validate", "paper")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description="Compare policies from their results.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"analysis.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"analysis.{name}":
-                continue  # not present in this checkout
-            raise
-        module.register(sub)
+    add_subcommands(parser, "analysis", SUBCOMMAND_MODULES)
     return parser
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import heapq
 import time
 
-import numpy as np
-
 from policies.base import Step
 from policies.runtime import PolicyRuntime
 from sim.engine import LayerStats, ReplayResult
@@ -32,7 +30,7 @@ def execute(
     cache = runtime.cache
     L = num_layers
     max_ls = len(steps) * L - 1
-    stats = LayerStats(*(np.zeros(L, dtype=np.int64) for _ in range(4)), np.zeros(L))
+    stats = LayerStats.zeros(L)
     pending_prefetch: list[tuple[int, int]] = []
     events: list = []
     stall_total = compute_total = 0.0
@@ -98,13 +96,7 @@ def execute(
                     submit(s, 0)
             compute_total += expert_s
             stall_total += layer_stall
-            stats.stall_s[layer] += layer_stall
-            demand_loads += sum(1 for k in plan.needed if plan.outcome[k] == "miss")
-            for k in plan.needed:
-                u = plan.uses[k]
-                stats.requests[layer] += u
-                o = plan.outcome[k]
-                getattr(stats, {"hit": "hits", "late": "late_hits", "miss": "misses"}[o])[layer] += u
+            demand_loads += stats.record(layer, plan, layer_stall)
             runtime.end_layer(dense + expert_s, layer_stall, transfer.bandwidth_bytes_per_s(), plan)
         step_s.append(time.perf_counter() - t_step)
     total = time.perf_counter() - t_run

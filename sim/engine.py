@@ -31,6 +31,22 @@ class LayerStats:
     misses: np.ndarray
     stall_s: np.ndarray
 
+    @classmethod
+    def zeros(cls, num_layers: int) -> LayerStats:
+        return cls(*(np.zeros(num_layers, dtype=np.int64) for _ in range(4)), np.zeros(num_layers))
+
+    def record(self, layer: int, plan, stall_s: float) -> int:
+        """Add one layer-step's outcomes; returns its demand loads (distinct experts that missed)."""
+        self.stall_s[layer] += stall_s
+        counters = {"hit": self.hits, "late": self.late_hits, "miss": self.misses}
+        loads = 0
+        for k in plan.needed:
+            u = plan.uses[k]
+            self.requests[layer] += u
+            counters[plan.outcome[k]][layer] += u
+            loads += plan.outcome[k] == "miss"
+        return loads
+
 
 @dataclass
 class ReplayResult:
@@ -66,7 +82,7 @@ def replay(
     chan = CopyChannels(env, copy_model, expert_bytes, cache.complete, log=log)
     L = num_layers
     max_ls = len(steps) * L - 1
-    stats = LayerStats(*(np.zeros(L, dtype=np.int64) for _ in range(4)), np.zeros(L))
+    stats = LayerStats.zeros(L)
     pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
     events: list = []
     t = 0.0
@@ -146,18 +162,7 @@ def replay(
                     for s in started:
                         chan.submit(s, 0)
             stall_total += layer_stall
-            stats.stall_s[layer] += layer_stall
-            demand_loads += sum(1 for k in plan.needed if plan.outcome[k] == "miss")
-            for k in plan.needed:
-                u = plan.uses[k]
-                stats.requests[layer] += u
-                o = plan.outcome[k]
-                if o == "hit":
-                    stats.hits[layer] += u
-                elif o == "late":
-                    stats.late_hits[layer] += u
-                else:
-                    stats.misses[layer] += u
+            demand_loads += stats.record(layer, plan, layer_stall)
             runtime.end_layer(t - t_layer - layer_stall + dense, layer_stall, chan.bw_ewma_bytes_per_s, plan)
         step_s.append(t - t_step)
     return ReplayResult(

@@ -5,9 +5,9 @@ Each subcommand lives in its own module exposing ``register(subparsers)``; this 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from .cli import add_subcommands
 from .schema import TraceError
 
 SUBCOMMAND_MODULES = ("importers", "synth", "stats", "collect", "refmodel")
@@ -18,15 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m traces",
         description="Record, import, generate and describe MoE routing traces (Parquet, one schema).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"traces.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"traces.{name}":
-                continue  # that part of the trace layer is not present in this checkout
-            raise
-        module.register(sub)
+    add_subcommands(parser, "traces", SUBCOMMAND_MODULES)
     return parser
 
 

@@ -28,6 +28,16 @@ def sequence_queues(seq_id: np.ndarray, phase: np.ndarray) -> tuple[list[int], d
     return order, prefill, decode
 
 
+def admit(waiting: deque, active: list[int], limit: int, prefill: dict, decode: dict, steps: list[Step]) -> None:
+    """Move sequences from ``waiting`` into ``active`` up to ``limit``, each joining with its prefill step."""
+    while waiting and len(active) < limit:
+        s = waiting.popleft()
+        if prefill[s].size:
+            steps.append(Step(prefill[s], PHASE_PREFILL, np.array([s])))
+        if decode[s]:
+            active.append(s)
+
+
 class FIFOScheduler:
     """Continuous batching in arrival order."""
 
@@ -39,12 +49,7 @@ class FIFOScheduler:
         active: list[int] = []
         steps: list[Step] = []
         while waiting or active:
-            while waiting and len(active) < batch_size:
-                s = waiting.popleft()
-                if prefill[s].size:
-                    steps.append(Step(prefill[s], PHASE_PREFILL, np.array([s])))
-                if decode[s]:
-                    active.append(s)
+            admit(waiting, active, batch_size, prefill, decode, steps)
             if not active:
                 continue
             toks = [decode[s].popleft() for s in active]

@@ -20,7 +20,7 @@ from collections import deque
 import numpy as np
 
 from ..base import PolicyConfigError, Step
-from .fifo import PHASE_DECODE, PHASE_PREFILL, sequence_queues
+from .fifo import PHASE_DECODE, admit, sequence_queues
 
 
 def route_bits(routes: np.ndarray, num_experts: int) -> np.ndarray:
@@ -90,12 +90,7 @@ class RouteGroupingScheduler:
         steps: list[Step] = []
         pool = self.pool_factor * batch_size
         while waiting or active:
-            while waiting and len(active) < pool:
-                s = waiting.popleft()
-                if prefill[s].size:
-                    steps.append(Step(prefill[s], PHASE_PREFILL, np.array([s])))
-                if decode[s]:
-                    active.append(s)
+            admit(waiting, active, pool, prefill, decode, steps)
             if not active:
                 continue
             nxt = [decode[s][0] for s in active]
