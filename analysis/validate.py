@@ -42,14 +42,15 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
 
 
-def run_all(out: Path, trace_args: list[str], scale: int, extra: list[str]) -> None:
+def run_all(out: Path, trace_args: list[str], scale: int, extra: list[str], policies: list[str]) -> None:
     py = sys.executable
     profile = out / "profile.json"
     _run([py, "-m", "executor", "profile", "--scale", str(scale), "--tier-dir", str(out / "tier"), "-o", str(profile),
           *trace_args])
     common = [f"executor.scale={scale}", f"executor.tier_dir={out / 'tier'}", "hardware=profiled",
               f"hardware.profile_path={profile}", *extra]
-    for name, ov in POLICIES.items():
+    for name in policies:
+        ov = POLICIES[name]
         for driver in ("executor", "sim"):
             _run([py, "-m", driver, *ov, *common, f"hydra.run.dir={out / driver / name}"])
 
@@ -103,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", type=Path, help="trace file to replay (default: the small synthetic DeepSeek-V2-Lite trace)")
     p.add_argument("--scale", type=int, default=8, help="executor.scale: divide the model's widths by this")
+    p.add_argument("--tokens", type=int, default=200, help="tokens of the default synthetic trace")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {list(POLICIES)}")
     p.add_argument("--out", type=Path, default=Path("outputs/validate"))
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for both drivers (e.g. cache.fraction=0.25)")
     p.set_defaults(func=_main)
@@ -113,8 +116,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.trace:
         trace_over, prof = [f"trace.path={args.trace.resolve()}"], ["--trace", str(args.trace.resolve())]
     else:
-        trace_over, prof = ["trace=deepseek-synth", "trace.synth.tokens=200"], ["--model-preset", "deepseek-v2-lite"]
-    run_all(out, prof, args.scale, [*trace_over, *args.overrides])
+        trace_over = ["trace=deepseek-synth", f"trace.synth.tokens={args.tokens}"]
+        prof = ["--model-preset", "deepseek-v2-lite"]
+    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(POLICIES))
+    if unknown:
+        raise ValueError(f"--policies: unknown {unknown}; expected some of {list(POLICIES)}")
+    run_all(out, prof, args.scale, [*trace_over, *args.overrides], chosen)
     v = compare(out)
     with atomic_path(out / "validation.json") as tmp:
         tmp.write_text(json.dumps(v, indent=2) + "\n")
