@@ -15,9 +15,10 @@ a small half-life approaches LRU.
 from __future__ import annotations
 
 from ..base import CacheContext, PolicyConfigError
+from . import TouchOnUse
 
 
-class LFRU:
+class LFRU(TouchOnUse):
     def __init__(self, half_life_steps: float = 4.0) -> None:
         if not float(half_life_steps) > 0:
             raise PolicyConfigError(f"lfru.half_life_steps: expected a positive number, got {half_life_steps}")
@@ -46,20 +47,8 @@ class LFRU:
         self._clock += 1
         self._seq[key] = self._clock
 
-    def on_hit(self, key: int, now: int) -> None:
-        self._touch(key, now)
-
-    def on_insert(self, key: int, now: int) -> None:
-        self._touch(key, now)
-
-    def on_remove(self, key: int) -> None:
-        pass  # the score decays by itself; keeping it is what makes this frequency-aware
-
     def victim(self, partition: int, candidates: set[int], now: int) -> int | None:
         if not candidates:
             return None
         seq = self._seq
         return min(candidates, key=lambda k: (self.decayed(k, now), seq.get(k, 0), k))
-
-    def pinned(self) -> set[int]:
-        return set()

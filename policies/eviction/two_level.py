@@ -12,9 +12,10 @@ counts survive eviction (like ``lfu``). With ``window_steps: 0`` every key is lo
 from __future__ import annotations
 
 from ..base import CacheContext, PolicyConfigError
+from . import TouchOnUse
 
 
-class TwoLevel:
+class TwoLevel(TouchOnUse):
     def __init__(self, window_steps: float = 1.0) -> None:
         if window_steps < 0:
             raise PolicyConfigError(f"two_level cache: window_steps must be >= 0, got {window_steps}")
@@ -35,15 +36,6 @@ class TwoLevel:
         self._clock += 1
         self._seq[key] = self._clock
 
-    def on_hit(self, key: int, now: int) -> None:
-        self._touch(key, now)
-
-    def on_insert(self, key: int, now: int) -> None:
-        self._touch(key, now)
-
-    def on_remove(self, key: int) -> None:
-        pass
-
     def is_high(self, key: int, now: int) -> bool:
         return now - self._last.get(key, -(10**18)) < self._window
 
@@ -56,6 +48,3 @@ class TwoLevel:
             count = self._count
             return min(low, key=lambda k: (count.get(k, 0), seq.get(k, 0), k))
         return min(candidates, key=lambda k: (seq.get(k, 0), k))
-
-    def pinned(self) -> set[int]:
-        return set()
