@@ -181,3 +181,14 @@ def test_golden_on_the_real_mixtral_trace(shared_traces, tmp_path):
     assert res["expert_requests"] == 333 * 32 * 2
     assert (round(res["hit_rate"], 4), round(res["belady_hit_rate"], 4), res["copies"]) == GOLDEN_REAL
 GOLDEN_REAL = (0.6219, 0.7691, 8058)
+
+
+def test_chrome_trace_on_request(tmp_path):
+    tr = random_trace(tokens=40, layers=2, experts=8, top_k=2, sequences=2, seed=6)
+    res, out = run_sim(tmp_path, ["cache=lru", "predictor=oracle", "output.chrome_trace=true"], tr)
+    ev = json.loads((out / "chrome_trace.json").read_text())["traceEvents"]
+    spans = [e for e in ev if e["ph"] == "X"]
+    assert {e["cat"] for e in spans} == {"compute", "demand", "prefetch"}
+    copies = [e for e in spans if e["cat"] != "compute"]
+    assert len(copies) == res["copies"]
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
