@@ -19,13 +19,14 @@ def sidecar_path(trace_path: str | Path) -> Path:
     return p.with_name(p.name.removesuffix(".parquet") + SIDECAR_SUFFIX)
 
 
-def write_hidden(trace_path: str | Path, hidden: np.ndarray) -> Path:
-    """Write the [T, L, H] hidden states for the trace at ``trace_path`` atomically (float16)."""
+def write_hidden(trace_path: str | Path, hidden: np.ndarray, dtype=np.float16) -> Path:
+    """Write the [T, L, H] hidden states for the trace at ``trace_path`` atomically (float16 by default;
+    float32 where exact recomputation matters)."""
     from safetensors.numpy import save_file
 
     out = sidecar_path(trace_path)
     with atomic_path(out) as tmp:
-        save_file({"hidden": np.ascontiguousarray(hidden, dtype=np.float16)}, str(tmp))
+        save_file({"hidden": np.ascontiguousarray(hidden, dtype=dtype)}, str(tmp))
     return out
 
 

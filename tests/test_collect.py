@@ -1,0 +1,78 @@
+"""The collector on tiny random models of every supported architecture: exact routing, resume, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from traces import TraceError, read_trace
+from traces.collect import byte_tokens, collect, find_routers, tiny_model
+
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "gpt_oss"]
+PROMPTS = ["def add(a, b):", "import numpy as np", "x = 1"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_routing_is_what_the_router_computed(arch, tmp_path):
+    model = tiny_model(arch, seed=1)
+    ids = byte_tokens(PROMPTS, model.config.vocab_size)
+    tr = collect(model, ids, tmp_path / "t.parquet", max_new_tokens=4, batch_size=2, hidden=True)
+    # every prompt token (no padding) plus the 3 generated tokens fed back (the 4th is never an input)
+    assert tr.num_tokens == sum(len(x) for x in ids) + 3 * len(ids)
+    assert (tr.phase == 0).sum() == sum(len(x) for x in ids)
+    assert tr.meta.num_layers == 2 and tr.meta.top_k == 2 and tr.meta.expert_bytes > 0
+    np.testing.assert_array_equal(tr.token_id[tr.phase == 0], np.concatenate(ids))
+    hidden = tr.hidden_states()
+    for layer, (_, router) in enumerate(find_routers(model)):
+        with torch.no_grad():
+            _, w, idx = router(torch.from_numpy(np.asarray(hidden[:, layer], dtype=np.float32)))
+        np.testing.assert_array_equal(idx.numpy(), tr.experts[:, layer])
+        np.testing.assert_allclose(w.float().numpy(), tr.weights[:, layer], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_interruption_gives_the_same_trace(tmp_path):
+    model = tiny_model("mixtral", seed=2)
+    ids = byte_tokens(PROMPTS + ["class Cache:", "return None"], model.config.vocab_size)
+    whole = collect(model, ids, tmp_path / "whole.parquet", 3, batch_size=2, hidden=True)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        collect(model, ids, tmp_path / "r.parquet", 3, batch_size=2, hidden=True, fail_after=1)
+    assert not (tmp_path / "r.parquet").exists()
+    assert len(list((tmp_path / "r.parquet.shards").glob("shard-*.parquet"))) == 1
+    resumed = collect(model, ids, tmp_path / "r.parquet", 3, batch_size=2, hidden=True)
+    for name in ("experts", "weights", "seq_id", "position", "phase", "token_id"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name), err_msg=name)
+    np.testing.assert_array_equal(read_trace(tmp_path / "r.parquet").hidden_states(), whole.hidden_states())
+
+
+def test_model_without_moe_is_a_clear_error(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    with pytest.raises(TraceError, match="no MoE router found in model type 'llama'"):
+        collect(model, [[1, 2, 3]], tmp_path / "x.parquet", 2, 1, False)
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_unsupported_architecture_names_itself():
+    with pytest.raises(TraceError, match="no MoE router found in model type 'switch_transformers'"):
+        from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+        m = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
+            d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16, num_experts=4, vocab_size=64))
+        find_routers(m)
+
+
+def test_cli(tmp_path, capsys):
+    from traces.__main__ import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"text": "world"}\n')
+    assert main(["collect", "--tiny-arch", "olmoe", "--prompts", str(prompts), "--max-new-tokens", "2",
+                 "-o", str(tmp_path / "o.parquet")]) == 0
+    assert read_trace(tmp_path / "o.parquet").num_tokens == 5 + 5 + 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    assert main(["collect", "--tiny-arch", "olmoe", "--prompts", str(bad), "-o", str(tmp_path / "b.parquet")]) == 2
+    assert "bad.jsonl: line 1: expected a string field" in capsys.readouterr().err

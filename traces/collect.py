@@ -1,0 +1,225 @@
+"""``python -m traces collect``: record the routing of a Hugging Face MoE causal LM while it generates.
+
+Routers are found generically: in transformers (5.x) every MoE block of the decoder-only MoE families calls
+a router module (``*TopKRouter`` / ``*TopkRouter``) that returns ``(router_logits, top_k_weights,
+top_k_indices)``. A forward hook on each records, per token, the experts and gate weights exactly as the
+router returned them (DeepSeek-V3's include its routed scaling factor), and the router's input, i.e. the
+normed hidden state entering the MoE block (the sidecar, with ``--hidden-states``). Tested on tiny configs of
+mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, olmoe, phimoe and gpt_oss. A model without such
+routers (a dense model, or switch_transformers, whose encoder-decoder generation is not handled yet) stops
+with an error naming its model type.
+
+Prompts are processed in batches; each batch is written as a shard (``OUT.parquet.shards/``) as soon as it is
+done, a rerun skips finished shards, and the shards are merged into OUT (atomically) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .io import read_trace, write_trace
+from .schema import PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
+from .sidecar import sidecar_path, write_hidden
+
+TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512,
+            num_local_experts=8, num_experts=8, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=16,
+            q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1,
+            first_k_dense_replace=0, n_shared_experts=1, shared_expert_intermediate_size=32, pad_token_id=0,
+            eos_token_id=None, bos_token_id=None, tie_word_embeddings=False)
+TINY_OVERRIDES = {  # MLA models: rotary dims follow qk_rope_head_dim; no grouped KV heads
+    "deepseek_v2": {"num_key_value_heads": 4},
+    "deepseek_v3": {"head_dim": 8, "num_key_value_heads": 4},
+}
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A randomly initialised tiny model of ``arch`` (a transformers model type), for tests and demos."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(arch, **{**TINY, **TINY_OVERRIDES.get(arch, {})})
+    except ValueError as exc:
+        raise TraceError(f"--tiny-arch: unknown model type {arch!r} ({exc})") from exc
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def find_routers(model) -> list[tuple[str, object]]:
+    routers = [(n, m) for n, m in model.named_modules() if type(m).__name__.lower().endswith(("topkrouter",))]
+    if not routers:
+        raise TraceError(f"no MoE router found in model type {model.config.model_type!r}: nothing to record")
+    return routers
+
+
+def expert_bytes_of(router_parent) -> int:
+    experts = getattr(router_parent, "experts", None)
+    if experts is None:
+        return 0
+    params = list(experts.parameters())
+    n = getattr(experts, "num_experts", None) or params[0].shape[0]
+    return int(sum(p.numel() * p.element_size() for p in params) // n)
+
+
+def model_meta(model, routers, model_path: str) -> TraceMeta:
+    c = model.config
+    parent = model.get_submodule(routers[0][0].rsplit(".", 1)[0])
+    num_experts = [int(getattr(r, "num_experts", 0) or r.weight.shape[0]) for _, r in routers]
+    shared = int(getattr(c, "n_shared_experts", 0) or (1 if getattr(c, "shared_expert_intermediate_size", 0) else 0))
+    return TraceMeta(
+        model=str(getattr(c, "_name_or_path", "") or c.model_type), num_layers=len(routers), num_experts=num_experts,
+        top_k=int(c.num_experts_per_tok), expert_bytes=max(1, expert_bytes_of(parent)), hidden_size=int(c.hidden_size),
+        intermediate_size=int(getattr(c, "moe_intermediate_size", 0) or getattr(c, "intermediate_size", 0)),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."), shared_experts=shared,
+        model_path=model_path, source=f"collect:{c.model_type}", layer_names=[n for n, _ in routers],
+    )
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.exists():
+        raise TraceError(f"--prompts: no such file {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TraceError(f"{path}: line {n}: not valid JSON ({exc.msg})") from exc
+            text = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise TraceError(f"{path}: line {n}: expected a string field 'prompt' or 'text'")
+            prompts.append(text)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise TraceError(f"{path}: no prompts")
+    return prompts
+
+
+def byte_tokens(prompts: list[str], vocab: int) -> list[list[int]]:
+    """Tokenizer for tiny random models: UTF-8 bytes folded into the vocabulary (0 is padding)."""
+    return [[1 + b % (vocab - 1) for b in p.encode()] or [1] for p in prompts]
+
+
+def collect_batch(model, routers, ids: list[list[int]], max_new_tokens: int, seq0: int, pad_id: int):
+    """Generate greedily for one batch (left padded) and return its routing rows and hidden states."""
+    import torch
+
+    B, P = len(ids), max(len(x) for x in ids)
+    inp = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for b, x in enumerate(ids):
+        inp[b, P - len(x):] = torch.tensor(x)
+        mask[b, P - len(x):] = 1
+    calls: list[list[tuple]] = [[] for _ in routers]
+
+    def hook(i):
+        def fn(module, args, out):
+            calls[i].append((args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu(),
+                             out[1].detach().float().cpu(), out[2].detach().cpu()))
+        return fn
+
+    handles = [r.register_forward_hook(hook(i)) for i, (_, r) in enumerate(routers)]
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []  # (seq, position, phase, token_id, call, row)
+    for b, x in enumerate(ids):
+        for p in range(len(x)):
+            rows.append((seq0 + b, p, PHASE_PREFILL, x[p], 0, b * P + (P - len(x)) + p))
+        for s in range(1, len(calls[0])):
+            rows.append((seq0 + b, len(x) + s - 1, PHASE_DECODE, int(out[b, P + s - 1]), s, b))
+    L = len(routers)
+    ex = np.stack([np.stack([calls[layer][c][2][r].numpy() for layer in range(L)]) for *_, c, r in rows])
+    w = np.stack([np.stack([calls[layer][c][1][r].numpy() for layer in range(L)]) for *_, c, r in rows])
+    hid = np.stack([np.stack([calls[layer][c][0][r].numpy() for layer in range(L)]) for *_, c, r in rows])
+    cols = np.array([r[:4] for r in rows], dtype=np.int64)
+    return ex, w, hid, cols
+
+
+def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int, batch_size: int,
+            hidden: bool, model_path: str = "", pad_id: int = 0, fail_after: int | None = None) -> Trace:
+    """Record the routing of ``model`` on the prompts into ``out`` (shards first; resumable)."""
+    from tqdm import tqdm
+
+    routers = find_routers(model)
+    meta = model_meta(model, routers, model_path)
+    shard_dir = out.with_name(out.name + ".shards")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    batches = [list(range(i, min(i + batch_size, len(prompts_ids)))) for i in range(0, len(prompts_ids), batch_size)]
+    for n, batch in enumerate(tqdm(batches, desc="collecting", unit="batch")):
+        shard = shard_dir / f"shard-{n:05d}.parquet"
+        if shard.exists() and (not hidden or sidecar_path(shard).exists()):
+            continue  # finished in an earlier run
+        if fail_after is not None and n >= fail_after:
+            raise RuntimeError(f"injected failure before shard {n}")
+        ex, w, hid, cols = collect_batch(model, routers, [prompts_ids[i] for i in batch], max_new_tokens, batch[0], pad_id)
+        tr = Trace(meta, ex.astype(np.int16), w.astype(np.float32), cols[:, 0].astype(np.int32),
+                   cols[:, 1].astype(np.int32), cols[:, 2].astype(np.int8), cols[:, 3].astype(np.int32))
+        if hidden:
+            write_hidden(shard, hid, dtype=np.float32)
+        write_trace(tr, shard)
+    return merge_shards(shard_dir, len(batches), out, hidden)
+
+
+def merge_shards(shard_dir: Path, n: int, out: Path, hidden: bool) -> Trace:
+    parts = [read_trace(shard_dir / f"shard-{i:05d}.parquet") for i in range(n)]
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    tr = Trace(parts[0].meta, cat("experts"), cat("weights"), cat("seq_id"), cat("position"), cat("phase"), cat("token_id"))
+    if hidden:
+        write_hidden(out, np.concatenate([p.hidden_states() for p in parts]), dtype=np.float32)
+    write_trace(tr, out)
+    return read_trace(out)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("collect", help="record routing from a local HF MoE model while it generates",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="local path of a transformers MoE causal LM")
+    src.add_argument("--tiny-arch", help="a tiny random model of this model type (e.g. mixtral), for tests/demos")
+    p.add_argument("--prompts", type=Path, required=True, help=".txt (one per line) or .jsonl ('prompt' or 'text')")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--hidden-states", action="store_true", help="also write the MoE blocks' input hidden states")
+    p.add_argument("--dtype", default="float32", help="model dtype when loading --model")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    prompts = read_prompts(args.prompts)
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not args.model.exists():
+            raise TraceError(f"--model: no such directory {args.model}")
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        tok = AutoTokenizer.from_pretrained(args.model)
+        ids = [tok(p)["input_ids"] for p in prompts]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        path = str(args.model)
+    else:
+        model = tiny_model(args.tiny_arch, args.seed)
+        ids, pad, path = byte_tokens(prompts, model.config.vocab_size), 0, ""
+    tr = collect(model, ids, args.output, args.max_new_tokens, args.batch_size, args.hidden_states, path, pad)
+    print(f"wrote {args.output}: {tr.num_tokens} tokens of {len(prompts)} prompts, {tr.meta.num_layers} MoE layers, "
+          f"top-{tr.meta.top_k} of {tr.meta.num_experts[0]} experts ({tr.meta.source})")
+    return 0
