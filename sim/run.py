@@ -98,7 +98,12 @@ def prepare(cfg) -> Prepared:
     partition_of = partitions_for(meta.num_experts, scope)
     capacity = capacities_for(meta.num_experts, scope, cfg.cache.get("slots"), cfg.cache.get("fraction"))
     frac = cfg.split.test_fraction
-    train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac else (full, full)
+    if cfg.trace.get("train_path"):  # a separate training split (e.g. the reference model's): replay all of path
+        from .trace_source import resolve_trace
+
+        train, test = resolve_trace({"path": cfg.trace.train_path, "name": "train"}), full
+    else:
+        train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac else (full, full)
     if cfg.get("max_tokens"):
         test = test.select(np.arange(test.num_tokens) < int(cfg.max_tokens))
     if test.num_tokens == 0:

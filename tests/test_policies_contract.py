@@ -76,6 +76,20 @@ class CheckedPolicy:
         return v
 
 
+H = 16  # hidden width handed to predictors that read hidden states
+
+
+def tiny_router_checkpoint(path):
+    """Router weights of a Mixtral-style checkpoint with L layers of E experts, for weight-reading predictors."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({f"model.layers.{i}.mlp.gate.weight": rng.standard_normal((E, H)).astype(np.float32) for i in range(L)},
+              str(path / "model.safetensors"))
+    return str(path)
+
+
 def run_replay(policy, scope, capacity, partition_of, test, steps, future, train, predictor=None, ahead=0):
     """Prefetch ``ahead`` layers with ``predictor`` (none: on-demand), completing copies at once."""
     ctx = CacheContext(test.meta.num_experts, partition_of, capacity, future=future,
@@ -100,7 +114,10 @@ def run_replay(policy, scope, capacity, partition_of, test, steps, future, train
                     cache.complete(waiting.pop(0))
             assert not waiting
             if predictor is not None:
-                obs = Observation(now, si, layer, toks, test.experts[toks, layer], test.token_id[toks])
+                hidden = None
+                if getattr(predictor, "needs_hidden", False):
+                    hidden = np.random.default_rng(now).standard_normal((len(toks), H)).astype(np.float32)
+                obs = Observation(now, si, layer, toks, test.experts[toks, layer], test.token_id[toks], hidden)
                 predictor.observe(obs)
                 for a in range(1, ahead + 1):
                     tl = (layer + a) % L
@@ -136,13 +153,14 @@ def test_cache_contract(path, scope):
 
 
 @pytest.mark.parametrize("path", PREDICTORS, ids=lambda p: p.stem)
-def test_predictor_contract(path):
+def test_predictor_contract(path, tmp_path):
     cfg, pred = load(path)
     assert isinstance(pred, Predictor)
     assert 0.0 < float(cfg.min_score) <= 1.0
     assert cfg.max_per_layer is None or int(cfg.max_per_layer) >= 1
     test, train, steps, future = replay_setup(seed=3)
-    pred.reset(PredictorContext([E] * L, K, train=train, future=future, layer_offsets=test.meta.layer_offsets))
+    pred.reset(PredictorContext([E] * L, K, train=train, future=future, layer_offsets=test.meta.layer_offsets,
+                                model_path=tiny_router_checkpoint(tmp_path / "model")))
     part = partitions_for([E] * L, "per_layer")
     run_replay(LRU(), "per_layer", [4] * L, part, test, steps, future, train, predictor=pred, ahead=L + 1)
 

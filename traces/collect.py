@@ -149,7 +149,8 @@ def collect_batch(model, routers, ids: list[list[int]], max_new_tokens: int, seq
 
 
 def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int, batch_size: int,
-            hidden: bool, model_path: str = "", pad_id: int = 0, fail_after: int | None = None) -> Trace:
+            hidden: bool, model_path: str = "", pad_id: int = 0, fail_after: int | None = None,
+            hidden_dtype=np.float32) -> Trace:
     """Record the routing of ``model`` on the prompts into ``out`` (shards first; resumable)."""
     from tqdm import tqdm
 
@@ -168,17 +169,17 @@ def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int,
         tr = Trace(meta, ex.astype(np.int16), w.astype(np.float32), cols[:, 0].astype(np.int32),
                    cols[:, 1].astype(np.int32), cols[:, 2].astype(np.int8), cols[:, 3].astype(np.int32))
         if hidden:
-            write_hidden(shard, hid, dtype=np.float32)
+            write_hidden(shard, hid, dtype=hidden_dtype)
         write_trace(tr, shard)
-    return merge_shards(shard_dir, len(batches), out, hidden)
+    return merge_shards(shard_dir, len(batches), out, hidden, hidden_dtype)
 
 
-def merge_shards(shard_dir: Path, n: int, out: Path, hidden: bool) -> Trace:
+def merge_shards(shard_dir: Path, n: int, out: Path, hidden: bool, hidden_dtype=np.float32) -> Trace:
     parts = [read_trace(shard_dir / f"shard-{i:05d}.parquet") for i in range(n)]
     cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
     tr = Trace(parts[0].meta, cat("experts"), cat("weights"), cat("seq_id"), cat("position"), cat("phase"), cat("token_id"))
     if hidden:
-        write_hidden(out, np.concatenate([p.hidden_states() for p in parts]), dtype=np.float32)
+        write_hidden(out, np.concatenate([p.hidden_states() for p in parts]), dtype=hidden_dtype)
     write_trace(tr, out)
     return read_trace(out)
 
