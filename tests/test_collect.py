@@ -55,13 +55,23 @@ def test_model_without_moe_is_a_clear_error(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
-def test_unsupported_architecture_names_itself():
-    with pytest.raises(TraceError, match="no MoE router found in model type 'switch_transformers'"):
-        from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
-
-        m = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
-            d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16, num_experts=4, vocab_size=64))
-        find_routers(m)
+def test_switch_transformers_records_both_stacks(tmp_path):
+    model = tiny_model("switch_transformers", seed=1)
+    ids = byte_tokens(PROMPTS, model.config.vocab_size)
+    dec = collect(model, ids, tmp_path / "sw.parquet", max_new_tokens=4, batch_size=2, hidden=True)
+    enc = read_trace(tmp_path / "sw.encoder.parquet")
+    assert enc.num_tokens == sum(len(x) for x in ids) and (enc.phase == 0).all()
+    assert dec.num_tokens == 4 * len(ids) and (dec.phase == 1).all()  # start token + 3 generated fed back
+    assert all(n.startswith("encoder.") for n in enc.meta.layer_names)
+    assert all(n.startswith("decoder.") for n in dec.meta.layer_names) and dec.meta.top_k == 1
+    for tr, prefix in ((enc, "encoder."), (dec, "decoder.")):
+        routers = [r for n, r in find_routers(model) if n.startswith(prefix)]
+        hidden = tr.hidden_states()
+        for layer, router in enumerate(routers):
+            with torch.no_grad():
+                _, probs, logits = router(torch.from_numpy(np.asarray(hidden[:, layer], np.float32)))
+            np.testing.assert_array_equal(logits.argmax(-1).numpy(), tr.experts[:, layer, 0])
+            np.testing.assert_allclose(probs.reshape(-1).numpy(), tr.weights[:, layer, 0], rtol=1e-5)
 
 
 def test_cli(tmp_path, capsys):

@@ -4,10 +4,13 @@ Routers are found generically: in transformers (5.x) every MoE block of the deco
 a router module (``*TopKRouter`` / ``*TopkRouter``) that returns ``(router_logits, top_k_weights,
 top_k_indices)``. A forward hook on each records, per token, the experts and gate weights exactly as the
 router returned them (DeepSeek-V3's include its routed scaling factor), and the router's input, i.e. the
-normed hidden state entering the MoE block (the sidecar, with ``--hidden-states``). Tested on tiny configs of
-mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, olmoe, phimoe and gpt_oss. A model without such
-routers (a dense model, or switch_transformers, whose encoder-decoder generation is not handled yet) stops
-with an error naming its model type.
+normed hidden state entering the MoE block (the sidecar, with ``--hidden-states``). Switch Transformers'
+``*Top1Router`` returns a capacity-masked dispatch mask instead: we record its choice (the arg-max of its
+logits) and the probability it scales the expert output by. Encoder-decoder models get two traces: the
+decoder stack's in OUT (one token per generation step) and the encoder stack's in ``OUT.encoder.parquet`` (the
+prompt tokens); ``layer_names`` say which stack each layer is in. Tested on tiny configs of mixtral,
+qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, olmoe, phimoe, gpt_oss and switch_transformers. A model
+without such routers (a dense model) stops with an error naming its model type.
 
 Prompts are processed in batches; each batch is written as a shard (``OUT.parquet.shards/``) as soon as it is
 done, a rerun skips finished shards, and the shards are merged into OUT (atomically) at the end.
@@ -37,11 +40,21 @@ TINY_OVERRIDES = {  # MLA models: rotary dims follow qk_rope_head_dim; no groupe
 }
 
 
+TINY_SWITCH = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16, num_experts=8,
+                   vocab_size=256, encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=1024,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=None)
+
+
 def tiny_model(arch: str, seed: int = 0):
     """A randomly initialised tiny model of ``arch`` (a transformers model type), for tests and demos."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if arch == "switch_transformers":
+        from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+        torch.manual_seed(seed)
+        return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**TINY_SWITCH)).eval()
     try:
         cfg = AutoConfig.for_model(arch, **{**TINY, **TINY_OVERRIDES.get(arch, {})})
     except ValueError as exc:
@@ -51,16 +64,37 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 def find_routers(model) -> list[tuple[str, object]]:
-    routers = [(n, m) for n, m in model.named_modules() if type(m).__name__.lower().endswith(("topkrouter",))]
+    routers = [(n, m) for n, m in model.named_modules()
+               if type(m).__name__.lower().endswith(("topkrouter", "top1router"))]
     if not routers:
         raise TraceError(f"no MoE router found in model type {model.config.model_type!r}: nothing to record")
     return routers
+
+
+def router_choice(module, out) -> tuple:
+    """(weights [N, k], indices [N, k]) from a router's output, whatever its family returns."""
+    if type(module).__name__.endswith("Top1Router"):  # Switch: (dispatch mask, top probability, logits)
+        logits = out[2].reshape(-1, out[2].shape[-1])
+        return out[1].reshape(-1, 1), logits.argmax(-1, keepdim=True)
+    return out[1], out[2]
+
+
+def stacks(routers: list[tuple[str, object]]) -> dict[str, list[tuple[str, object]]]:
+    """Routers grouped by stack: ``{"": all}`` for decoder-only models, else encoder / decoder."""
+    groups: dict[str, list] = {}
+    for name, r in routers:
+        key = "encoder" if "encoder." in name else "decoder" if "decoder." in name else ""
+        groups.setdefault(key, []).append((name, r))
+    return groups
 
 
 def expert_bytes_of(router_parent) -> int:
     experts = getattr(router_parent, "experts", None)
     if experts is None:
         return 0
+    if hasattr(experts, "values") or isinstance(experts, list) or type(experts).__name__ == "ModuleList":
+        first = next(iter(experts.values() if hasattr(experts, "values") else experts))
+        return int(sum(p.numel() * p.element_size() for p in first.parameters()))
     params = list(experts.parameters())
     n = getattr(experts, "num_experts", None) or params[0].shape[0]
     return int(sum(p.numel() * p.element_size() for p in params) // n)
@@ -73,8 +107,10 @@ def model_meta(model, routers, model_path: str) -> TraceMeta:
     shared = int(getattr(c, "n_shared_experts", 0) or (1 if getattr(c, "shared_expert_intermediate_size", 0) else 0))
     return TraceMeta(
         model=str(getattr(c, "_name_or_path", "") or c.model_type), num_layers=len(routers), num_experts=num_experts,
-        top_k=int(c.num_experts_per_tok), expert_bytes=max(1, expert_bytes_of(parent)), hidden_size=int(c.hidden_size),
-        intermediate_size=int(getattr(c, "moe_intermediate_size", 0) or getattr(c, "intermediate_size", 0)),
+        top_k=int(getattr(c, "num_experts_per_tok", 1)), expert_bytes=max(1, expert_bytes_of(parent)),
+        hidden_size=int(c.hidden_size),
+        intermediate_size=int(getattr(c, "moe_intermediate_size", 0) or getattr(c, "intermediate_size", 0)
+                              or getattr(c, "d_ff", 0)),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), shared_experts=shared,
         model_path=model_path, source=f"collect:{c.model_type}", layer_names=[n for n, _ in routers],
     )
@@ -108,8 +144,8 @@ def byte_tokens(prompts: list[str], vocab: int) -> list[list[int]]:
     return [[1 + b % (vocab - 1) for b in p.encode()] or [1] for p in prompts]
 
 
-def collect_batch(model, routers, ids: list[list[int]], max_new_tokens: int, seq0: int, pad_id: int):
-    """Generate greedily for one batch (left padded) and return its routing rows and hidden states."""
+def collect_batch(model, routers, ids: list[list[int]], max_new_tokens: int, seq0: int, pad_id: int) -> dict:
+    """Generate greedily for one batch (left padded); per stack, the routing rows and hidden states."""
     import torch
 
     B, P = len(ids), max(len(x) for x in ids)
@@ -118,15 +154,16 @@ def collect_batch(model, routers, ids: list[list[int]], max_new_tokens: int, seq
     for b, x in enumerate(ids):
         inp[b, P - len(x):] = torch.tensor(x)
         mask[b, P - len(x):] = 1
-    calls: list[list[tuple]] = [[] for _ in routers]
+    calls: dict[str, list] = {name: [] for name, _ in routers}
 
-    def hook(i):
+    def hook(name):
         def fn(module, args, out):
-            calls[i].append((args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu(),
-                             out[1].detach().float().cpu(), out[2].detach().cpu()))
+            w, idx = router_choice(module, out)
+            calls[name].append((args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu(),
+                                w.detach().float().cpu(), idx.detach().cpu()))
         return fn
 
-    handles = [r.register_forward_hook(hook(i)) for i, (_, r) in enumerate(routers)]
+    handles = [r.register_forward_hook(hook(name)) for name, r in routers]
     try:
         with torch.no_grad():
             out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -134,48 +171,63 @@ def collect_batch(model, routers, ids: list[list[int]], max_new_tokens: int, seq
     finally:
         for h in handles:
             h.remove()
-    rows = []  # (seq, position, phase, token_id, call, row)
-    for b, x in enumerate(ids):
-        for p in range(len(x)):
-            rows.append((seq0 + b, p, PHASE_PREFILL, x[p], 0, b * P + (P - len(x)) + p))
-        for s in range(1, len(calls[0])):
-            rows.append((seq0 + b, len(x) + s - 1, PHASE_DECODE, int(out[b, P + s - 1]), s, b))
-    L = len(routers)
-    ex = np.stack([np.stack([calls[layer][c][2][r].numpy() for layer in range(L)]) for *_, c, r in rows])
-    w = np.stack([np.stack([calls[layer][c][1][r].numpy() for layer in range(L)]) for *_, c, r in rows])
-    hid = np.stack([np.stack([calls[layer][c][0][r].numpy() for layer in range(L)]) for *_, c, r in rows])
-    cols = np.array([r[:4] for r in rows], dtype=np.int64)
-    return ex, w, hid, cols
+    result = {}
+    for stack, group in stacks(routers).items():
+        rows = []  # (seq, position, phase, token_id, call, row)
+        n_calls = len(calls[group[0][0]])
+        for b, x in enumerate(ids):
+            if stack != "decoder":  # the prompt: one call over every (left-padded) position
+                rows += [(seq0 + b, p, PHASE_PREFILL, x[p], 0, b * P + (P - len(x)) + p) for p in range(len(x))]
+            if stack == "":  # decoder-only: each later call is one generated token fed back
+                rows += [(seq0 + b, len(x) + s - 1, PHASE_DECODE, int(out[b, P + s - 1]), s, b) for s in range(1, n_calls)]
+            elif stack == "decoder":  # seq2seq decoder: call s reads decoder input token s (start token first)
+                rows += [(seq0 + b, s, PHASE_DECODE, int(out[b, s]), s, b) for s in range(n_calls)]
+        names = [name for name, _ in group]
+        def pick(i: int, names=names, rows=rows) -> np.ndarray:
+            return np.stack([np.stack([calls[n][c][i][r].numpy() for n in names]) for *_, c, r in rows])
+
+        result[stack] = (pick(2), pick(1), pick(0), np.array([r[:4] for r in rows], dtype=np.int64))
+    return result
+
+
+def stack_path(out: Path, stack: str) -> Path:
+    """Where a stack's trace goes: OUT for the decoder (or the only stack), OUT.encoder.parquet for the encoder."""
+    return out if stack in ("", "decoder") else out.with_name(out.name.removesuffix(".parquet") + f".{stack}.parquet")
 
 
 def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int, batch_size: int,
             hidden: bool, model_path: str = "", pad_id: int = 0, fail_after: int | None = None,
             hidden_dtype=np.float32) -> Trace:
-    """Record the routing of ``model`` on the prompts into ``out`` (shards first; resumable)."""
+    """Record the routing of ``model`` on the prompts into ``out`` (shards first; resumable). Returns the
+    decoder's (or only) trace; an encoder stack's is written beside it."""
     from tqdm import tqdm
 
     routers = find_routers(model)
-    meta = model_meta(model, routers, model_path)
+    groups = stacks(routers)
+    metas = {k: model_meta(model, g, model_path) for k, g in groups.items()}
     shard_dir = out.with_name(out.name + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     batches = [list(range(i, min(i + batch_size, len(prompts_ids)))) for i in range(0, len(prompts_ids), batch_size)]
+    shard = lambda n, stack: stack_path(shard_dir / f"shard-{n:05d}.parquet", stack)  # noqa: E731
     for n, batch in enumerate(tqdm(batches, desc="collecting", unit="batch")):
-        shard = shard_dir / f"shard-{n:05d}.parquet"
-        if shard.exists() and (not hidden or sidecar_path(shard).exists()):
+        if all(shard(n, k).exists() and (not hidden or sidecar_path(shard(n, k)).exists()) for k in groups):
             continue  # finished in an earlier run
         if fail_after is not None and n >= fail_after:
             raise RuntimeError(f"injected failure before shard {n}")
-        ex, w, hid, cols = collect_batch(model, routers, [prompts_ids[i] for i in batch], max_new_tokens, batch[0], pad_id)
-        tr = Trace(meta, ex.astype(np.int16), w.astype(np.float32), cols[:, 0].astype(np.int32),
-                   cols[:, 1].astype(np.int32), cols[:, 2].astype(np.int8), cols[:, 3].astype(np.int32))
-        if hidden:
-            write_hidden(shard, hid, dtype=hidden_dtype)
-        write_trace(tr, shard)
-    return merge_shards(shard_dir, len(batches), out, hidden, hidden_dtype)
+        got = collect_batch(model, routers, [prompts_ids[i] for i in batch], max_new_tokens, batch[0], pad_id)
+        for stack, (ex, w, hid, cols) in got.items():
+            tr = Trace(metas[stack], ex.astype(np.int16), w.astype(np.float32), cols[:, 0].astype(np.int32),
+                       cols[:, 1].astype(np.int32), cols[:, 2].astype(np.int8), cols[:, 3].astype(np.int32))
+            if hidden:
+                write_hidden(shard(n, stack), hid, dtype=hidden_dtype)
+            write_trace(tr, shard(n, stack))
+    merged = {k: merge_shards([shard(n, k) for n in range(len(batches))], stack_path(out, k), hidden, hidden_dtype)
+              for k in groups}
+    return merged.get("", merged.get("decoder"))
 
 
-def merge_shards(shard_dir: Path, n: int, out: Path, hidden: bool, hidden_dtype=np.float32) -> Trace:
-    parts = [read_trace(shard_dir / f"shard-{i:05d}.parquet") for i in range(n)]
+def merge_shards(paths: list[Path], out: Path, hidden: bool, hidden_dtype=np.float32) -> Trace:
+    parts = [read_trace(p) for p in paths]
     cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
     tr = Trace(parts[0].meta, cat("experts"), cat("weights"), cat("seq_id"), cat("position"), cat("phase"), cat("token_id"))
     if hidden:
@@ -206,11 +258,13 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts)
     if args.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         if not args.model.exists():
             raise TraceError(f"--model: no such directory {args.model}")
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+        seq2seq = getattr(AutoConfig.from_pretrained(args.model), "is_encoder_decoder", False)
+        cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         tok = AutoTokenizer.from_pretrained(args.model)
@@ -220,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = tiny_model(args.tiny_arch, args.seed)
         ids, pad, path = byte_tokens(prompts, model.config.vocab_size), 0, ""
+
     tr = collect(model, ids, args.output, args.max_new_tokens, args.batch_size, args.hidden_states, path, pad)
     print(f"wrote {args.output}: {tr.num_tokens} tokens of {len(prompts)} prompts, {tr.meta.num_layers} MoE layers, "
           f"top-{tr.meta.top_k} of {tr.meta.num_experts[0]} experts ({tr.meta.source})")
