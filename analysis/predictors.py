@@ -20,8 +20,9 @@ from traces.io import atomic_path
 
 from .report import _md_table
 
-DEFAULT = ("pregate", "transition", "frequency", "last_token")
+DEFAULT = ("hybrid", "pregate", "transition", "frequency", "last_token")
 CLASSES = {
+    "hybrid": "policies.predictors.hybrid.HybridPredictor",
     "pregate": "policies.predictors.pregate.PreGatePredictor",
     "transition": "policies.predictors.transition.TransitionPredictor",
     "frequency": "policies.predictors.frequency.FrequencyPredictor",

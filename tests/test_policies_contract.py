@@ -159,6 +159,13 @@ def test_predictor_contract(path, tmp_path):
     assert 0.0 < float(cfg.min_score) <= 1.0
     assert cfg.max_per_layer is None or int(cfg.max_per_layer) >= 1
     test, train, steps, future = replay_setup(seed=3)
+    if getattr(pred, "needs_hidden", False):  # learned from hidden states: give the train split a sidecar
+        from traces import read_trace, write_trace
+        from traces.sidecar import write_hidden
+
+        path = write_trace(train, tmp_path / "train.parquet")
+        write_hidden(path, np.random.default_rng(1).standard_normal((train.num_tokens, L, H)))
+        train = read_trace(path)
     pred.reset(PredictorContext([E] * L, K, train=train, future=future, layer_offsets=test.meta.layer_offsets,
                                 model_path=tiny_router_checkpoint(tmp_path / "model")))
     part = partitions_for([E] * L, "per_layer")

@@ -58,5 +58,32 @@ def test_pregate_recall_pinned_and_above_chance(recall):
     """Golden: pre-gate recall@2 at distance 1 on the shipped test split (tolerance 0.02)."""
     assert recall.loc["pregate", 1] == pytest.approx(PREGATE_D1, abs=0.02)
     assert recall.loc["pregate", 1] > 2 / 8 + 0.3  # random: k/E
-    assert set(recall.index) == {"pregate", "transition", "frequency", "last_token"}
+    assert set(recall.index) == {"hybrid", "pregate", "transition", "frequency", "last_token"}
+
+
+def test_hybrid_beats_pregate_at_every_distance(recall):
+    """ExpertFlow 2025's claim on our reference model: the corrected pre-gate is better at every distance
+    (golden recall@2 at d=1 pinned, tolerance 0.02)."""
+    assert recall.loc["hybrid", 1] == pytest.approx(HYBRID_D1, abs=0.02)
+    for d in (1, 2, 3, 4):
+        assert recall.loc["hybrid", d] > recall.loc["pregate", d] + 0.05
+        assert recall.loc["hybrid", d] > max(recall.loc["transition", d], recall.loc["last_token", d])
+
+
+def test_hybrid_training_is_deterministic():
+    from policies.base import Observation, PredictorContext
+    from policies.predictors.hybrid import HybridPredictor
+
+    train = read_trace(REF / "train.parquet")
+    test = read_trace(REF / "test.parquet")
+    outs = []
+    for _ in range(2):
+        p = HybridPredictor(max_distance=1, epochs=1)
+        p.reset(PredictorContext(train.meta.num_experts, 2, train=train, model_path=train.meta.model_path))
+        tok = np.arange(8)
+        obs = Observation(0, 0, 0, tok, test.experts[tok, 0], test.token_id[tok], np.asarray(test.hidden_states()[tok, 0], np.float32))
+        p.observe(obs)
+        outs.append(p.predict(obs, 1))
+    np.testing.assert_array_equal(outs[0], outs[1])
 PREGATE_D1 = 0.779
+HYBRID_D1 = 0.896

@@ -48,6 +48,12 @@ def load_router_weights(model_path: str, num_layers: int) -> list[np.ndarray]:
     return [weights[i] for i in range(num_layers)]
 
 
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
 class PreGatePredictor:
     needs_hidden = True  # the driver passes obs.hidden from the trace's sidecar
 
@@ -60,10 +66,7 @@ class PreGatePredictor:
 
     def token_probs(self, hidden: np.ndarray, layer: int) -> np.ndarray:
         """Router softmax of ``layer`` on hidden states [B, H] -> [B, E]."""
-        logits = hidden.astype(np.float32) @ self._routers[layer].T
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax_rows(hidden.astype(np.float32) @ self._routers[layer].T)
 
     def predict(self, obs: Observation, ahead: int) -> np.ndarray:
         L = len(self._num_experts)
