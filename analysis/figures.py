@@ -51,6 +51,15 @@ def _colors(policies: list[str]) -> dict[str, tuple]:
     return {p: cmap(i % cmap.N) for i, p in enumerate(policies)}
 
 
+def _lines(ax, t: pd.DataFrame, x: str, metric: str, bound: str, bound_label: str, colors: dict, xscale: float = 1.0):
+    """One line per policy of ``metric`` against ``x``, and the bound dashed."""
+    for pol, g in t.groupby("policy"):
+        g = g.groupby(x)[metric].mean()
+        ax.plot(g.index * xscale, g.values, "o-", label=pol, color=colors[pol])
+    b = t.groupby(x)[bound].mean()
+    ax.plot(b.index * xscale, b.values, "k--", lw=2, label=bound_label)
+
+
 def vs_capacity(
     df: pd.DataFrame, out: Path, metric: str, bound: str, bound_label: str, ylabel: str, title: str, log: bool
 ) -> Path | str:
@@ -63,11 +72,7 @@ def vs_capacity(
     fig, axes = _axes(len(traces))
     for ax, tr in zip(axes, traces):
         t = d[d.trace_name == tr]
-        for pol, g in t.groupby("policy"):
-            g = g.groupby("capacity_fraction")[metric].mean()
-            ax.plot(g.index * 100, g.values, "o-", label=pol, color=colors[pol])
-        b = t.groupby("capacity_fraction")[bound].mean()
-        ax.plot(b.index * 100, b.values, "k--", lw=2, label=bound_label)
+        _lines(ax, t, "capacity_fraction", metric, bound, bound_label, colors, xscale=100)
         ax.set_xlabel("cache size (% of all experts)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{tr} on {hw}")
@@ -89,11 +94,7 @@ def stall_vs_bandwidth(df: pd.DataFrame, out: Path) -> Path | str:
         t = df[df.trace_name == tr]
         cap = middle_capacity(t)
         t = t[t.capacity_fraction == cap]
-        for pol, g in t.groupby("policy"):
-            g = g.groupby("bandwidth_gbps")["stall_s"].mean()
-            ax.plot(g.index, g.values, "o-", label=pol, color=colors[pol])
-        b = t.groupby("bandwidth_gbps")["oracle_stall_s"].mean()
-        ax.plot(b.index, b.values, "k--", lw=2, label="oracle stall")
+        _lines(ax, t, "bandwidth_gbps", "stall_s", "oracle_stall_s", "oracle (perfect foresight)", colors)
         ax.set_xlabel("slow-tier bandwidth (GB/s)")
         ax.set_ylabel("stall (s)")
         ax.set_title(f"{tr}, cache {cap:.0%} of experts")
