@@ -20,8 +20,9 @@ from traces.io import atomic_path
 
 from .report import _md_table
 
-DEFAULT = ("hybrid", "pregate", "transition", "frequency", "last_token")
+DEFAULT = ("routing_path", "hybrid", "pregate", "transition", "frequency", "last_token")
 CLASSES = {
+    "routing_path": "policies.predictors.routing_path.RoutingPathPredictor",
     "hybrid": "policies.predictors.hybrid.HybridPredictor",
     "pregate": "policies.predictors.pregate.PreGatePredictor",
     "transition": "policies.predictors.transition.TransitionPredictor",
@@ -54,7 +55,8 @@ def recall_table(test, train, names=DEFAULT, max_distance: int = 4) -> pd.DataFr
             tok = np.array([t])
             for layer in range(L):
                 obs = Observation(t * L + layer, t, layer, tok, test.experts[tok, layer], test.token_id[tok],
-                                  None if hidden is None else np.asarray(hidden[tok, layer], np.float32))
+                                  None if hidden is None else np.asarray(hidden[tok, layer], np.float32),
+                                  test.seq_id[tok])
                 pred.observe(obs)
                 for d in range(1, min(max_distance, L - 1 - layer) + 1):
                     top = np.argsort(-pred.predict(obs, d), kind="stable")[:K]

@@ -68,6 +68,7 @@ class Observation:
     experts: np.ndarray  # int [B, K]: the experts those tokens actually use at ``layer`` (their router ran)
     token_ids: np.ndarray  # int [B]: input token ids (-1 where unknown)
     hidden: np.ndarray | None = None  # [B, H] input hidden state of ``layer``, where the trace has them
+    seq_ids: np.ndarray | None = None  # int [B]: the sequence each token belongs to (for per-sequence history)
 
 
 @dataclass

@@ -72,6 +72,7 @@ class PolicyRuntime:
         experts: np.ndarray,
         token_ids: np.ndarray,
         hidden=None,
+        seq_id: np.ndarray | None = None,
     ):
         self.cache = cache
         self.predictor = predictor
@@ -80,6 +81,7 @@ class PolicyRuntime:
         self.experts = experts  # int [T, L, K] routed experts of the replayed trace
         self.token_ids = token_ids
         self.hidden = hidden  # lazily indexed [T, L, H] array or None
+        self.seq_id = seq_id  # int [T] sequence of each token, or None
         self.offsets = np.concatenate([[0], np.cumsum(cfg.num_experts)[:-1]]).astype(np.int64)
         self.protected: set[int] = set()
         self.deferred: deque[int] = deque()  # demand keys waiting for a slot
@@ -101,6 +103,7 @@ class PolicyRuntime:
             experts=self.experts[tokens, layer],
             token_ids=self.token_ids[tokens],
             hidden=hid,
+            seq_ids=None if self.seq_id is None else self.seq_id[tokens],
         )
 
     def begin_layer(

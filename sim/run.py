@@ -133,7 +133,8 @@ def prepare(cfg) -> Prepared:
     predictor.reset(pctx)
     horizon.reset(hctx)
     hidden = test.hidden_states() if getattr(predictor, "needs_hidden", False) else None
-    runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden)
+    runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden,
+                            test.seq_id)
     return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
                     runtime, copy_model, compute, plan_wall_s)
 

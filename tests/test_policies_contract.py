@@ -159,6 +159,10 @@ def test_predictor_contract(path, tmp_path):
     assert 0.0 < float(cfg.min_score) <= 1.0
     assert cfg.max_per_layer is None or int(cfg.max_per_layer) >= 1
     test, train, steps, future = replay_setup(seed=3)
+    if getattr(pred, "needs_token_ids", False):  # learned from token ids: give both splits some
+        rng = np.random.default_rng(2)
+        train.token_id[:] = rng.integers(0, 64, train.num_tokens)
+        test.token_id[:] = rng.integers(0, 64, test.num_tokens)
     if getattr(pred, "needs_hidden", False):  # learned from hidden states: give the train split a sidecar
         from traces import read_trace, write_trace
         from traces.sidecar import write_hidden

@@ -58,7 +58,7 @@ def test_pregate_recall_pinned_and_above_chance(recall):
     """Golden: pre-gate recall@2 at distance 1 on the shipped test split (tolerance 0.02)."""
     assert recall.loc["pregate", 1] == pytest.approx(PREGATE_D1, abs=0.02)
     assert recall.loc["pregate", 1] > 2 / 8 + 0.3  # random: k/E
-    assert set(recall.index) == {"hybrid", "pregate", "transition", "frequency", "last_token"}
+    assert set(recall.index) == {"routing_path", "hybrid", "pregate", "transition", "frequency", "last_token"}
 
 
 def test_hybrid_beats_pregate_at_every_distance(recall):
@@ -68,6 +68,13 @@ def test_hybrid_beats_pregate_at_every_distance(recall):
     for d in (1, 2, 3, 4):
         assert recall.loc["hybrid", d] > recall.loc["pregate", d] + 0.05
         assert recall.loc["hybrid", d] > max(recall.loc["transition", d], recall.loc["last_token", d])
+
+
+def test_routing_path_predicts_from_token_ids_alone(recall):
+    """ExpertFlow 2024's RPP: every layer's experts from the token ids, well above popularity-free chance (k/E)
+    and within reach of pre-gating, which needs the hidden state (golden, tolerance 0.02)."""
+    assert recall.loc["routing_path", 1] == pytest.approx(ROUTING_PATH_D1, abs=0.02)
+    assert recall.loc["routing_path"].min() > 2 / 8 + 0.4
 
 
 def test_hybrid_training_is_deterministic():
@@ -87,3 +94,4 @@ def test_hybrid_training_is_deterministic():
     np.testing.assert_array_equal(outs[0], outs[1])
 PREGATE_D1 = 0.779
 HYBRID_D1 = 0.896
+ROUTING_PATH_D1 = 0.776
