@@ -86,3 +86,8 @@ def test_cli(tmp_path, capsys):
     bad.write_text('{"prompt": 3}\n')
     assert main(["collect", "--tiny-arch", "olmoe", "--prompts", str(bad), "-o", str(tmp_path / "b.parquet")]) == 2
     assert "bad.jsonl: line 1: expected a string field" in capsys.readouterr().err
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(TraceError, match="--tiny-arch: unknown model type 'nosuchmoe'"):
+        tiny_model("nosuchmoe")
