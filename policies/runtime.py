@@ -90,6 +90,7 @@ class PolicyRuntime:
         self._last_wasted = 0
         self._last_issued = 0
         self._prefetch_hits = 0
+        self._on_predict = getattr(cache.policy, "on_predict", None)  # optional hook of the eviction policy
 
     def observation(self, step: int, layer: int, tokens: np.ndarray) -> Observation:
         hid = None
@@ -169,6 +170,9 @@ class PolicyRuntime:
                 self.cfg.num_experts[tl], cache.capacity[part], self.experts.shape[2] * len(obs.tokens)
             )
             chosen = [base + e for e in top_scores(scores, limit, self.cfg.min_score)]
+            if self._on_predict is not None:  # predictive caches (expertflow) keep predicted slots
+                for key in chosen:
+                    self._on_predict(key, target_step)
             # A prefetch must not evict what this layer still needs, another expert predicted for the same
             # target, or an earlier prefetch not yet used.
             keep = self.protected | set(chosen) | cache.prefetched_unused

@@ -203,6 +203,8 @@ def results_dict(p: Prepared, res: ReplayResult, expert_bytes: int, driver: str)
         "request_tpot_s": request_tpot(p.steps, res.step_s),
         "scheduler_wall_s": p.plan_wall_s,
         "tokens": int(sum(res.step_tokens)),
+        # policy-specific counters (e.g. the expertflow cache's mispredictions); {} for most policies
+        "policy_stats": dict(getattr(p.runtime.cache.policy, "policy_stats", dict)()),
     }
 
 

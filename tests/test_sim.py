@@ -38,6 +38,7 @@ POLICIES = [
     ["cache=lru", "predictor=last_token", "horizon=fixed", "horizon.distance=1"],
     ["cache=lru", "predictor=frequency", "horizon=adaptive"],
     ["cache=belady", "predictor=oracle", "horizon=fixed", "horizon.distance=3"],
+    ["cache=expertflow", "predictor=transition", "horizon=fixed", "horizon.distance=2"],
 ]
 
 
