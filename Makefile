@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench lint clean
+.PHONY: venv demo test test-slow bench lint clean validate-gpu
 
 venv: $(STAMP)
 
@@ -34,6 +34,20 @@ test-slow: venv
 bench: venv
 	$(PY) benchmarks/bench_sim.py
 	$(PY) benchmarks/bench_executor.py
+
+# On a CUDA machine: the `gpu` tests, then `analysis validate` with executor.backend=cuda. Pass TORCH_SPEC (on the
+# command line or in the environment) to first replace the venv's torch with that build, e.g.
+#   make validate-gpu TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
+# without it the venv's torch is used as is; either way the target stops at once if torch sees no GPU.
+validate-gpu: venv
+ifneq ($(origin TORCH_SPEC),file)
+	$(PY) -m pip uninstall -q -y torch
+	$(PY) -m pip install -q $(TORCH_SPEC)
+endif
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+		f'validate-gpu: torch {torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False)')"
+	$(PY) -m pytest -m gpu
+	$(PY) -m analysis validate --out outputs/validate-gpu executor.backend=cuda
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

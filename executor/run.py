@@ -37,8 +37,15 @@ def check_memory(nbytes: int) -> None:
 
 def execute_config(cfg, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
-    p = prepare(cfg)
     ex = cfg.executor
+    backend = str(ex.get("backend", "cpu"))
+    if backend not in ("cpu", "cuda"):
+        raise TierError(f"executor.backend: expected cpu or cuda, got {backend!r}")
+    if backend == "cuda":  # stop before any work on a machine without a GPU
+        from .cuda_backend import require_cuda
+
+        require_cuda()
+    p = prepare(cfg)
     layout = scaled_layout(p.meta, int(ex.scale), int(cfg.seed))
     tier_dir = Path(str(ex.tier_dir))
     if not tier_dir.is_absolute():
@@ -50,24 +57,39 @@ def execute_config(cfg, out_dir: Path) -> dict:
             tier_dir = tier_dir.resolve()
     path = store_for(layout, p.meta.model, tier_dir)
     n_slots = sum(p.capacity)
-    check_memory(n_slots * layout.stride_bytes)
-    buf = aligned_buffer(n_slots * layout.stride_bytes)
-    odirect = {"auto": None, "on": True, "off": False}[str(ex.get("odirect", "auto"))]
-    reader = ExpertReader(path, direct=odirect)
-    transfer = TransferEngine(reader, memoryview(buf), int(ex.io_threads))
-    compute = LayerCompute(layout, memoryview(buf), int(cfg.seed), int(ex.get("compute_threads", 1)))
+    gpu = None
+    if backend == "cuda":  # experts in pinned host memory, GPU slots, copy streams (io_threads of them)
+        from .cuda_backend import CudaBackend
+
+        gpu = CudaBackend.build(path, layout, n_slots, int(cfg.seed), copy_streams=int(ex.io_threads))
+        transfer, compute, closers = gpu.transfer, gpu.compute, [gpu.close]
+        gpu.start()
+    else:
+        check_memory(n_slots * layout.stride_bytes)
+        buf = aligned_buffer(n_slots * layout.stride_bytes)
+        odirect = {"auto": None, "on": True, "off": False}[str(ex.get("odirect", "auto"))]
+        reader = ExpertReader(path, direct=odirect)
+        transfer = TransferEngine(reader, memoryview(buf), int(ex.io_threads))
+        compute = LayerCompute(layout, memoryview(buf), int(cfg.seed), int(ex.get("compute_threads", 1)))
+        closers = [transfer.close, reader.close]
     log = bool(cfg.output.get("chrome_trace", False))
     try:
         res = execute(p.steps, p.runtime, transfer, compute, p.meta.num_layers, p.uses, log=log)
     finally:
-        transfer.close()
-        reader.close()
+        for close in closers:
+            close()
     results = results_dict(p, res, layout.stride_bytes, "executor")
     results.update(bounds(p))
     results["copy_bandwidth_bytes_per_s"] = (
         res.bytes_moved / sum(r.end_s - r.start_s for r in res.copy_records) * 1.0 if res.copy_records else None
     )
-    results["tier"] = "disk-odirect" if reader.direct else "disk-buffered"
+    if gpu is None:
+        results["tier"] = "disk-odirect" if reader.direct else "disk-buffered"
+    else:
+        results["tier"] = gpu.tier
+        results["run"]["backend"] = "cuda"
+        results["run"]["device"] = gpu.device
+        results["telemetry"] = gpu.telemetry_summary
     results["run"]["scale"] = int(ex.scale)
     results["sim_wall_s"] = time.perf_counter() - wall0
     write_outputs(out_dir, results, res, p.meta.num_layers, log)
