@@ -1,5 +1,7 @@
 """``python -m executor [hydra overrides]``: run a trace for real with the same config groups as ``python -m sim``.
-``python -m executor profile ...``: measure this machine's tier and compute for ``hardware=profiled``."""
+``python -m executor profile ...``: measure this machine's tier and compute for ``hardware=profiled``.
+``python -m executor model ...``: generate with a transformers MoE model whose experts are offloaded.
+``python -m executor router-bias ...``: measure what biasing the router toward cached experts does to the output."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 log = logging.getLogger("executor")
+SUBCOMMANDS = {"profile": ".profile", "model": ".model_cli", "router-bias": ".router_bias"}
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -35,10 +38,11 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "profile":
-        from .profile import main as profile_main
+    import importlib
 
-        sys.exit(profile_main(sys.argv[2:]))
+    sub = sys.argv[1] if len(sys.argv) > 1 else ""
+    if sub in SUBCOMMANDS:  # argparse tools; anything else is hydra overrides for a replay
+        sys.exit(importlib.import_module(SUBCOMMANDS[sub], __package__).main(sys.argv[2:]))
     run()
 
 
