@@ -198,6 +198,8 @@ def results_dict(p: Prepared, res: ReplayResult, expert_bytes: int, driver: str)
         "copies": res.copies,
         "expert_requests": requests,
         "allresident_total_s": res.compute_s,
+        "fast_memory_bytes": int(sum(p.capacity)) * expert_bytes,  # expert slots in fast memory
+        "all_experts_bytes": int(p.meta.total_experts) * expert_bytes,  # what holding every expert would take
         "steps": len(p.steps),
         "distinct_experts_per_layer_step": float(np.mean([len(u) for u in p.uses])),
         "request_tpot_s": request_tpot(p.steps, res.step_s),
