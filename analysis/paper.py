@@ -72,6 +72,10 @@ def sweeps(g: Grid) -> dict[str, list[str]]:
         out[f"horizon-fixed-{tr}"] = [*grid, "horizon=fixed", f"horizon.distance={g.distances}"]
         out[f"horizon-adaptive-{tr}"] = [*grid, "horizon=adaptive"]
         out[f"stall-{tr}"] = [f"trace={tr}", f"strategy={g.strategies}", f"hardware={g.hardware}", "cache.fraction=0.5", *cap]
+        if tr == "reference-moe":  # the learned predictors need its hidden states and token ids
+            out[f"stall-{tr}-learned"] = [f"trace={tr}", "cache=lru,expertflow", "predictor=hybrid,routing_path",
+                                          "horizon=fixed", "horizon.distance=1", f"hardware={g.hardware}",
+                                          "cache.fraction=0.5", *cap]
         out[f"memory-{tr}"] = [f"trace={tr}", f"strategy={g.strategies}", "hardware=a100-pcie4",
                                f"cache.fraction={g.memory_fractions}", *cap]
     for tr in g.sched_traces:
