@@ -2,10 +2,14 @@
 simulator, compared metric by metric.
 
 Steps (each a command of its own, run as a subprocess, so this module reads results only):
-1. ``python -m executor profile`` measures this machine's tier and compute at the executor's scale;
-2. ``python -m executor -m ...`` runs every policy for real;
-3. ``python -m sim -m ... hardware=profiled`` replays the same trace with the measured profile;
-4. a table ``metric | real | sim | error %`` per policy, ``validation.json`` and ``validation.md``.
+1. ``python -m executor profile`` measures this machine's tier and compute at the executor's scale, as the
+   executor's replay loop gets them (``--backend cuda``: the GPU's, with ``executor.backend=cuda`` runs);
+2. per policy, ``python -m executor profile loop`` measures the host cost of that policy's decision loop per
+   layer (the executor's own loop with no compute and instant copies, plus the profile's main-thread cost per
+   copy), which the simulator then adds to every layer (``hardware.compute.layer_overhead_s``);
+3. ``python -m executor ...`` runs every policy for real;
+4. ``python -m sim ... hardware=profiled`` replays the same trace with the measured profile;
+5. a table ``metric | real | sim | error %`` per policy, ``validation.json`` and ``validation.md``.
 Decisions that do not depend on timing (on-demand caches) must give identical hit rates and bytes; the
 table marks those rows.
 """
@@ -42,17 +46,41 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
 
 
-def run_all(out: Path, trace_args: list[str], scale: int, extra: list[str], policies: list[str]) -> None:
-    py = sys.executable
-    profile = out / "profile.json"
-    _run([py, "-m", "executor", "profile", "--scale", str(scale), "--tier-dir", str(out / "tier"), "-o", str(profile),
-          *trace_args])
-    common = [f"executor.scale={scale}", f"executor.tier_dir={out / 'tier'}", "hardware=profiled",
-              f"hardware.profile_path={profile}", *extra]
+def profile_command(out: Path, trace_args: list[str], scale: int, backend: str = "cpu") -> list[str]:
+    """Step 1: ``python -m executor profile`` for this trace's shape at ``scale`` on ``backend``."""
+    return [sys.executable, "-m", "executor", "profile", "--scale", str(scale), "--tier-dir", str(out / "tier"),
+            "--backend", backend, "-o", str(out / "profile.json"), *trace_args]
+
+
+def common_overrides(out: Path, scale: int, extra: list[str]) -> list[str]:
+    return [f"executor.scale={scale}", f"executor.tier_dir={out / 'tier'}", "hardware=profiled",
+            f"hardware.profile_path={out / 'profile.json'}", *extra]
+
+
+def policy_commands(out: Path, name: str, scale: int, extra: list[str], backend: str = "cpu",
+                    layer_overhead_s: float | None = None) -> dict[str, list[str]]:
+    """Steps 2-4 for one policy: ``loop`` (its decision-loop cost), ``executor`` (the real run on ``backend``)
+    and ``sim`` (with ``layer_overhead_s`` from the loop step, when known)."""
+    py, ov, common = sys.executable, POLICIES[name], common_overrides(out, scale, extra)
+    sim_extra = [] if layer_overhead_s is None else [f"hardware.compute.layer_overhead_s={layer_overhead_s!r}"]
+    return {
+        "loop": [py, "-m", "executor", "profile", "loop", "--profile", str(out / "profile.json"),
+                 "-o", str(out / "loop" / f"{name}.json"), *ov, *common],
+        "executor": [py, "-m", "executor", *ov, *common, f"executor.backend={backend}",
+                     f"hydra.run.dir={out / 'executor' / name}"],
+        "sim": [py, "-m", "sim", *ov, *common, *sim_extra, f"hydra.run.dir={out / 'sim' / name}"],
+    }
+
+
+def run_all(out: Path, trace_args: list[str], scale: int, extra: list[str], policies: list[str],
+            backend: str = "cpu") -> None:
+    _run(profile_command(out, trace_args, scale, backend))
     for name in policies:
-        ov = POLICIES[name]
+        _run(policy_commands(out, name, scale, extra, backend)["loop"])
+        over = json.loads((out / "loop" / f"{name}.json").read_text())["layer_overhead_s"]
+        cmds = policy_commands(out, name, scale, extra, backend, over)
         for driver in ("executor", "sim"):
-            _run([py, "-m", driver, *ov, *common, f"hydra.run.dir={out / driver / name}"])
+            _run(cmds[driver])
 
 
 def compare(out: Path) -> dict:
@@ -107,6 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=200, help="tokens of the default synthetic trace")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {list(POLICIES)}")
     p.add_argument("--out", type=Path, default=Path("outputs/validate"))
+    p.add_argument("--backend", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default) or cuda: profile the GPU (executor profile --backend cuda) and run the "
+                        "executor with executor.backend=cuda (needs a CUDA device)")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for both drivers (e.g. cache.fraction=0.25)")
     p.set_defaults(func=_main)
 
@@ -118,11 +149,20 @@ def _main(args: argparse.Namespace) -> int:
     else:
         trace_over = ["trace=deepseek-synth", f"trace.synth.tokens={args.tokens}"]
         prof = ["--model-preset", "deepseek-v2-lite"]
+    if args.backend == "cuda":  # stop before any work on a machine without a GPU
+        from executor.cuda_backend import require_cuda
+        from executor.tier import TierError
+
+        try:
+            require_cuda()
+        except TierError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = sorted(set(chosen) - set(POLICIES))
     if unknown:
         raise ValueError(f"--policies: unknown {unknown}; expected some of {list(POLICIES)}")
-    run_all(out, prof, args.scale, [*trace_over, *args.overrides], chosen)
+    run_all(out, prof, args.scale, [*trace_over, *args.overrides], chosen, args.backend)
     v = compare(out)
     with atomic_path(out / "validation.json") as tmp:
         tmp.write_text(json.dumps(v, indent=2) + "\n")

@@ -26,8 +26,17 @@ def execute(
     num_layers: int,
     uses: list[dict[int, int]],
     log: bool = False,
+    phases: dict[str, float] | None = None,
 ) -> ReplayResult:
+    """Replay ``steps``; with ``phases`` (a dict), also add there the wall seconds the main thread spent in each
+    part of the loop (instrumentation only: the decisions are the same with or without it):
+    ``dense`` and ``expert`` compute, ``decide`` (landed copies + ``begin_layer`` + cancels), ``submit``
+    (queueing copies), ``wait`` (the stall), ``release`` and ``end`` (stats + ``end_layer``), and the counts
+    ``layer_steps`` and ``expert_runs``. ``total_s - sum(parts)`` is loop overhead not in any part."""
     cache = runtime.cache
+    clock = time.perf_counter
+    ph = {k: 0.0 for k in ("dense", "decide", "submit", "wait", "expert", "release", "end", "layer_steps",
+                            "expert_runs")}
     L = num_layers
     max_ls = len(steps) * L - 1
     stats = LayerStats.zeros(L)
@@ -58,14 +67,15 @@ def execute(
         sync()
         return waited
 
-    t_run = time.perf_counter()
+    t_run = clock()
     for si, step in enumerate(steps):
-        t_step = time.perf_counter()
+        t_step = clock()
         ntok = len(step.tokens)
         for layer in range(L):
-            t0 = time.perf_counter()
+            t0 = clock()
             compute.run_dense(ntok)
-            dense = time.perf_counter() - t0
+            t1 = clock()
+            dense = t1 - t0
             compute_total += dense
             sync()
             now = si * L + layer
@@ -74,6 +84,7 @@ def execute(
                 _, k = heapq.heappop(pending_prefetch)
                 if k not in plan.uses and transfer.cancel(k):
                     runtime.cancel(k)
+            t2 = clock()
             for k in plan.demand:
                 submit(k, 0)
             for k, target in plan.prefetch:
@@ -82,24 +93,40 @@ def execute(
             for k in plan.needed:
                 if plan.outcome[k] == "late":
                     transfer.upgrade(k)
-            layer_stall = expert_s = 0.0
+            t3 = clock()
+            ph["dense"] += dense
+            ph["decide"] += t2 - t1
+            ph["submit"] += t3 - t2
+            layer_stall = expert_s = release_s = 0.0
             for k in plan.order:
                 if cache.is_inflight(k) or k in runtime.deferred:
                     layer_stall += wait_for(k)
-                t1 = time.perf_counter()
+                t1 = clock()
                 compute.run_expert(cache.slot_of[k], plan.uses[k])
-                dt = time.perf_counter() - t1
+                t2 = clock()
+                dt = t2 - t1
                 if log:
                     events.append((t1 - t_run, dt, layer, k))
                 expert_s += dt
                 for s in runtime.release(k):
                     submit(s, 0)
+                release_s += clock() - t2
+            t4 = clock()
             compute_total += expert_s
             stall_total += layer_stall
             demand_loads += stats.record(layer, plan, layer_stall)
             runtime.end_layer(dense + expert_s, layer_stall, transfer.bandwidth_bytes_per_s(), plan)
-        step_s.append(time.perf_counter() - t_step)
-    total = time.perf_counter() - t_run
+            ph["end"] += clock() - t4
+            ph["expert"] += expert_s
+            ph["wait"] += layer_stall
+            ph["release"] += release_s
+            ph["expert_runs"] += len(plan.order)
+        step_s.append(clock() - t_step)
+    ph["layer_steps"] += len(steps) * L
+    total = clock() - t_run
+    if phases is not None:
+        for k, v in ph.items():
+            phases[k] = phases.get(k, 0.0) + v
     return ReplayResult(
         total_s=total, stall_s=stall_total, compute_s=compute_total, step_s=step_s,
         step_phase=[s.phase for s in steps], step_tokens=[len(s.tokens) for s in steps],

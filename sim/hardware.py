@@ -6,11 +6,18 @@ Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbyt
 - ``shared_link``: alpha_beta per copy, but concurrent copies share the link's bandwidth equally
   (processor sharing; see :class:`sim.channels.CopyChannels`).
 - ``profiled``: a measured table bytes -> seconds (``executor profile``), interpolated; the fitted
-  latency + bandwidth extrapolate beyond the table.
+  latency + bandwidth extrapolate beyond the table. The table is one expert's copy as the executor's I/O
+  threads get it during a replay (pick-up + read while the main thread computes + the waiter's wake-up), on
+  ``io_threads`` channels.
 Compute models give the dense (attention etc.) time of a layer for a number of tokens, and the time of one
 expert's FFN for the tokens routed to it:
 - ``analytic``: roofline, max(FLOPs / achievable FLOP/s, bytes read / achievable memory bandwidth).
-- ``profiled``: measured tables, interpolated.
+- ``profiled``: measured tables, interpolated (``executor profile``: the dense part and one expert as the
+  executor's replay loop pays them, means over an all-resident loop), plus ``layer_overhead_s`` added to every
+  layer's dense time: the host's per-layer decision loop (policy runtime, copy submission and the main-thread
+  cost of each copy), which the executor pays on its compute thread and which depends on the policy; measure
+  it with ``python -m executor profile loop`` and pass ``hardware.compute.layer_overhead_s`` (default: the
+  profile's ``compute.layer_overhead_s``, else 0).
 """
 
 from __future__ import annotations
@@ -60,11 +67,13 @@ class ComputeModel:
     dense_s: np.ndarray | None = None
     expert_tokens: np.ndarray | None = None
     expert_s: np.ndarray | None = None
+    layer_overhead_s: float = 0.0  # profiled: host seconds per layer outside compute (decision loop, submissions)
 
     def dense_time_s(self, tokens: int) -> float:
-        """Attention + projections of one layer; stand-in of 4 x hidden^2 weights (q, k, v, o)."""
+        """Attention + projections of one layer; stand-in of 4 x hidden^2 weights (q, k, v, o). Profiled: plus the
+        layer's host overhead ``layer_overhead_s`` (the simulator charges it once per layer, with the dense part)."""
         if self.kind == "profiled":
-            return float(np.interp(tokens, self.dense_tokens, self.dense_s))
+            return float(np.interp(tokens, self.dense_tokens, self.dense_s)) + self.layer_overhead_s
         weights = 4 * self.hidden_size * self.hidden_size
         return max(2.0 * tokens * weights / self.flops_per_s, weights * self.dtype_bytes / self.mem_bytes_per_s)
 
@@ -122,12 +131,17 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
         copy = CopyModel(kind, _positive(bw, "bandwidth_gbps", "hardware.bandwidth") * GB, lat, channels)
     if ckind == "profiled":
         c = prof["compute"]
+        over = comp.get("layer_overhead_s")
+        over = float(c.get("layer_overhead_s", 0.0) if over is None else over)
+        if not over >= 0:
+            raise HardwareConfigError(f"hardware.compute.layer_overhead_s: expected >= 0, got {over}")
         # The profile measured a scaled-down shape; the trace says what it replays. Use the tables as is:
         # profiled runs replay the same (scaled) shape the executor runs.
         compute = ComputeModel(
             ckind, meta.hidden_size, inter,
             dense_tokens=np.asarray(c["dense_tokens"], float), dense_s=np.asarray(c["dense_s"], float),
             expert_tokens=np.asarray(c["expert_tokens"], float), expert_s=np.asarray(c["expert_s"], float),
+            layer_overhead_s=over,
         )
     elif ckind == "analytic":
         matrices = 2 if meta.model.startswith("switch") else 3
