@@ -21,6 +21,7 @@ layer-step), next to ``predicted_used``. ``policy_stats()`` returns them for ``r
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 
 from ..base import CacheContext
 
@@ -29,14 +30,20 @@ class ExpertFlowCache:
     def __init__(self) -> None:
         self._pred: dict[int, int] = {}  # key -> layer-step it is predicted to be used at (live predictions)
         self._expiry: list[tuple[int, int]] = []  # heap of (target, key) to find predictions that passed
-        self._seq: dict[int, int] = {}  # order of the last touch (hit or insert), for LRU among finished keys
+        self._seq: dict[int, int] = {}  # order of the last touch (hit or insert), for ties among predicted keys
         self._clock = 0
+        # Resident keys per partition, least recently touched first. Finished keys are found by walking it from
+        # the old end and skipping the few with live predictions (at most horizon x prefetch limit of them).
+        self._order: list[OrderedDict[int, None]] = []
+        self._part = None
         self.predicted_used = 0
         self.predicted_unused = 0
         self.unpredicted_uses = 0
 
     def reset(self, ctx: CacheContext) -> None:
         self.__init__()
+        self._part = ctx.partition_of
+        self._order = [OrderedDict() for _ in ctx.capacity]
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_predict(self, key: int, target: int) -> None:
@@ -64,6 +71,9 @@ class ExpertFlowCache:
     def _touch(self, key: int) -> None:
         self._clock += 1
         self._seq[key] = self._clock
+        od = self._order[self._part[key]]
+        od[key] = None
+        od.move_to_end(key)
 
     def on_hit(self, key: int, now: int) -> None:
         self._used(key, now)
@@ -79,15 +89,19 @@ class ExpertFlowCache:
 
     def on_remove(self, key: int) -> None:
         self._seq.pop(key, None)
+        self._order[self._part[key]].pop(key, None)
 
     def victim(self, partition: int, candidates: set[int], now: int) -> int | None:
         if not candidates:
             return None
         self._expire(now)
         pred, seq = self._pred, self._seq
-        finished = [k for k in candidates if k not in pred]
+        for k in self._order[partition]:  # the least recently touched finished candidate
+            if k not in pred and k in candidates:
+                return k
+        finished = [k for k in candidates if k not in pred]  # candidates the policy never saw inserted
         if finished:
-            return min(finished, key=lambda k: (seq.get(k, 0), k))
+            return min(finished)
         return max(candidates, key=lambda k: (pred[k], -seq.get(k, 0), -k))
 
     def pinned(self) -> set[int]:
