@@ -221,7 +221,8 @@ def scheduler_claim(df: pd.DataFrame) -> Claim:
     fewer = bool((t["distinct grouped"] < t["distinct fifo"]).all())
     faster = bool((t["throughput gain"] > 0).all())
     head = f"throughput {t['throughput gain'].min():+.1%} to {t['throughput gain'].max():+.1%}; fewer experts at every batch: {fewer}"
+    shown = t.assign(**{c: t[c].map(lambda v: f"{v:+.1%}") for c in ("throughput gain", "request TPOT change")})
     note = ("Routes are predicted from each sequence's previous token (route_source: last_token); cache LRU at half the "
             "experts on the A100 preset. Request TPOT is what a user waits per token.")
     return Claim("sched", "Token scheduling", text, ["fifo", "route_grouping"], "tokens_per_s", fewer and faster,
-                 head, note, {"per_batch": t.to_dict("records")}, t)
+                 head, note, {"per_batch": t.to_dict("records")}, shown)

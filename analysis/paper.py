@@ -25,7 +25,7 @@ from traces.io import atomic_path
 
 from . import claims, paper_figs
 from .report import _md_table
-from .runs import load_runs
+from .runs import load_runs, relative_to_ondemand
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = "ondemand-lru,ondemand-lfru,transition-adaptive,expertflow-2024,oracle-belady"
@@ -109,7 +109,10 @@ def collect(runs_dir: Path, names: list[str]) -> pd.DataFrame:
         df = load_runs(runs_dir / n)
         df["sweep"] = n.split("-")[0]
         frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    # a sweep without its own on-demand LRU runs (the learned predictors) is compared with its neighbours'
+    df["stall_vs_ondemand"] = relative_to_ondemand(df)
+    return df
 
 
 def write_paper(df: pd.DataFrame, recall: pd.DataFrame | None, out_dir: Path, grid_name: str) -> dict:
