@@ -77,3 +77,18 @@ def test_missing_metadata_field(tmp_path):
     pq.write_table(table, out)
     with pytest.raises(TraceError, match=r"missing field.*expert_bytes"):
         read_trace(out)
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from traces.io import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(umask)
+    assert oct(os.stat(tmp_path / "out.json").st_mode & 0o777) == oct(0o644)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
