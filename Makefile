@@ -34,6 +34,7 @@ test-slow: venv
 bench: venv
 	$(PY) benchmarks/bench_sim.py
 	$(PY) benchmarks/bench_executor.py
+	$(PY) benchmarks/bench_executor_stall.py
 
 # On a CUDA machine: the `gpu` tests, then `analysis validate` with executor.backend=cuda. Pass TORCH_SPEC (on the
 # command line or in the environment) to first replace the venv's torch with that build, e.g.
