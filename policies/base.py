@@ -124,6 +124,10 @@ class EvictionPolicy(Protocol):
         """Keys loaded before the run and never evicted (static policies)."""
         ...
 
+    # Optional, defined on the class: ``victim_skipping(partition, protected, inflight, now) -> int | None``,
+    # the victim ``victim`` would pick from this partition's resident, unpinned keys not in ``protected`` nor
+    # ``inflight`` (None: none found; the cache then falls back to ``victim``). Saves building the set.
+
 
 @runtime_checkable
 class Predictor(Protocol):
@@ -137,6 +141,12 @@ class Predictor(Protocol):
         """Feedback: the actual routing of ``obs.layer`` for this step."""
         ...
 
+    # Optional, defined on the class, only by a predictor whose ``predict`` reads nothing but ``obs.layer`` and
+    # ``obs.experts`` and whose ``observe`` does nothing: ``predict_steps(layer, ahead, experts) -> scores``,
+    # experts [N, B, K] of N observations at ``layer`` -> [N, E_target], row n equal (bit for bit) to
+    # ``predict`` of an observation with ``experts[n]``. The runtime then scores many steps in one call and
+    # builds no Observation.
+
 
 @runtime_checkable
 class Horizon(Protocol):
@@ -146,6 +156,9 @@ class Horizon(Protocol):
         ...
 
     def feedback(self, fb: HorizonFeedback) -> None: ...
+
+    # Optional attribute: ``ignores_feedback = True`` when ``feedback`` does nothing (the runtime then does not
+    # build the HorizonFeedback object every layer).
 
 
 @dataclass
@@ -174,6 +187,39 @@ def top_scores(scores: np.ndarray, limit: int, min_score: float) -> list[int]:
         return []
     order = cand[np.argsort(-scores[cand], kind="stable")]
     return order[:limit].tolist()
+
+
+def top_scores_rows(scores: np.ndarray, limit: int, min_score: float, offset: int = 0) -> list[list[int]]:
+    """``top_scores`` of every row of ``scores`` [N, E] at once, each chosen expert plus ``offset``.
+
+    Same result row for row, without a stable sort of whole rows (the slow part): each row's ``limit`` best
+    experts are those scoring above the ``limit``-th best score ``v`` plus the lowest-index ones scoring
+    exactly ``v`` (the order ``top_scores``' stable sort gives ties); only those are then sorted, stably, by
+    score; the experts scoring >= the threshold are a prefix of that order."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n, e = scores.shape
+    if limit <= 0 or n == 0:
+        return [[] for _ in range(n)]
+    if np.isnan(scores).any():  # NaN never passes the threshold; keep the plain definition for it
+        return [[offset + x for x in top_scores(row, limit, min_score)] for row in scores]
+    k = min(limit, e)
+    if k < e:
+        v = np.sort(scores, axis=1)[:, e - k:e - k + 1]  # the k-th best score of each row
+        sel = scores >= v
+        extra = np.flatnonzero(sel.sum(axis=1) > k)  # rows with ties at v beyond the k-th: keep the lowest index
+        if extra.size:
+            sub, vs = scores[extra], v[extra]
+            tie = sub == vs
+            need = k - (sub > vs).sum(axis=1, keepdims=True)
+            sel[extra] = (sub > vs) | (tie & (np.cumsum(tie, axis=1) <= need))
+        cols = (np.flatnonzero(sel) % e).reshape(n, k)  # k per row, ascending index
+    else:
+        cols = np.broadcast_to(np.arange(e), (n, e))
+    best = np.take_along_axis(scores, cols, axis=1)
+    order = np.argsort(-best, axis=1, kind="stable")
+    cols = np.take_along_axis(cols, order, axis=1) + offset
+    counts = (np.take_along_axis(best, order, axis=1) >= max(min_score, 1e-12)).sum(axis=1).tolist()
+    return [row if c == k else row[:c] for row, c in zip(cols.tolist(), counts)]
 
 
 def unique_keys(keys: Iterable[int]) -> list[int]:

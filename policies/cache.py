@@ -64,8 +64,10 @@ class ExpertCache:
         self.policy = policy
         self.ctx = ctx
         self.partition_of = ctx.partition_of
+        self._part: list[int] = np.asarray(ctx.partition_of).tolist()  # int indexing of a list is ~10x numpy's
         self.capacity = list(ctx.capacity)
         self.resident: list[set[int]] = [set() for _ in self.capacity]
+        self.present: set[int] = set()  # union of ``resident`` (so one lookup answers "resident or in flight")
         # Physical slot of every resident/in-flight key: the executor copies into it, the simulator ignores it.
         starts = np.concatenate([[0], np.cumsum(self.capacity)[:-1]]).astype(int)
         self.free_slots: list[list[int]] = [list(range(s + c - 1, s - 1, -1)) for s, c in zip(starts, self.capacity)]
@@ -74,17 +76,23 @@ class ExpertCache:
         self.prefetched_unused: set[int] = set()
         self.stats = CacheStats()
         self.load_log: list[tuple[int, int, int | None]] | None = None  # (now, key, evicted) if set to a list
+        # A policy *class* with ``victim_skipping`` picks victims without the candidate set (LRU, static). Looked
+        # up on the class so a wrapper that overrides ``victim`` (and forwards the rest) still gets candidates.
+        self._skipping = getattr(type(policy), "victim_skipping", None) is not None
+        on_hits = getattr(type(policy), "on_hits", None)  # optional batched on_hit, same order
+        self._on_hits = policy.on_hits if on_hits is not None else None
         policy.reset(ctx)
         for key in sorted(policy.pinned()):
             part = int(self.partition_of[key])
             if len(self.resident[part]) >= self.capacity[part]:
                 raise PolicyConfigError(f"cache: pinned experts exceed the {self.capacity[part]} slots of partition {part}")
             self.resident[part].add(key)
+            self.present.add(key)
             self.slot_of[key] = self.free_slots[part].pop()
 
     # -------------------------------------------------------------------------------------- queries
     def is_resident(self, key: int) -> bool:
-        return key in self.resident[self.partition_of[key]]
+        return key in self.present
 
     def is_inflight(self, key: int) -> bool:
         return key in self.inflight
@@ -109,6 +117,45 @@ class ExpertCache:
         self.stats.misses += 1
         return "miss"
 
+    def use_layer(self, keys: list[int], uses: dict[int, int], now: int):
+        """``use`` + ``count_repeat_use`` for each distinct key of a layer-step, in order, in one call: the
+        same hooks in the same order and the same counts, with C-level set operations instead of a Python loop
+        per key. Returns (hit keys, late keys, miss keys, (hit, late, miss) use counts, how many keys were
+        prefetched and not used before)."""
+        pu, inflight, present = self.prefetched_unused, self.inflight, self.present
+        used = 0
+        if pu and not pu.isdisjoint(keys):
+            was = pu.intersection(keys)
+            used = len(was)
+            pu -= was
+        # resident or in flight: a hit or a late hit (the superset test is the common all-hit case in C)
+        if present.issuperset(keys):
+            touched, misses = keys, []
+        else:
+            touched = [k for k in keys if k in present]
+            misses = [k for k in keys if k not in present]
+        if self._on_hits is not None:
+            self._on_hits(touched, now)
+        else:
+            on_hit = self.policy.on_hit
+            for k in touched:
+                on_hit(k, now)
+        if inflight.isdisjoint(touched):
+            late, hits = [], touched
+        else:
+            late = [k for k in touched if k in inflight]
+            hits = [k for k in touched if k not in inflight]
+        if sum(uses.values()) == len(keys):  # every key used once (always at batch size 1)
+            counts = (len(hits), len(late), len(misses))
+        else:
+            counts = (sum(uses[k] for k in hits), sum(uses[k] for k in late), sum(uses[k] for k in misses))
+        st = self.stats
+        st.prefetch_used += used
+        st.hits += counts[0]
+        st.late_hits += counts[1]
+        st.misses += counts[2]
+        return hits, late, misses, counts, used
+
     def count_repeat_use(self, outcome: str, n: int = 1) -> None:
         """``n`` extra uses of an expert by more tokens of the same layer-step count with the first use's outcome."""
         if outcome == "hit":
@@ -121,22 +168,37 @@ class ExpertCache:
     def reserve(self, key: int, now: int, protected: set[int], prefetch: bool = False) -> tuple[bool, int | None]:
         """Claim a slot for ``key`` (a copy is about to start). Returns (ok, evicted key or None).
         Not ok when the partition is full of protected, pinned or in-flight keys (the copy must wait or drop)."""
-        part = int(self.partition_of[key])
+        part = self._part[key]
         res = self.resident[part]
-        if key in res or key in self.inflight:
+        inflight = self.inflight
+        if key in res or key in inflight:
             return True, None
         evicted = None
         if len(res) >= self.capacity[part]:
-            candidates = res - protected - self.inflight - self.policy.pinned()
-            if not candidates:
-                return False, None
-            evicted = self.policy.victim(part, candidates, now)
-            if evicted is None:
-                return False, None
-            if evicted not in candidates:
-                raise RuntimeError(f"{type(self.policy).__name__}.victim returned {evicted}, not a candidate")
-            self._remove(evicted)
+            if self._skipping:
+                evicted = self.policy.victim_skipping(part, protected, inflight, now)
+                if evicted is not None and (evicted not in res or evicted in protected or evicted in inflight):
+                    raise RuntimeError(f"{type(self.policy).__name__}.victim_skipping returned {evicted}, not a candidate")
+            if evicted is None:  # no fast pick: build the candidates (an empty set means the copy must wait)
+                candidates = res - protected - inflight - self.policy.pinned()
+                if not candidates:
+                    return False, None
+                evicted = self.policy.victim(part, candidates, now)
+                if evicted is None:
+                    return False, None
+                if evicted not in candidates:
+                    raise RuntimeError(f"{type(self.policy).__name__}.victim returned {evicted}, not a candidate")
+            # remove the victim (inline: this runs once per eviction, the cache's most frequent change)
+            res.discard(evicted)
+            self.present.discard(evicted)
+            self.free_slots[part].append(self.slot_of.pop(evicted))
+            self.stats.evictions += 1
+            if evicted in self.prefetched_unused:
+                self.prefetched_unused.discard(evicted)
+                self.stats.prefetch_wasted += 1
+            self.policy.on_remove(evicted)
         res.add(key)
+        self.present.add(key)
         self.slot_of[key] = self.free_slots[part].pop()
         self.inflight.add(key)
         self.stats.inserts += 1
@@ -158,17 +220,8 @@ class ExpertCache:
         self.prefetched_unused.discard(key)
         self.stats.prefetch_inserts -= 1
         self.stats.inserts -= 1
-        part = int(self.partition_of[key])
+        part = self._part[key]
         self.resident[part].discard(key)
+        self.present.discard(key)
         self.free_slots[part].append(self.slot_of.pop(key))
-        self.policy.on_remove(key)
-
-    def _remove(self, key: int) -> None:
-        part = int(self.partition_of[key])
-        self.resident[part].discard(key)
-        self.free_slots[part].append(self.slot_of.pop(key))
-        self.stats.evictions += 1
-        if key in self.prefetched_unused:
-            self.prefetched_unused.discard(key)
-            self.stats.prefetch_wasted += 1
         self.policy.on_remove(key)

@@ -21,7 +21,7 @@ A queued prefetch whose copy has not started may be cancelled with ``runtime.can
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,20 +35,42 @@ from .base import (
     Predictor,
     PredictorContext,
     top_scores,
+    top_scores_rows,
 )
 from .cache import ExpertCache
 
 
-@dataclass
 class LayerPlan:
-    layer_step: int  # logical clock of this layer
-    needed: list[int]  # distinct keys the layer uses, first-seen order
-    uses: dict[int, int]  # key -> number of (token, expert) uses in this layer-step
-    outcome: dict[int, str]  # key -> 'hit' | 'late' | 'miss' as first seen
-    order: list[int]  # compute order: resident keys first, then in-flight, then demand loads
-    demand: list[int]  # keys whose demand copy starts now (slot reserved)
-    prefetch: list[tuple[int, int]] = field(default_factory=list)  # (key, target layer-step), slot reserved
-    evicted: list[int] = field(default_factory=list)  # keys evicted by this layer's decisions
+    """What the runtime decided for one layer-step (a plain class with slots: one is built per layer-step)."""
+
+    __slots__ = ("layer_step", "needed", "uses", "hits", "late", "misses", "order", "demand", "prefetch", "evicted",
+                 "use_counts", "_outcome")
+
+    def __init__(self, layer_step: int, needed: list[int], uses: dict[int, int], hits: list[int], late: list[int],
+                 misses: list[int], use_counts: tuple[int, int, int]):
+        self.layer_step = layer_step  # logical clock of this layer
+        self.needed = needed  # distinct keys the layer uses, first-seen order
+        self.uses = uses  # key -> number of (token, expert) uses in this layer-step
+        self.hits = hits  # needed keys resident when the layer wanted them
+        self.late = late  # needed keys still in flight then (late hits)
+        self.misses = misses  # needed keys neither: demand loads, started now (``demand``) or deferred
+        # compute order: resident, then in flight, then demand loads (usually all hits: no copy then)
+        self.order = hits + late + misses if late or misses else hits
+        self.demand: list[int] = []  # keys whose demand copy starts now (slot reserved)
+        self.prefetch: list[tuple[int, int]] = []  # (key, target layer-step), slot reserved
+        self.evicted: list[int] = []  # keys evicted by this layer's decisions
+        self.use_counts = use_counts  # (token, expert) uses that were hits, late hits, misses
+        self._outcome: dict[int, str] | None = None
+
+    @property
+    def outcome(self) -> dict[int, str]:
+        """key -> 'hit' | 'late' | 'miss' (built on first access: the simulator's loop does not need it)."""
+        if self._outcome is None:
+            out = dict.fromkeys(self.needed, "hit")  # in ``needed`` order, as it was built before
+            out.update(dict.fromkeys(self.late, "late"))
+            out.update(dict.fromkeys(self.misses, "miss"))
+            self._outcome = out
+        return self._outcome
 
 
 @dataclass
@@ -91,6 +113,15 @@ class PolicyRuntime:
         self._last_issued = 0
         self._prefetch_hits = 0
         self._on_predict = getattr(cache.policy, "on_predict", None)  # optional hook of the eviction policy
+        self._feedback = None if getattr(horizon, "ignores_feedback", False) else horizon.feedback
+        self._table: PrefetchTable | None = None  # set by set_schedule for a stateless predictor
+
+    def set_schedule(self, steps: list) -> None:
+        """Optional, before the first ``begin_layer``: the whole replay's steps. With a stateless predictor
+        (one that defines ``predict_steps``, see :class:`~policies.base.Predictor`) the runtime then scores a
+        block of steps per numpy call and builds no Observation; decisions are the same."""
+        stateless = getattr(type(self.predictor), "predict_steps", None) is not None
+        self._table = PrefetchTable(self, steps) if stateless else None
 
     def observation(self, step: int, layer: int, tokens: np.ndarray) -> Observation:
         hid = None
@@ -111,49 +142,34 @@ class PolicyRuntime:
         self, step: int, layer: int, tokens: np.ndarray, max_layer_step: int, uses: dict[int, int] | None = None
     ) -> LayerPlan:
         """Decisions for one layer of a step. ``uses`` (key -> tokens using it) may be passed precomputed."""
-        L = self.cfg.num_layers
-        now = step * L + layer
+        now = step * self.cfg.num_layers + layer
         self.now = now
         cache = self.cache
-        obs = self.observation(step, layer, tokens)
+        obs = None if self._table is not None else self.observation(step, layer, tokens)
         if uses is None:
+            ex = self.experts[tokens, layer] if obs is None else obs.experts
             uses = {}
-            for k in (obs.experts.astype(np.int64) + self.offsets[layer]).ravel().tolist():
+            for k in (ex.astype(np.int64) + self.offsets[layer]).ravel().tolist():
                 uses[k] = uses.get(k, 0) + 1
         needed = list(uses)
-        self.protected = set(needed)
-        outcome: dict[int, str] = {}
-        hits, late, misses = [], [], []
-        self._prefetch_hits = 0
-        for k in needed:
-            was_prefetched = k in cache.prefetched_unused
-            o = cache.use(k, now)
-            if uses[k] > 1:
-                cache.count_repeat_use(o, uses[k] - 1)
-            outcome[k] = o
-            if o == "hit":
-                hits.append(k)
-            elif o == "late":
-                late.append(k)
-            else:
-                misses.append(k)
-            if was_prefetched:
-                self._prefetch_hits += 1
-        plan = LayerPlan(now, needed, uses, outcome, hits + late, [], evicted=[])
+        self.protected = protected = set(needed)
+        hits, late, misses, counts, self._prefetch_hits = cache.use_layer(needed, uses, now)
+        plan = LayerPlan(now, needed, uses, hits, late, misses, counts)
         for k in misses:
-            ok, ev = cache.reserve(k, now, self.protected)
+            ok, ev = cache.reserve(k, now, protected)
             if ev is not None:
                 plan.evicted.append(ev)
             if ok:
                 plan.demand.append(k)
             else:
                 self.deferred.append(k)
-        plan.order += misses
-        self.predictor.observe(obs)
-        self._plan_prefetch(obs, plan, max_layer_step)
+        if obs is not None:
+            self.predictor.observe(obs)
+        self._plan_prefetch(obs, step, layer, len(tokens), plan, max_layer_step)
         return plan
 
-    def _plan_prefetch(self, obs: Observation, plan: LayerPlan, max_layer_step: int) -> None:
+    def _plan_prefetch(self, obs: Observation | None, step: int, layer: int, ntok: int, plan: LayerPlan,
+                       max_layer_step: int) -> None:
         d = int(self.horizon.distance())
         L = self.cfg.num_layers
         cache = self.cache
@@ -161,24 +177,34 @@ class PolicyRuntime:
             target_step = plan.layer_step + ahead
             if target_step > max_layer_step:
                 break
-            tl = (obs.layer + ahead) % L
-            scores = self.predictor.predict(obs, ahead)
-            base = int(self.offsets[tl])
-            part = int(cache.partition_of[base])
-            # default: no more than the batch can use (k per token), nor than the partition holds
-            limit = self.cfg.max_per_layer or min(
-                self.cfg.num_experts[tl], cache.capacity[part], self.experts.shape[2] * len(obs.tokens)
-            )
-            chosen = [base + e for e in top_scores(scores, limit, self.cfg.min_score)]
+            if obs is None:  # PrefetchTable.chosen, inlined
+                tab = self._table
+                if not tab.start <= step < tab.stop:
+                    tab.enter(step)
+                rows = tab.rows.get(ahead * L + layer)
+                if rows is None:
+                    rows = tab.score(layer, ahead)
+                chosen = rows[step - tab.start]
+            else:
+                tl = (layer + ahead) % L
+                scores = self.predictor.predict(obs, ahead)
+                base = int(self.offsets[tl])
+                chosen = [base + e for e in top_scores(scores, self.limit(tl, ntok), self.cfg.min_score)]
             if self._on_predict is not None:  # predictive caches (expertflow) keep predicted slots
                 for key in chosen:
                     self._on_predict(key, target_step)
             # A prefetch must not evict what this layer still needs, another expert predicted for the same
-            # target, or an earlier prefetch not yet used.
-            keep = self.protected | set(chosen) | cache.prefetched_unused
+            # target, or an earlier prefetch not yet used. (Built at the first key that needs a slot: nothing
+            # changes before that.)
+            present = cache.present  # resident or in flight
+            if present.issuperset(chosen):  # the common case: nothing to load
+                continue
+            keep = None
             for key in chosen:
-                if cache.is_resident(key) or cache.is_inflight(key):
+                if key in present:
                     continue
+                if keep is None:
+                    keep = self.protected | set(chosen) | cache.prefetched_unused
                 ok, ev = cache.reserve(key, plan.layer_step, keep, prefetch=True)
                 if not ok:
                     break
@@ -187,8 +213,18 @@ class PolicyRuntime:
                 plan.prefetch.append((key, target_step))
                 self.prefetch_issued += 1
 
+    def limit(self, target_layer: int, ntok: int) -> int:
+        """Prefetches per target layer: ``max_per_layer``, by default no more than the batch can use (k per
+        token), nor than the layer has experts or its partition holds."""
+        part = int(self.cache.partition_of[self.offsets[target_layer]])
+        return self.cfg.max_per_layer or min(
+            self.cfg.num_experts[target_layer], self.cache.capacity[part], self.experts.shape[2] * ntok
+        )
+
     def release(self, key: int) -> list[int]:
-        """``key`` has been computed for this layer: unprotect it and hand out slots to deferred demands."""
+        """``key`` has been computed for this layer: unprotect it and hand out slots to deferred demands.
+        While nothing is deferred this only unprotects ``key``, which nothing reads until the next
+        ``begin_layer`` replaces the protected set, so a driver may skip the call then (the simulator does)."""
         self.protected.discard(key)
         return self.retry_deferred()
 
@@ -209,20 +245,74 @@ class PolicyRuntime:
         self.prefetch_issued -= 1
 
     def end_layer(self, layer_compute_s: float, stall_s: float, bandwidth_bytes_per_s: float, plan: LayerPlan) -> None:
-        st = self.cache.stats
-        fb = HorizonFeedback(
-            layer_compute_s=layer_compute_s,
-            stall_s=stall_s,
-            bandwidth_bytes_per_s=bandwidth_bytes_per_s,
-            experts_needed=len(plan.needed),
-            prefetch_hits=self._prefetch_hits,
-            prefetch_issued=self.prefetch_issued - self._last_issued,
-            prefetch_wasted=st.prefetch_wasted - self._last_wasted,
-            late_hits=sum(1 for k in plan.needed if plan.outcome[k] == "late"),
-        )
+        wasted = self.cache.stats.prefetch_wasted
+        if self._feedback is not None:
+            self._feedback(HorizonFeedback(
+                layer_compute_s=layer_compute_s,
+                stall_s=stall_s,
+                bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+                experts_needed=len(plan.needed),
+                prefetch_hits=self._prefetch_hits,
+                prefetch_issued=self.prefetch_issued - self._last_issued,
+                prefetch_wasted=wasted - self._last_wasted,
+                late_hits=len(plan.late),
+            ))
         self._last_issued = self.prefetch_issued
-        self._last_wasted = st.prefetch_wasted
-        self.horizon.feedback(fb)
+        self._last_wasted = wasted
+
+
+class PrefetchTable:
+    """Prefetch choices of a stateless predictor (keys, best first) for every layer-step and distance, scored
+    a block of steps at a time with ``predict_steps`` and ``top_scores_rows``. Steps of one block with the same
+    number of tokens share one call. Only the current block is kept: ``rows[ahead * L + layer][step - start]``
+    for the steps ``start <= step < stop`` (the runtime reads it directly; ``score`` fills a missing entry)."""
+
+    BLOCK = 512  # steps per block: big enough to amortise numpy's per-call cost, small enough to stay in cache
+
+    def __init__(self, runtime: PolicyRuntime, steps: list):
+        self.rt = runtime
+        self.steps = steps
+        self.start = self.stop = 0
+        self._groups: list[tuple[int, list[int], np.ndarray]] = []  # (tokens per step, steps, tokens [N, B])
+        self.rows: dict[int, list[list[int]]] = {}
+
+    def chosen(self, step: int, layer: int, ahead: int) -> list[int]:
+        if not self.start <= step < self.stop:
+            self.enter(step)
+        rows = self.rows.get(ahead * self.rt.cfg.num_layers + layer)
+        if rows is None:
+            rows = self.score(layer, ahead)
+        return rows[step - self.start]
+
+    def enter(self, step: int) -> None:
+        """Make ``step``'s block the current one."""
+        self.start = step - step % self.BLOCK
+        steps = self.steps[self.start:self.start + self.BLOCK]
+        self.stop = self.start + len(steps)
+        by_size: dict[int, list[int]] = {}
+        for i, st in enumerate(steps):
+            by_size.setdefault(len(st.tokens), []).append(i)
+        self._groups = [(ntok, idx, np.stack([np.asarray(steps[i].tokens) for i in idx]).reshape(len(idx), ntok))
+                        for ntok, idx in by_size.items()]
+        self.rows = {}
+
+    def score(self, layer: int, ahead: int) -> list[list[int]]:
+        """Score the current block for ``layer`` and ``ahead`` and keep the result."""
+        rt = self.rt
+        tl = (layer + ahead) % rt.cfg.num_layers
+        base = int(rt.offsets[tl])
+        if len(self._groups) == 1:  # every step of the block has as many tokens (always at batch size 1)
+            ntok, _, tokens = self._groups[0]
+            scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer])
+            out = top_scores_rows(scores, rt.limit(tl, ntok), rt.cfg.min_score, base)
+        else:
+            out = [[] for _ in range(self.stop - self.start)]
+            for ntok, idx, tokens in self._groups:
+                scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer])
+                for i, row in zip(idx, top_scores_rows(scores, rt.limit(tl, ntok), rt.cfg.min_score, base)):
+                    out[i] = row
+        self.rows[ahead * rt.cfg.num_layers + layer] = out
+        return out
 
 
 def contexts(

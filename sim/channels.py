@@ -1,8 +1,13 @@
-"""Copy channels from the slow tier: a priority queue of copies served by SimPy processes.
+"""Copy channels from the slow tier: a priority queue of copies served by one or more workers.
 
 Demand copies (priority 0) overtake queued prefetches (priority >= 1); a prefetch still queued can be
 cancelled or upgraded to demand. With ``shared_link`` all copies in flight share the link bandwidth equally
 (processor sharing); otherwise each of ``channels`` copies runs at the full modelled speed.
+
+Two implementations with one driver API (``now``, ``advance``, ``wait_key``, ``wait_any``, ``has``):
+:class:`CopyChannels` runs SimPy processes and handles every model; :class:`SerialChannel` is the common case
+(one worker, a fixed time per copy) computed directly, step for step what the SimPy process does, without its
+events: the simulator spends most of its time here otherwise. :func:`make_channels` picks one.
 """
 
 from __future__ import annotations
@@ -26,45 +31,28 @@ class CopyRecord:
     nbytes: int
 
 
-class CopyChannels:
-    """Queue + workers. ``on_complete(key)`` is called when a copy lands (the expert becomes usable)."""
+class _CopyQueue:
+    """The priority queue and the counters both implementations share (same code, so same pop order)."""
 
-    def __init__(
-        self,
-        env: simpy.Environment,
-        model: CopyModel,
-        expert_bytes: int,
-        on_complete: Callable[[int], None],
-        log: bool = False,
-    ):
-        self.env = env
+    def __init__(self, model: CopyModel, expert_bytes: int, on_complete: Callable[[int], None], log: bool):
         self.model = model
         self.expert_bytes = expert_bytes
         self.on_complete = on_complete
         self.queue: list[tuple[int, int, int]] = []  # (priority, seq, key); stale entries skipped on pop
         self.queued: dict[int, int] = {}  # key -> current priority, for keys waiting in the queue
         self.submit_s: dict[int, float] = {}
-        self.done: dict[int, simpy.Event] = {}  # key -> event fired when its copy lands
         self.copying: set[int] = set()
         self.records: list[CopyRecord] | None = [] if log else None
         self.bytes_started = 0
         self.copies_started = 0
         self.bw_ewma_bytes_per_s = 0.0
         self._seq = 0
-        self._waiters: list[simpy.Event] = []  # idle workers waiting for work
-        self.any_done = env.event()  # fires (and is renewed) whenever any copy lands
-        workers = 1 if model.kind == "shared_link" else model.channels
-        for _ in range(workers):
-            env.process(self._shared() if model.kind == "shared_link" else self._worker())
 
-    # ---------------------------------------------------------------------------------------- API
-    def submit(self, key: int, priority: int) -> None:
+    def _push(self, key: int, priority: int, now: float) -> None:
         self._seq += 1
         heapq.heappush(self.queue, (priority, self._seq, key))
         self.queued[key] = priority
-        self.submit_s[key] = self.env.now
-        self.done[key] = self.env.event()
-        self._kick()
+        self.submit_s[key] = now
 
     def upgrade(self, key: int) -> None:
         """Move a queued copy to demand priority (it is needed now)."""
@@ -74,29 +62,14 @@ class CopyChannels:
             heapq.heappush(self.queue, (0, self._seq, key))
             self._kick()
 
-    def cancel(self, key: int) -> bool:
-        """Drop a copy that has not started; False if it already started (it will land)."""
-        if key not in self.queued:
-            return False
-        del self.queued[key]
-        self.done.pop(key, None)
-        return True
-
     def is_queued(self, key: int) -> bool:
         return key in self.queued
-
-    def pending(self, key: int) -> simpy.Event | None:
-        """The event a waiter yields on, or None if the key is not being copied."""
-        return self.done.get(key)
 
     def busy(self) -> bool:
         return bool(self.queued) or bool(self.copying)
 
-    # ----------------------------------------------------------------------------------- internals
     def _kick(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for ev in waiters:
-            ev.succeed()
+        raise NotImplementedError
 
     def _pop(self) -> tuple[int, int] | None:
         while self.queue:
@@ -111,15 +84,84 @@ class CopyChannels:
         self.bytes_started += self.expert_bytes
         self.copies_started += 1
 
-    def _land(self, key: int, prio: int, start_s: float) -> None:
+    def _landed(self, key: int, prio: int, start_s: float, end: float) -> None:
         self.copying.discard(key)
-        end = self.env.now
         if end > start_s:
             rate = self.expert_bytes / (end - start_s)
             self.bw_ewma_bytes_per_s = rate if not self.bw_ewma_bytes_per_s else 0.8 * self.bw_ewma_bytes_per_s + 0.2 * rate
         if self.records is not None:
             self.records.append(CopyRecord(key, prio, self.submit_s.get(key, start_s), start_s, end, self.expert_bytes))
         self.on_complete(key)
+
+
+class CopyChannels(_CopyQueue):
+    """Queue + SimPy workers. ``on_complete(key)`` is called when a copy lands (the expert becomes usable)."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        model: CopyModel,
+        expert_bytes: int,
+        on_complete: Callable[[int], None],
+        log: bool = False,
+    ):
+        super().__init__(model, expert_bytes, on_complete, log)
+        self.env = env
+        self.done: dict[int, simpy.Event] = {}  # key -> event fired when its copy lands
+        self._waiters: list[simpy.Event] = []  # idle workers waiting for work
+        self.any_done = env.event()  # fires (and is renewed) whenever any copy lands
+        workers = 1 if model.kind == "shared_link" else model.channels
+        for _ in range(workers):
+            env.process(self._shared() if model.kind == "shared_link" else self._worker())
+
+    # ---------------------------------------------------------------------------------------- API
+    def submit(self, key: int, priority: int) -> None:
+        self._push(key, priority, self.env.now)
+        self.done[key] = self.env.event()
+        self._kick()
+
+    def cancel(self, key: int) -> bool:
+        """Drop a copy that has not started; False if it already started (it will land)."""
+        if key not in self.queued:
+            return False
+        del self.queued[key]
+        self.done.pop(key, None)
+        return True
+
+    def pending(self, key: int) -> simpy.Event | None:
+        """The event a waiter yields on, or None if the key is not being copied."""
+        return self.done.get(key)
+
+    # ---------------------------------------------------------------------------- driver API
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    def has(self, key: int) -> bool:
+        """``key`` is queued or being copied."""
+        return key in self.done
+
+    def advance(self, to: float) -> None:
+        """Simulate the copies up to time ``to`` (nothing if the clock is already there)."""
+        if to > self.env.now:
+            self.env.run(until=to)
+
+    def wait_key(self, key: int) -> None:
+        """Simulate until ``key`` lands."""
+        self.env.run(until=self.done[key])
+
+    def wait_any(self) -> None:
+        """Simulate until the next copy lands."""
+        self.env.run(until=self.any_done)
+
+    # ----------------------------------------------------------------------------------- internals
+    def _kick(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for ev in waiters:
+            ev.succeed()
+
+    def _land(self, key: int, prio: int, start_s: float) -> None:
+        self._landed(key, prio, start_s, self.env.now)
         ev = self.done.pop(key, None)
         if ev is not None:
             ev.succeed()
@@ -175,3 +217,100 @@ class CopyChannels:
                 if active[key][0] <= 1e-6:
                     _, prio, start = active.pop(key)
                     self._land(key, prio, start)
+
+
+class SerialChannel(_CopyQueue):
+    """One worker, every copy takes ``model.seconds(expert_bytes)``: what :class:`CopyChannels` simulates for
+    such a model, computed without SimPy. It reproduces SimPy's ordering exactly: the worker looks at the
+    queue when the driver next runs the clock after a submit to an idle worker (at the submit's time, so it
+    sees everything submitted, upgraded or cancelled in between) and right after each landing; a run until
+    time ``to`` stops at ``now + (to - now)`` (SimPy's float arithmetic) and leaves a copy landing exactly
+    then for the next run."""
+
+    def __init__(self, model: CopyModel, expert_bytes: int, on_complete: Callable[[int], None], log: bool = False):
+        super().__init__(model, expert_bytes, on_complete, log)
+        self.now = 0.0
+        self._seconds = model.seconds(expert_bytes)
+        self._pending: set[int] = set()  # queued or copying (SimPy: keys with a ``done`` event)
+        self._cur: tuple[int, int, float] | None = None  # (key, prio, start) of the copy in flight
+        self._end = 0.0  # when it lands
+        self._wake = True  # the idle worker looks at the queue at the next run (SimPy: process start at 0)
+
+    def submit(self, key: int, priority: int) -> None:
+        self._seq += 1  # _push and _kick, inlined: this runs for every copy
+        heapq.heappush(self.queue, (priority, self._seq, key))
+        self.queued[key] = priority
+        self.submit_s[key] = self.now
+        self._pending.add(key)
+        if self._cur is None:
+            self._wake = True
+
+    def cancel(self, key: int) -> bool:
+        if key not in self.queued:
+            return False
+        del self.queued[key]
+        self._pending.discard(key)
+        return True
+
+    def has(self, key: int) -> bool:
+        return key in self._pending
+
+    def advance(self, to: float) -> None:
+        now = self.now
+        if not to > now:
+            return
+        at = now + (to - now)  # SimPy schedules its stop event at now + delay
+        if self._wake:
+            self._serve(now)
+        while self._cur is not None and self._end < at:  # a landing exactly at ``at`` waits (stop is URGENT)
+            self._land_current()
+        self.now = at
+
+    def wait_key(self, key: int) -> None:
+        if self._wake:
+            self._serve(self.now)
+        while key in self._pending:
+            if self._cur is None:
+                raise RuntimeError(f"no copy in flight while waiting for expert key {key}")
+            self._land_current()
+
+    def wait_any(self) -> None:
+        if self._wake:
+            self._serve(self.now)
+        if self._cur is None:
+            raise RuntimeError("no copy in flight to wait for")
+        self._land_current()
+
+    def _kick(self) -> None:
+        if self._cur is None:  # only an idle worker is waiting to be woken
+            self._wake = True
+
+    def _serve(self, t: float) -> None:
+        """The worker takes the best queued copy at time ``t``, or goes idle."""
+        self._wake = False
+        queue, queued = self.queue, self.queued
+        while queue:  # _pop and _start, inlined
+            prio, _, key = heapq.heappop(queue)
+            if queued.get(key) == prio:
+                del queued[key]
+                self.copying.add(key)
+                self.bytes_started += self.expert_bytes
+                self.copies_started += 1
+                self._cur = (key, prio, t)
+                self._end = t + self._seconds
+                return
+
+    def _land_current(self) -> None:
+        key, prio, start = self._cur
+        self._cur = None
+        self.now = end = self._end
+        self._landed(key, prio, start, end)
+        self._pending.discard(key)
+        self._serve(end)
+
+
+def make_channels(model: CopyModel, expert_bytes: int, on_complete: Callable[[int], None], log: bool = False):
+    """The fast :class:`SerialChannel` when it applies (one worker at a fixed copy time), else SimPy channels."""
+    if model.kind != "shared_link" and model.channels == 1:
+        return SerialChannel(model, expert_bytes, on_complete, log)
+    return CopyChannels(simpy.Environment(), model, expert_bytes, on_complete, log)

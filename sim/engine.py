@@ -9,6 +9,7 @@ the stall.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import simpy
 from policies.base import Step
 from policies.runtime import PolicyRuntime
 
-from .channels import CopyChannels
+from .channels import CopyChannels, make_channels
 from .hardware import ComputeModel, CopyModel
 
 
@@ -35,6 +36,16 @@ class LayerStats:
     def zeros(cls, num_layers: int) -> LayerStats:
         return cls(*(np.zeros(num_layers, dtype=np.int64) for _ in range(4)), np.zeros(num_layers))
 
+    def accumulator(self) -> LayerTally:
+        """A faster recorder for the simulator's loop (plain Python lists); merge it back with :meth:`absorb`."""
+        return LayerTally(len(self.requests))
+
+    def absorb(self, tally: LayerTally) -> None:
+        for arr, vals in ((self.requests, tally.requests), (self.hits, tally.hits), (self.late_hits, tally.late),
+                          (self.misses, tally.misses)):
+            arr += np.asarray(vals, dtype=np.int64)
+        self.stall_s += np.asarray(tally.stall_s, dtype=float)
+
     def record(self, layer: int, plan, stall_s: float) -> int:
         """Add one layer-step's outcomes; returns its demand loads (distinct experts that missed)."""
         self.stall_s[layer] += stall_s
@@ -46,6 +57,19 @@ class LayerStats:
             counters[plan.outcome[k]][layer] += u
             loads += plan.outcome[k] == "miss"
         return loads
+
+
+class LayerTally:
+    """Per-layer sums in plain Python lists, which the simulator's loop adds to from the use counts each
+    :class:`~policies.runtime.LayerPlan` carries (the sums :meth:`LayerStats.record` makes, without a loop over
+    keys or numpy scalar updates); :meth:`LayerStats.absorb` merges them."""
+
+    def __init__(self, num_layers: int):
+        self.requests = [0] * num_layers
+        self.hits = [0] * num_layers
+        self.late = [0] * num_layers
+        self.misses = [0] * num_layers
+        self.stall_s = [0.0] * num_layers
 
 
 @dataclass
@@ -74,12 +98,32 @@ def replay(
     num_layers: int,
     log: bool = False,
     uses: list[dict[int, int]] | None = None,
+    simpy_channels: bool = False,
 ) -> ReplayResult:
-    """Replay ``steps`` through ``runtime``; ``uses[i]`` (key -> tokens at layer-step i) may be precomputed."""
+    """Replay ``steps`` through ``runtime``; ``uses[i]`` (key -> tokens at layer-step i) may be precomputed.
+    ``simpy_channels`` forces the SimPy copy channels even where the direct :class:`SerialChannel` applies
+    (the two give identical results, float for float)."""
+    # The loop allocates many short-lived containers (none in reference cycles: refcounting frees them), so
+    # the cyclic GC would run often, and its collections keep re-traversing the long-lived inputs (a dict per
+    # layer-step in ``uses``, the trace, the FutureIndex): 15% or more of the replay. It is paused for the
+    # replay and resumed after (gc.freeze/unfreeze instead would leave the next collections miscalibrated).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels) -> ReplayResult:
     wall0 = time.perf_counter()
-    env = simpy.Environment()
     cache = runtime.cache
-    chan = CopyChannels(env, copy_model, expert_bytes, cache.complete, log=log)
+    if simpy_channels:
+        chan = CopyChannels(simpy.Environment(), copy_model, expert_bytes, cache.complete, log=log)
+    else:
+        chan = make_channels(copy_model, expert_bytes, cache.complete, log=log)
+    runtime.set_schedule(steps)  # lets a stateless predictor score many layer-steps in one numpy call
     L = num_layers
     max_ls = len(steps) * L - 1
     stats = LayerStats.zeros(L)
@@ -90,28 +134,31 @@ def replay(
     demand_loads = 0
     step_s: list[float] = []
     dense_cache: dict[int, float] = {}
-    expert_cache: dict[int, float] = {}
-
-    def advance(to: float) -> None:
-        # copies only progress while the channels have work; an idle link needs no simulated events
-        if to > env.now:
-            env.run(until=to)
+    # expert compute time by the number of tokens using the expert (a list: indexed once per expert computed)
+    expert_s = [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
+    tally = stats.accumulator()
+    req_l, hit_l, late_l, miss_l, stall_l = tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s
+    deferred = runtime.deferred
+    inflight = cache.inflight
+    advance, submit, busy = chan.advance, chan.submit, chan.busy
+    queued, copying = chan.queued, chan.copying  # busy() is ``queued or copying``; read them directly per layer
+    heappush, heappop = heapq.heappush, heapq.heappop
 
     def wait_for(key: int) -> None:
         nonlocal t
         advance(t)
-        while cache.is_inflight(key) or key in runtime.deferred:
-            ev = chan.pending(key)
-            if ev is None:  # deferred: no slot yet; wait for any copy to land, then retry
+        while key in inflight or key in deferred:
+            if not chan.has(key):  # deferred: no slot yet; wait for any copy to land, then retry
                 for k in runtime.retry_deferred():
-                    chan.submit(k, 0)
-                if key in runtime.deferred:
-                    if not chan.busy():
+                    submit(k, 0)
+                if key in deferred:
+                    if not busy():
                         raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
-                    env.run(until=chan.any_done)
+                    chan.wait_any()
                 continue
-            env.run(until=ev)
-        t = max(t, env.now)
+            chan.wait_key(key)
+        if chan.now > t:
+            t = chan.now
 
     for si, step in enumerate(steps):
         t_step = t
@@ -122,7 +169,7 @@ def replay(
         for layer in range(L):
             t += dense
             compute_total += dense
-            if chan.busy():
+            if queued or copying:
                 advance(t)
             plan = runtime.begin_layer(si, layer, step.tokens, max_ls, uses[si * L + layer] if uses else None)
             if plan.demand or plan.prefetch:
@@ -130,41 +177,56 @@ def replay(
             now = plan.layer_step
             # prefetches whose target layer has come and gone without starting: drop them
             while pending_prefetch and pending_prefetch[0][0] <= now:
-                _, k = heapq.heappop(pending_prefetch)
+                _, k = heappop(pending_prefetch)
                 if chan.is_queued(k) and k not in plan.uses and chan.cancel(k):
                     runtime.cancel(k)
             for k in plan.demand:
-                chan.submit(k, 0)
+                submit(k, 0)
             for k, target in plan.prefetch:
-                chan.submit(k, 1 + target - now)
-                heapq.heappush(pending_prefetch, (target, k))
-            for k in plan.needed:
-                if plan.outcome[k] == "late":
-                    chan.upgrade(k)
+                submit(k, 1 + target - now)
+                heappush(pending_prefetch, (target, k))
+            for k in plan.late:
+                chan.upgrade(k)
             t_layer = t
             layer_stall = 0.0
-            for k in plan.order:
-                if cache.is_inflight(k) or k in runtime.deferred:
+            puses = plan.uses
+            order = plan.order
+            if not deferred and not log:
+                # The common case, first: hits are resident and stay so (protected), and with nothing deferred
+                # there is nothing to release, so they just compute. Same additions in the same order.
+                for k in plan.hits:
+                    et = expert_s[puses[k]]
+                    t += et
+                    compute_total += et
+                order = order[len(plan.hits):]
+            for k in order:
+                if k in inflight or k in deferred:
                     before = t
                     wait_for(k)
                     layer_stall += t - before
-                n = plan.uses[k]
-                et = expert_cache.get(n)
-                if et is None:
-                    et = expert_cache[n] = compute.expert_time_s(n)
+                et = expert_s[puses[k]]
                 if log:
                     events.append((t, et, layer, k))
                 t += et
                 compute_total += et
-                started = runtime.release(k)
-                if started:
-                    advance(t)
-                    for s in started:
-                        chan.submit(s, 0)
+                if deferred:  # release(k) only matters while demands wait for a slot (else it just unprotects k)
+                    started = runtime.release(k)
+                    if started:
+                        advance(t)
+                        for s in started:
+                            submit(s, 0)
             stall_total += layer_stall
-            demand_loads += stats.record(layer, plan, layer_stall)
+            # LayerStats.record's sums, from the plan's counts
+            h, lt, m = plan.use_counts
+            stall_l[layer] += layer_stall
+            req_l[layer] += h + lt + m
+            hit_l[layer] += h
+            late_l[layer] += lt
+            miss_l[layer] += m
+            demand_loads += len(plan.misses)
             runtime.end_layer(t - t_layer - layer_stall + dense, layer_stall, chan.bw_ewma_bytes_per_s, plan)
         step_s.append(t - t_step)
+    stats.absorb(tally)
     return ReplayResult(
         total_s=t,
         stall_s=stall_total,

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 from ..base import CacheContext
 
 
 class LRU:
     """Evict the candidate touched longest ago. ``victim`` walks each partition's list from the old end and
-    stops at the first candidate, so it is O(1) unless many old entries are protected or in flight."""
+    stops at the first candidate, so it is O(1) unless many old entries are protected or in flight.
+    ``victim_skipping`` is the same walk for a cache that has not built the candidate set."""
 
     def __init__(self) -> None:
         self._order: list[OrderedDict[int, None]] = []
-        self._part = None
+        self._part: list[int] = []
 
     def reset(self, ctx: CacheContext) -> None:
-        self._part = ctx.partition_of
+        self._part = np.asarray(ctx.partition_of).tolist()  # a list: indexing it with an int is much faster than numpy
         self._order = [OrderedDict() for _ in ctx.capacity]
 
     def _touch(self, key: int) -> None:
@@ -33,8 +36,18 @@ class LRU:
         if key in od:  # pinned or foreign keys are not ours to order
             od.move_to_end(key)
 
+    def on_hits(self, keys: list[int], now: int) -> None:
+        """``on_hit`` for each key in order (one call per layer-step instead of one per key)."""
+        order, part = self._order, self._part
+        for key in keys:
+            od = order[part[key]]
+            if key in od:
+                od.move_to_end(key)
+
     def on_insert(self, key: int, now: int) -> None:
-        self._touch(key)
+        od = self._order[self._part[key]]  # _touch, inlined (once per copy)
+        od[key] = None
+        od.move_to_end(key)
 
     def on_remove(self, key: int) -> None:
         self._order[self._part[key]].pop(key, None)
@@ -45,6 +58,14 @@ class LRU:
                 return key
         # a candidate the policy never saw inserted (should not happen): fall back deterministically
         return min(candidates) if candidates else None
+
+    def victim_skipping(self, partition: int, protected: set[int], inflight: set[int], now: int) -> int | None:
+        """``victim`` with candidates = this partition's keys not in ``protected`` nor ``inflight`` (our lists
+        hold exactly the resident, unpinned keys), without building that set. None: no such key."""
+        for key in self._order[partition]:
+            if key not in protected and key not in inflight:
+                return key
+        return None
 
     def pinned(self) -> set[int]:
         return set()

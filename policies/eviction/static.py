@@ -58,5 +58,9 @@ class Static:
     def victim(self, partition: int, candidates: set[int], now: int) -> int | None:
         return self._lru.victim(partition, candidates - self._pinned, now)
 
+    def victim_skipping(self, partition: int, protected: set[int], inflight: set[int], now: int) -> int | None:
+        # pinned keys never enter the LRU lists (see on_insert), so the LRU walk already skips them
+        return self._lru.victim_skipping(partition, protected, inflight, now)
+
     def pinned(self) -> set[int]:
         return self._pinned

@@ -6,6 +6,8 @@ from ..base import HorizonContext, HorizonFeedback, PolicyConfigError
 
 
 class FixedHorizon:
+    ignores_feedback = True  # lets the runtime skip building HorizonFeedback (see policies.base.Horizon)
+
     def __init__(self, distance: int = 1) -> None:
         if isinstance(distance, bool) or int(distance) != distance or int(distance) < 0:
             raise PolicyConfigError(f"horizon.distance: expected an integer >= 0, got {distance!r}")

@@ -91,5 +91,28 @@ class TransitionPredictor:
         p_token = self._tables[obs.layer][ahead - 1][ex].mean(axis=1)  # [B, E_target]
         return batch_union(p_token)
 
+    def predict_steps(self, layer: int, ahead: int, experts: np.ndarray) -> np.ndarray:
+        """``predict`` for N observations of ``layer`` at once: experts [N, B, K] -> scores [N, E_target].
+        The same floating-point operations with a leading axis (so the same floats, row for row): numpy's mean
+        over each token's K rows and ``batch_union``'s product over the B tokens both reduce a non-contiguous
+        axis one element after the other, in order. Allowed because ``predict`` reads only ``obs.layer`` / ``obs.experts`` and ``observe`` is a no-op."""
+        if ahead < 1:
+            raise PolicyConfigError(f"predictor: ahead must be >= 1, got {ahead}")
+        tl = (layer + ahead) % len(self._num_experts)
+        ex = np.asarray(experts, dtype=np.int64)
+        n, b, k = ex.shape
+        if ahead > self.max_distance or b * k == 0:
+            m = self._marginal[tl]
+            p_token = np.broadcast_to(m, (n, max(1, b), len(m)))
+        else:  # the mean over each token's K rows, summed in order as ``mean`` does (without the 4-D gather)
+            table = self._tables[layer][ahead - 1]
+            total = table[ex[:, :, 0]]  # a copy (fancy indexing), so the in-place sums leave the table alone
+            for j in range(1, k):
+                total += table[ex[:, :, j]]
+            total /= k
+            p_token = total  # [N, B, E_target]
+        p = np.clip(np.asarray(p_token, dtype=np.float64), 0.0, 1.0)  # batch_union over axis 1
+        return np.clip(1.0 - np.prod(1.0 - p, axis=1), 0.0, 1.0)
+
     def observe(self, obs: Observation) -> None:
         pass  # the tables are fixed after reset; the current layer's routing comes with each predict
