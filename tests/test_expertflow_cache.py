@@ -12,26 +12,27 @@ from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.eviction.expertflow import ExpertFlowCache
 
 
-def noisy_predictions(trace, seed):
-    """Per layer-step: the keys 'predicted' for the next layer-step: each true key kept with p=0.7, plus one
-    wrong key with p=0.5 (so both kinds of misprediction happen)."""
+def noisy_predictions(trace, seed, ahead: int = 3):
+    """Per layer-step: (key, target) predictions for the next ``ahead`` layer-steps: each true key kept with
+    p=0.7, plus up to two wrong keys (so both kinds of misprediction happen, and several keys share a target)."""
     rng = np.random.default_rng(seed)
     T, L, _ = trace.experts.shape
     E = trace.meta.num_experts[0]
     out = []
-    for t in range(T):
-        for layer in range(L):
-            nt, nl = (t, layer + 1) if layer + 1 < L else (t + 1, 0)
+    for now in range(T * L):
+        preds = []
+        for a in range(1, ahead + 1):
+            nt, nl = divmod(now + a, L)
             if nt >= T:
-                out.append([])
-                continue
+                break
             true = list(dict.fromkeys(nl * E + int(e) for e in trace.experts[nt, nl]))
             keys = [k for k in true if rng.random() < 0.7]
-            if rng.random() < 0.5:
+            for _ in range(2):
                 wrong = nl * E + int(rng.integers(E))
-                if wrong not in keys:
+                if rng.random() < 0.5 and wrong not in keys:
                     keys.append(wrong)
-            out.append(keys)
+            preds += [(k, now + a) for k in keys]
+        out.append(preds)
     return out
 
 
@@ -53,10 +54,10 @@ def drive(trace, scope, slots, preds):
                 if o == "miss":
                     assert cache.reserve(k, now, prot)[0]
                     cache.complete(k)
-            keep = prot | set(preds[now])
-            for k in preds[now]:
-                policy.on_predict(k, now + 1)
-            for k in preds[now]:
+            keep = prot | {k for k, _ in preds[now]}
+            for k, target in preds[now]:
+                policy.on_predict(k, target)
+            for k, _ in preds[now]:
                 if not cache.is_resident(k):
                     ok, _ = cache.reserve(k, now, keep, prefetch=True)
                     if ok:
@@ -96,7 +97,7 @@ def reference(trace, scope, slots, preds):
             if finished:
                 v = sorted(finished, key=lambda c: (last[c], c))[0]
             else:
-                v = sorted(cands, key=lambda c: (-pred[c], -last[c], -c))[0]
+                v = sorted(cands, key=lambda c: (-pred[c], last[c], c))[0]  # furthest, then least recent
             r.remove(v)
             del last[v]
         r.append(k)
@@ -121,13 +122,11 @@ def reference(trace, scope, slots, preds):
             for k in misses:
                 assert insert(k, now, set(keys))
                 use(k, now)
-            for k in preds[now]:
-                pred[k] = now + 1
-            for k in preds[now]:
+            for k, target in preds[now]:
+                pred[k] = target
+            for k, _ in preds[now]:
                 r = res.get(k // E if scope == "per_layer" else 0, [])
-                if k not in r:
-                    if not insert(k, now, set(keys) | set(preds[now])):
-                        break
+                if k not in r and insert(k, now, set(keys) | {q for q, _ in preds[now]}):
                     touch(k)
     n["mispredictions"] = n["predicted_unused"] + n["unpredicted_uses"]
     return out, n
@@ -135,14 +134,24 @@ def reference(trace, scope, slots, preds):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("scope, slots", [("per_layer", 3), ("per_layer", 5), ("global", 8), ("global", 14)])
-def test_expertflow_matches_reference(seed, scope, slots):
+def test_expertflow_matches_reference(seed, scope, slots, monkeypatch):
     tr = random_trace(tokens=60, layers=3, experts=8, top_k=2, seed=seed)
     preds = noisy_predictions(tr, seed)
+    branch = []
+    orig = ExpertFlowCache.victim
+
+    def victim(self, partition, candidates, now):  # note when every candidate is still predicted
+        self._expire(now)
+        branch.append(len(candidates) > 1 and all(k in self._pred for k in candidates))
+        return orig(self, partition, candidates, now)
+
+    monkeypatch.setattr(ExpertFlowCache, "victim", victim)
     got, stats = drive(tr, scope, slots, preds)
     want, ref_stats = reference(tr, scope, slots, preds)
     assert got == want
     assert stats == ref_stats
     assert stats["predicted_used"] > 0 and stats["predicted_unused"] > 0 and stats["unpredicted_uses"] > 0
+    assert any(branch), "the furthest-prediction rule was never exercised"
 
 
 def test_finished_experts_go_first_then_furthest_prediction():
