@@ -34,9 +34,13 @@ def main() -> None:
 
     total = n * stride
     plain, engine = [], []
-    for _ in range(args.rounds):  # interleaved, so a busy spell of the shared disk hits both about equally
-        plain.append(plain_loop(path, n, stride))
-        engine.append(engine_loop(path, n, stride, args.io_threads))
+    for r in range(args.rounds):  # interleaved, order alternating, so neither loop always reads after the other
+        if r % 2:
+            engine.append(engine_loop(path, n, stride, args.io_threads))
+            plain.append(plain_loop(path, n, stride))
+        else:
+            plain.append(plain_loop(path, n, stride))
+            engine.append(engine_loop(path, n, stride, args.io_threads))
     ratios = [p / e for p, e in zip(plain, engine)]
     reader = ExpertReader(path)
     direct = reader.direct

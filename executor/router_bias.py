@@ -40,6 +40,10 @@ class BiasedRouting:
         for r in self.routers:
             if not (hasattr(r, "weight") and hasattr(r, "top_k")):
                 raise ValueError(f"router-bias: {type(r).__name__} is not a softmax-top-k router (needs .weight, .top_k)")
+            if not getattr(r, "norm_topk_prob", True):  # we renormalise the top-k weights, as Mixtral's router does
+                raise ValueError(f"router-bias: {type(r).__name__} does not renormalise its top-k weights; not supported")
+            if slots < r.top_k:
+                raise ValueError(f"router-bias: --slots {slots} is below the router's top-k {r.top_k}")
         self.bias, self._F = float(bias), F
         E = [int(r.weight.shape[0]) for r in self.routers]
         self.offsets = np.concatenate([[0], np.cumsum(E)[:-1]])

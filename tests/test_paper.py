@@ -94,3 +94,13 @@ def test_quick_paper_end_to_end(tmp_path):
     mtime = (runs / "stall-reference-moe" / ".done").stat().st_mtime
     assert main(["paper", "--quick", "--runs", str(runs), "--out", str(out)]) == 0
     assert (runs / "stall-reference-moe" / ".done").stat().st_mtime == mtime
+
+
+def test_claim_rules_on_degenerate_tables():
+    # nothing to compare against: "not tested", never a crash or a vacuous "held"
+    assert claims.stall_claim(stall_runs(best=0.0, bound=0.0).assign(stall_s=0.0)).held is None
+    no_pregate = pd.DataFrame([dict(predictor=p, distance=1, layer=0, recall=r) for p, r in (("hybrid", 0.9), ("frequency", 0.5))])
+    assert claims.predictor_claim(no_pregate).held is None
+    oracle_only = pd.DataFrame([dict(trace_name="t", policy="belady+oracle", cache="belady", predictor="oracle",
+                                     capacity_fraction=0.5, total_s=1.0, allresident_total_s=1.0)])
+    assert claims.memory_claim(oracle_only).held is None

@@ -58,3 +58,8 @@ def test_cli_writes_results_and_rejects_bad_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "nope"), "--trace", str(TEST)])
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_unsupported_settings_are_refused(model):
+    with pytest.raises(ValueError, match="below the router's top-k"):
+        BiasedRouting(model, 1.0, slots=1)
