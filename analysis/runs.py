@@ -57,9 +57,9 @@ def load_runs(root: str | Path, log=None) -> pd.DataFrame:
 
 
 def relative_to_ondemand(df: pd.DataFrame) -> pd.Series:
-    """stall_s over the stall of on-demand LRU (cache lru, predictor none) with the same trace, hardware,
+    """stall_s over the stall of on-demand LRU (cache lru, predictor none) with the same trace, hardware, link bandwidth,
     capacity, batch size and driver; NaN where there is no such baseline run."""
-    keys = ["driver", "trace_name", "hardware", "capacity_fraction", "batch_size", "scheduler"]
+    keys = ["driver", "trace_name", "hardware", "bandwidth_gbps", "capacity_fraction", "batch_size", "scheduler"]
     base = df[(df.cache == "lru") & (df.predictor == "none")].groupby(keys, dropna=False)["stall_s"].mean()
     idx = pd.MultiIndex.from_frame(df[keys])
     ref = base.reindex(idx).to_numpy()

@@ -89,3 +89,15 @@ def test_report_on_a_real_sweep(tmp_path):
     df = pd.read_parquet(mr / "report" / "runs.parquet")
     assert set(df.policy) == {"lru+none", "lru+transition+fixed1"}
     assert (df.stall_s >= df.oracle_stall_s).all()
+
+
+def test_stall_relative_to_ondemand_matches_the_link_bandwidth():
+    import pandas as pd
+
+    from analysis.runs import relative_to_ondemand
+
+    rows = [dict(driver="sim", trace_name="t", hardware="a100-pcie4", bandwidth_gbps=bw, capacity_fraction=0.5,
+                 batch_size=1, scheduler="fifo", cache=c, predictor=p, stall_s=s)
+            for bw, c, p, s in ((3.0, "lru", "none", 8.0), (25.0, "lru", "none", 1.0),
+                                (3.0, "lru", "transition", 4.0), (25.0, "lru", "transition", 2.0))]
+    assert relative_to_ondemand(pd.DataFrame(rows)).tolist() == [1.0, 1.0, 0.5, 2.0]
