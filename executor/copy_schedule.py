@@ -39,7 +39,7 @@ class CopyScheduler:
             raise ValueError(f"copy streams and window must be >= 1, got streams={streams}, window={window}")
         self.ops, self.window, self.clock = ops, window, clock
         self._heap: list[tuple[int, int, int]] = []  # (priority, seq, key); stale entries are skipped
-        self._queued: dict[int, tuple[int, int, float]] = {}  # key -> (priority, slot, submit_s)
+        self._queued: dict[int, tuple[int, int, float, int]] = {}  # key -> (priority, slot, submit_s, live seq)
         self._flight: list[deque[InFlight]] = [deque() for _ in range(streams)]
         self._flight_keys: dict[int, InFlight] = {}
         self._seq = self._issued = 0
@@ -55,7 +55,7 @@ class CopyScheduler:
         self.errors.pop(key, None)
         self._seq += 1
         heapq.heappush(self._heap, (priority, self._seq, key))
-        self._queued[key] = (priority, slot, self.clock())
+        self._queued[key] = (priority, slot, self.clock(), self._seq)  # seq: which heap entry is live
         self.dispatch()
 
     def upgrade(self, key: int) -> None:
@@ -63,7 +63,7 @@ class CopyScheduler:
         q = self._queued.get(key)
         if q is not None and q[0] > 0:
             self._seq += 1
-            self._queued[key] = (0, q[1], q[2])
+            self._queued[key] = (0, q[1], q[2], self._seq)
             heapq.heappush(self._heap, (0, self._seq, key))
             self.dispatch()
 
@@ -98,10 +98,10 @@ class CopyScheduler:
             stream = min(range(len(self._flight)), key=lambda s: (len(self._flight[s]), s))
             if len(self._flight[stream]) >= self.window:
                 break
-            prio, _, key = heapq.heappop(self._heap)
+            prio, seq, key = heapq.heappop(self._heap)
             q = self._queued.get(key)
-            if q is None or q[0] != prio:
-                continue  # cancelled, or superseded by an upgrade
+            if q is None or q[3] != seq:
+                continue  # cancelled, or superseded by an upgrade or a resubmission
             del self._queued[key]
             try:
                 handle = self.ops.issue(key, q[1], stream)

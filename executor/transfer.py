@@ -38,7 +38,7 @@ class TransferEngine:
         self.t0 = time.perf_counter()
         self._cv = threading.Condition()
         self._queue: list[tuple[int, int, int]] = []  # (priority, seq, key)
-        self._queued: dict[int, tuple[int, int, float]] = {}  # key -> (priority, slot, submit_s)
+        self._queued: dict[int, tuple[int, int, float, int]] = {}  # key -> (priority, slot, submit_s, live seq)
         self._copying: set[int] = set()
         self._done: set[int] = set()
         self._errors: dict[int, BaseException] = {}
@@ -61,7 +61,7 @@ class TransferEngine:
             self._done.discard(key)
             self._seq += 1
             heapq.heappush(self._queue, (priority, self._seq, key))
-            self._queued[key] = (priority, slot, self.now())
+            self._queued[key] = (priority, slot, self.now(), self._seq)  # seq: which heap entry is live
             self._cv.notify()
 
     def upgrade(self, key: int) -> None:
@@ -69,7 +69,7 @@ class TransferEngine:
             q = self._queued.get(key)
             if q is not None and q[0] > 0:
                 self._seq += 1
-                self._queued[key] = (0, q[1], q[2])
+                self._queued[key] = (0, q[1], q[2], self._seq)
                 heapq.heappush(self._queue, (0, self._seq, key))
                 self._cv.notify()
 
@@ -133,10 +133,10 @@ class TransferEngine:
                     if self._stop:
                         return
                     while self._queue:
-                        prio, _, key = heapq.heappop(self._queue)
+                        prio, seq, key = heapq.heappop(self._queue)
                         q = self._queued.get(key)
-                        if q is not None and q[0] == prio:
-                            item = (key, *q)
+                        if q is not None and q[3] == seq:  # else cancelled, upgraded or resubmitted since
+                            item = (key, q[0], q[1], q[2])
                             del self._queued[key]
                             self._copying.add(key)
                             break

@@ -40,6 +40,7 @@ class _CopyQueue:
         self.on_complete = on_complete
         self.queue: list[tuple[int, int, int]] = []  # (priority, seq, key); stale entries skipped on pop
         self.queued: dict[int, int] = {}  # key -> current priority, for keys waiting in the queue
+        self.entry: dict[int, int] = {}  # key -> seq of its live heap entry (a cancelled one's stays stale)
         self.submit_s: dict[int, float] = {}
         self.copying: set[int] = set()
         self.records: list[CopyRecord] | None = [] if log else None
@@ -52,6 +53,7 @@ class _CopyQueue:
         self._seq += 1
         heapq.heappush(self.queue, (priority, self._seq, key))
         self.queued[key] = priority
+        self.entry[key] = self._seq
         self.submit_s[key] = now
 
     def upgrade(self, key: int) -> None:
@@ -59,6 +61,7 @@ class _CopyQueue:
         if key in self.queued and self.queued[key] > 0:
             self._seq += 1
             self.queued[key] = 0
+            self.entry[key] = self._seq
             heapq.heappush(self.queue, (0, self._seq, key))
             self._kick()
 
@@ -73,8 +76,8 @@ class _CopyQueue:
 
     def _pop(self) -> tuple[int, int] | None:
         while self.queue:
-            prio, _, key = heapq.heappop(self.queue)
-            if self.queued.get(key) == prio:
+            prio, seq, key = heapq.heappop(self.queue)
+            if self.queued.get(key) == prio and self.entry[key] == seq:
                 del self.queued[key]
                 return key, prio
         return None
@@ -240,6 +243,7 @@ class SerialChannel(_CopyQueue):
         self._seq += 1  # _push and _kick, inlined: this runs for every copy
         heapq.heappush(self.queue, (priority, self._seq, key))
         self.queued[key] = priority
+        self.entry[key] = self._seq
         self.submit_s[key] = self.now
         self._pending.add(key)
         if self._cur is None:
@@ -288,10 +292,10 @@ class SerialChannel(_CopyQueue):
     def _serve(self, t: float) -> None:
         """The worker takes the best queued copy at time ``t``, or goes idle."""
         self._wake = False
-        queue, queued = self.queue, self.queued
+        queue, queued, entry = self.queue, self.queued, self.entry
         while queue:  # _pop and _start, inlined
-            prio, _, key = heapq.heappop(queue)
-            if queued.get(key) == prio:
+            prio, seq, key = heapq.heappop(queue)
+            if queued.get(key) == prio and entry[key] == seq:
                 del queued[key]
                 self.copying.add(key)
                 self.bytes_started += self.expert_bytes

@@ -460,3 +460,19 @@ def test_gpu_profile_measures_copies_and_compute(tmp_path):
     prof = profile_cuda(store, LAYOUT, repeats=3, copy_streams=2)
     assert prof["tier"] == "host-pinned" and prof["copy"]["bandwidth_bytes_per_s"] > 1e8
     assert prof["copy"]["seconds"][0] > 0 and all(s > 0 for s in prof["compute"]["expert_s"])
+
+
+def test_resubmitted_copy_queues_behind_later_ones_in_the_host_queue():
+    """Cancel + resubmit puts a copy at the back of its priority (its stale heap entry is skipped)."""
+    dev = FakeDevice()
+    s = CopyScheduler(dev, streams=1, window=1, clock=lambda: 0.0)
+    s.submit(9, slot=0, priority=0)  # fills the stream's window
+    s.submit(1, slot=1, priority=1)
+    s.submit(2, slot=2, priority=1)
+    assert s.cancel(1)
+    s.submit(1, slot=1, priority=1)
+    while s.busy():
+        dev.land(*keys(dev))
+        s.poll()
+        s.dispatch()
+    assert keys(dev) == [9, 2, 1]

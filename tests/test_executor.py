@@ -78,22 +78,17 @@ def test_demand_overtakes_queued_prefetches_and_cancel(store):
     r = ExpertReader(store)
     slots = aligned_buffer(8 * LAYOUT.stride_bytes)
     eng = TransferEngine(r, memoryview(slots), io_threads=1)
-    import heapq
-
-    with eng._cv:  # hold the queue so everything is queued before the thread picks
+    with eng._cv:  # hold the queue (a re-entrant lock) so everything is queued before the thread picks
         for k in range(6):
-            eng._queued[k] = (3, k, 0.0)
-            eng._seq += 1
-            heapq.heappush(eng._queue, (3, eng._seq, k))
-        eng._queued[7] = (0, 7, 0.0)
-        eng._seq += 1
-        heapq.heappush(eng._queue, (0, eng._seq, 7))
-        eng._queued.pop(5)  # cancelled before it started
-        eng._cv.notify_all()
-    eng.wait(4)
+            eng.submit(k, k, 3)
+        eng.submit(7, 7, 0)
+        assert eng.cancel(5)  # cancelled before it started
+        assert eng.cancel(1)
+        eng.submit(1, 1, 3)  # resubmitted: behind the prefetches queued before it
+    eng.wait(1)
     eng.wait(7)
     order = [rec.key for rec in eng.records]
-    assert order[0] == 7 and 5 not in order
+    assert order == [7, 0, 2, 3, 4, 1]
     eng.close()
     r.close()
 

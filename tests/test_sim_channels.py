@@ -212,3 +212,21 @@ def test_serial_channel_fuzzed_against_simpy(block):
     the direct channel and the SimPy channels agree on every landing, clock and copy record."""
     for seed in range(block * 150, (block + 1) * 150):
         assert _channel_ops(seed, True) == _channel_ops(seed, False), f"seed {seed}"
+
+
+@pytest.mark.parametrize("serial", [True, False], ids=["direct", "simpy"])
+def test_resubmitted_copy_queues_behind_later_ones(serial):
+    """A cancelled then resubmitted prefetch goes to the back of its priority, not to its old place."""
+    from sim.channels import SerialChannel
+
+    model = CopyModel("constant", 1000.0)
+    ch = SerialChannel(model, 1000, lambda k: None, log=True) if serial else \
+        CopyChannels(simpy.Environment(), model, 1000, lambda k: None, log=True)
+    ch.submit(9, 0)
+    ch.advance(0.5)  # 9 is copying
+    ch.submit(1, 1)
+    ch.submit(2, 1)
+    assert ch.cancel(1)
+    ch.submit(1, 1)
+    ch.advance(10.0)
+    assert [r.key for r in ch.records] == [9, 2, 1]
