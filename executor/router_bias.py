@@ -121,23 +121,22 @@ def measure(model, seqs: list[list[int]], biases: list[float], slots: int) -> li
     """One row per bias: hit rate, perplexity, greedy agreement with the unbiased model."""
     import torch
 
+    def nll(logits: list) -> float:  # summed next-token negative log-likelihood over all sequences
+        return sum(float(torch.nn.functional.cross_entropy(lg[:-1], torch.tensor(ids[1:]), reduction="sum"))
+                   for ids, lg in zip(seqs, logits))
+
     base = [teacher_forced_logits(model, ids) for ids in seqs]
+    preds = sum(len(ids) - 1 for ids in seqs)
+    tokens = sum(len(ids) for ids in seqs)
+    base_ppl = float(np.exp(nll(base) / preds))
     rows = []
     for b in biases:
         with BiasedRouting(model, b, slots) as br:
             biased = [teacher_forced_logits(model, ids) for ids in seqs]
-        nll, agree, n = 0.0, 0, 0
-        for ids, lb, lg in zip(seqs, biased, base):
-            target = torch.tensor(ids[1:])
-            nll += float(torch.nn.functional.cross_entropy(lb[:-1], target, reduction="sum"))
-            agree += int((lb.argmax(-1) == lg.argmax(-1)).sum())
-            n += len(ids)
-        base_nll = sum(float(torch.nn.functional.cross_entropy(lg[:-1], torch.tensor(ids[1:]), reduction="sum"))
-                       for ids, lg in zip(seqs, base))
-        preds = sum(len(ids) - 1 for ids in seqs)
+        agree = sum(int((lb.argmax(-1) == lg.argmax(-1)).sum()) for lb, lg in zip(biased, base))
         rows.append({"bias": b, "slots_per_layer": slots, "hit_rate": br.hit_rate(),
-                     "perplexity": float(np.exp(nll / preds)), "perplexity_unbiased": float(np.exp(base_nll / preds)),
-                     "token_agreement": agree / n, "tokens": n})
+                     "perplexity": float(np.exp(nll(biased) / preds)), "perplexity_unbiased": base_ppl,
+                     "token_agreement": agree / tokens, "tokens": tokens})
     return rows
 
 
