@@ -81,7 +81,8 @@ def execute_config(cfg, out_dir: Path) -> dict:
     results = results_dict(p, res, layout.stride_bytes, "executor")
     results.update(bounds(p))
     results["copy_bandwidth_bytes_per_s"] = (
-        res.bytes_moved / sum(r.end_s - r.start_s for r in res.copy_records) * 1.0 if res.copy_records else None
+        sum(r.nbytes for r in res.copy_records) / sum(r.end_s - r.start_s for r in res.copy_records)
+        if res.copy_records else None
     )
     if gpu is None:
         results["tier"] = "disk-odirect" if reader.direct else "disk-buffered"

@@ -80,13 +80,14 @@ class ReplayResult:
     step_s: list[float]  # duration of each step
     step_phase: list[int]  # phase of each step
     step_tokens: list[int]  # tokens in each step
-    bytes_moved: int  # bytes of every copy started (a started copy always completes)
-    copies: int
+    bytes_moved: int  # bytes of every copy started (a started copy always completes), preload included
+    copies: int  # copies started, preload included
     demand_loads: int  # distinct experts per layer-step that had to be loaded on demand (misses)
     layers: LayerStats
     wall_s: float  # host time the replay took
     events: list = field(default_factory=list)  # compute spans for the Chrome trace (if logged)
     copy_records: list | None = None
+    preload_copies: int = 0  # pinned experts (static policies) loaded before the replay: counted, not timed
 
 
 def replay(
@@ -234,8 +235,9 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
         step_s=step_s,
         step_phase=[s.phase for s in steps],
         step_tokens=[len(s.tokens) for s in steps],
-        bytes_moved=chan.bytes_started,
-        copies=chan.copies_started,
+        bytes_moved=chan.bytes_started + len(cache.policy.pinned()) * expert_bytes,
+        copies=chan.copies_started + len(cache.policy.pinned()),
+        preload_copies=len(cache.policy.pinned()),
         demand_loads=demand_loads,
         layers=stats,
         wall_s=time.perf_counter() - wall0,

@@ -195,6 +195,7 @@ def results_dict(p: Prepared, res: ReplayResult, expert_bytes: int, driver: str)
         "prefetch_issued": st.prefetch_inserts,
         "wasted_bytes": st.prefetch_wasted * expert_bytes,
         "bytes_moved": res.bytes_moved,
+        "preload_bytes": res.preload_copies * expert_bytes,  # of bytes_moved: pinned experts loaded before the run
         "copies": res.copies,
         "expert_requests": requests,
         "allresident_total_s": res.compute_s,

@@ -119,7 +119,7 @@ def compose_cfg(overrides):
         return compose("config", overrides=overrides)
 
 
-@pytest.mark.parametrize("cache", ["lru", "lfru"])
+@pytest.mark.parametrize("cache", ["lru", "lfru", "static"])
 def test_executor_makes_the_simulators_decisions(tmp_path, cache):
     tr = random_trace(tokens=120, layers=3, experts=8, top_k=2, sequences=4, seed=3)
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
@@ -133,6 +133,8 @@ def test_executor_makes_the_simulators_decisions(tmp_path, cache):
     sim = simulate(compose_cfg(ov), tmp_path / "sim")
     for k in ("hit_rate", "late_hit_rate", "copies", "expert_requests", "belady_hit_rate"):
         assert real[k] == sim[k], k
+    # static pins experts before the run: both drivers load (executor: for real) and count them
+    assert (real["preload_bytes"] > 0) == (sim["preload_bytes"] > 0) == (cache == "static")
     assert real["run"]["driver"] == "executor" and real["stall_s"] >= 0 and real["total_s"] > 0
     assert real["bytes_moved"] == real["copies"] * real["run"]["expert_bytes"]
     assert (tmp_path / "ex" / "results.json").exists() and (tmp_path / "ex" / "per_layer.parquet").exists()
