@@ -146,6 +146,8 @@ class Predictor(Protocol):
     # experts [N, B, K] of N observations at ``layer`` -> [N, E_target], row n equal (bit for bit) to
     # ``predict`` of an observation with ``experts[n]``. The runtime then scores many steps in one call and
     # builds no Observation.
+    # Optional class attribute ``never_predicts = True``: ``predict`` always scores zero and ``observe`` does
+    # nothing (on-demand loading), so the runtime asks neither.
 
 
 @runtime_checkable

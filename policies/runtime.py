@@ -115,13 +115,15 @@ class PolicyRuntime:
         self._on_predict = getattr(cache.policy, "on_predict", None)  # optional hook of the eviction policy
         self._feedback = None if getattr(horizon, "ignores_feedback", False) else horizon.feedback
         self._table: PrefetchTable | None = None  # set by set_schedule for a stateless predictor
+        # A predictor that never predicts (``never_predicts`` on its class: on-demand loading) is not asked.
+        self.silent = bool(getattr(type(predictor), "never_predicts", False))
 
     def set_schedule(self, steps: list) -> None:
         """Optional, before the first ``begin_layer``: the whole replay's steps. With a stateless predictor
         (one that defines ``predict_steps``, see :class:`~policies.base.Predictor`) the runtime then scores a
         block of steps per numpy call and builds no Observation; decisions are the same."""
         stateless = getattr(type(self.predictor), "predict_steps", None) is not None
-        self._table = PrefetchTable(self, steps) if stateless else None
+        self._table = PrefetchTable(self, steps) if stateless and not self.silent else None
 
     def observation(self, step: int, layer: int, tokens: np.ndarray) -> Observation:
         hid = None
@@ -145,7 +147,7 @@ class PolicyRuntime:
         now = step * self.cfg.num_layers + layer
         self.now = now
         cache = self.cache
-        obs = None if self._table is not None else self.observation(step, layer, tokens)
+        obs = None if self._table is not None or self.silent else self.observation(step, layer, tokens)
         if uses is None:
             ex = self.experts[tokens, layer] if obs is None else obs.experts
             uses = {}
@@ -165,7 +167,8 @@ class PolicyRuntime:
                 self.deferred.append(k)
         if obs is not None:
             self.predictor.observe(obs)
-        self._plan_prefetch(obs, step, layer, len(tokens), plan, max_layer_step)
+        if not self.silent:
+            self._plan_prefetch(obs, step, layer, len(tokens), plan, max_layer_step)
         return plan
 
     def _plan_prefetch(self, obs: Observation | None, step: int, layer: int, ntok: int, plan: LayerPlan,

@@ -21,6 +21,7 @@ from policies.base import Step
 from policies.runtime import PolicyRuntime
 
 from .channels import CopyChannels, make_channels
+from .fused import fused_applies, replay_fused
 from .hardware import ComputeModel, CopyModel
 
 
@@ -100,10 +101,12 @@ def replay(
     log: bool = False,
     uses: list[dict[int, int]] | None = None,
     simpy_channels: bool = False,
+    fused: bool = True,
 ) -> ReplayResult:
     """Replay ``steps`` through ``runtime``; ``uses[i]`` (key -> tokens at layer-step i) may be precomputed.
     ``simpy_channels`` forces the SimPy copy channels even where the direct :class:`SerialChannel` applies
-    (the two give identical results, float for float)."""
+    (the two give identical results, float for float); ``fused=False`` forces this module's general loop where
+    :mod:`sim.fused`'s would apply (identical results too)."""
     # The loop allocates many short-lived containers (none in reference cycles: refcounting frees them), so
     # the cyclic GC would run often, and its collections keep re-traversing the long-lived inputs (a dict per
     # layer-step in ``uses``, the trace, the FutureIndex): 15% or more of the replay. It is paused for the
@@ -111,13 +114,13 @@ def replay(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels)
+        return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels) -> ReplayResult:
+def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused) -> ReplayResult:
     wall0 = time.perf_counter()
     cache = runtime.cache
     if simpy_channels:
@@ -126,10 +129,33 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
         chan = make_channels(copy_model, expert_bytes, cache.complete, log=log)
     runtime.set_schedule(steps)  # lets a stateless predictor score many layer-steps in one numpy call
     L = num_layers
-    max_ls = len(steps) * L - 1
-    stats = LayerStats.zeros(L)
-    pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
+
+    def result(t, stall_total, compute_total, step_s, demand_loads, tally, wall_s) -> ReplayResult:
+        stats = LayerStats.zeros(L)
+        stats.absorb(tally)
+        pinned = len(cache.policy.pinned())
+        return ReplayResult(
+            total_s=t,
+            stall_s=stall_total,
+            compute_s=compute_total,
+            step_s=step_s,
+            step_phase=[s.phase for s in steps],
+            step_tokens=[len(s.tokens) for s in steps],
+            bytes_moved=chan.bytes_started + pinned * expert_bytes,
+            copies=chan.copies_started + pinned,
+            preload_copies=pinned,
+            demand_loads=demand_loads,
+            layers=stats,
+            wall_s=wall_s,
+            events=events,
+            copy_records=chan.records,
+        )
+
     events: list = []
+    if uses is not None and fused and fused_applies(runtime, chan, log):
+        return replay_fused(steps, runtime, chan, compute, L, uses, LayerTally(L), result)
+    max_ls = len(steps) * L - 1
+    pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
     t = 0.0
     stall_total = compute_total = 0.0
     demand_loads = 0
@@ -137,7 +163,7 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
     dense_cache: dict[int, float] = {}
     # expert compute time by the number of tokens using the expert (a list: indexed once per expert computed)
     expert_s = [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
-    tally = stats.accumulator()
+    tally = LayerTally(L)
     req_l, hit_l, late_l, miss_l, stall_l = tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s
     deferred = runtime.deferred
     inflight = cache.inflight
@@ -227,20 +253,4 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
             demand_loads += len(plan.misses)
             runtime.end_layer(t - t_layer - layer_stall + dense, layer_stall, chan.bw_ewma_bytes_per_s, plan)
         step_s.append(t - t_step)
-    stats.absorb(tally)
-    return ReplayResult(
-        total_s=t,
-        stall_s=stall_total,
-        compute_s=compute_total,
-        step_s=step_s,
-        step_phase=[s.phase for s in steps],
-        step_tokens=[len(s.tokens) for s in steps],
-        bytes_moved=chan.bytes_started + len(cache.policy.pinned()) * expert_bytes,
-        copies=chan.copies_started + len(cache.policy.pinned()),
-        preload_copies=len(cache.policy.pinned()),
-        demand_loads=demand_loads,
-        layers=stats,
-        wall_s=time.perf_counter() - wall0,
-        events=events,
-        copy_records=chan.records,
-    )
+    return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0)

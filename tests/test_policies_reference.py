@@ -383,3 +383,22 @@ def test_lfu_counts_survive_eviction_only_when_kept():
         pol.on_hit(1, 4)  # key 1 used twice
         pol.on_insert(0, 5)  # back: 4 uses if kept, else 1
         assert pol.victim(0, {0, 1}, 6) == want
+
+
+def test_lru_batched_hits_equal_single_hits():
+    """LRU.on_hits (one call per layer-step, a fast path for keys of one partition) leaves the same recency
+    order as on_hit per key, also when keys span partitions or are not the policy's (pinned elsewhere)."""
+    ctx = CacheContext([4, 4, 4], partitions_for([4, 4, 4], "per_layer"), [3, 3, 3])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = LRU(), LRU()
+        a.reset(ctx)
+        b.reset(ctx)
+        for key in rng.permutation(12)[:8].tolist():
+            a.on_insert(key, 0)
+            b.on_insert(key, 0)
+        keys = rng.permutation(12)[: rng.integers(0, 7)].tolist()  # mixed partitions, some never inserted
+        a.on_hits(keys, 1)
+        for key in keys:
+            b.on_hit(key, 1)
+        assert [list(od) for od in a._order] == [list(od) for od in b._order]

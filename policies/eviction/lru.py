@@ -37,12 +37,25 @@ class LRU:
             od.move_to_end(key)
 
     def on_hits(self, keys: list[int], now: int) -> None:
-        """``on_hit`` for each key in order (one call per layer-step instead of one per key)."""
+        """``on_hit`` for each key in order (one call per layer-step instead of one per key). The keys of a
+        layer-step usually share one partition and are all ours: then it is one ``move_to_end`` per key, and
+        at the first key that is not in that list (KeyError) the general loop takes over from that key."""
+        if not keys:
+            return
         order, part = self._order, self._part
-        for key in keys:
-            od = order[part[key]]
-            if key in od:
-                od.move_to_end(key)
+        od = order[part[keys[0]]]
+        move = od.move_to_end
+        try:
+            for key in keys:
+                move(key)
+            return
+        except KeyError:
+            pass
+        # ``key`` raised and the keys before it were moved; its first occurrence is where it first raised
+        for k in keys[keys.index(key):]:
+            od = order[part[k]]
+            if k in od:
+                od.move_to_end(k)
 
     def on_insert(self, key: int, now: int) -> None:
         od = self._order[self._part[key]]  # _touch, inlined (once per copy)

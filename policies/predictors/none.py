@@ -11,6 +11,8 @@ from . import target_layer
 class NoPredictor:
     """Always scores zero, so the driver never prefetches."""
 
+    never_predicts = True  # the runtime skips predict/observe (the same decisions: zero never passes min_score)
+
     def __init__(self) -> None:
         self._num_experts: list[int] = []
 

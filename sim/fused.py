@@ -1,0 +1,260 @@
+"""The replay loop of :mod:`sim.engine` with the policy runtime's per-layer decisions inlined, for the common
+configurations (see :func:`fused_applies`): every eviction policy, on-demand or with a stateless predictor
+(scored ahead by the runtime's :class:`~policies.runtime.PrefetchTable`) at a fixed distance, one serial copy
+channel (every hardware preset).
+
+Why a second loop: at batch size 1 a layer-step is six expert uses, and the general loop spends about 13 us on
+it, almost all in the calls and containers between driver, runtime and cache (``begin_layer``, ``use_layer``,
+``LayerPlan``, ``_plan_prefetch``, ``end_layer``). Here the same steps run in one function, and a layer whose
+experts are all resident and whose predictions are all present already (most layers) costs a few set tests.
+
+It makes the same calls on the same policy objects, in the same order, as ``PolicyRuntime.begin_layer`` and
+``ExpertCache.use_layer`` followed by ``sim.engine._replay``; ``tests/test_sim_fused.py`` pins its results
+equal, float for float, to the general loop's on every policy family it accepts. Change one, change both.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+from policies.runtime import PolicyRuntime
+
+from .channels import SerialChannel
+
+
+def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
+    """Whether :func:`replay_fused` handles this run exactly (else the general loop does): one serial copy
+    channel, no event log, a predictor that is stateless (scored by the runtime's table) or never predicts, a
+    horizon of fixed distance that ignores feedback, and no ``on_predict`` hook."""
+    horizon = runtime.horizon
+    fixed = getattr(horizon, "min_distance", None) is not None and horizon.min_distance == horizon.max_distance
+    return (
+        type(chan) is SerialChannel
+        and not log
+        and (runtime._table is not None or runtime.silent)
+        and fixed
+        and runtime._feedback is None
+        and runtime._on_predict is None
+        and runtime.cache.load_log is None
+    )
+
+
+def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, num_layers: int, uses, tally, result):
+    """Replay ``steps`` (``uses[i]``: key -> tokens at layer-step i, required) into ``tally`` (an empty
+    :class:`~sim.engine.LayerTally`); ``result`` builds the :class:`~sim.engine.ReplayResult` from the totals
+    (the engine's, passed in so there is one)."""
+    wall0 = time.perf_counter()
+    rt = runtime
+    cache = rt.cache
+    stats = cache.stats
+    present, inflight, pu = cache.present, cache.inflight, cache.prefetched_unused
+    reserve = cache.reserve
+    on_hits = cache._on_hits
+    if on_hits is None:  # the policy has no batched hook: on_hit per key, as ExpertCache.use_layer does
+        on_hit = cache.policy.on_hit
+
+        def on_hits(keys: list[int], now: int) -> None:
+            for k in keys:
+                on_hit(k, now)
+    distance = rt.horizon.distance
+    tab = rt._table
+    L = num_layers
+    max_ls = len(steps) * L - 1
+    pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
+    t = 0.0
+    stall_total = compute_total = 0.0
+    demand_loads = 0
+    step_s: list[float] = []
+    dense_cache: dict[int, float] = {}
+    expert_s = [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
+    req_l, hit_l, late_l, miss_l, stall_l = tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s
+    deferred = rt.deferred
+    advance, submit, busy, upgrade, wait_key = chan.advance, chan.submit, chan.busy, chan.upgrade, chan.wait_key
+    queued, copying = chan.queued, chan.copying
+    heappush, heappop = heapq.heappush, heapq.heappop
+
+    def wait_for(key: int) -> None:  # sim.engine._replay's, over the same channel API
+        nonlocal t
+        advance(t)
+        while key in inflight or key in deferred:
+            if not chan.has(key):
+                for k in rt.retry_deferred():
+                    submit(k, 0)
+                if key in deferred:
+                    if not busy():
+                        raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
+                    chan.wait_any()
+                continue
+            chan.wait_key(key)
+        if chan.now > t:
+            t = chan.now
+
+    K = int(rt.experts.shape[2])
+    d = 0 if rt.silent else int(distance())  # constant: fused_applies requires a fixed distance
+    quiet_hits = 0  # hits of quiet layers, added to the cache's stats at the end (nothing reads them before)
+    e1 = expert_s[1] if len(expert_s) > 1 else 0.0
+    for si, step in enumerate(steps):
+        t_step = t
+        ntok = len(step.tokens)
+        nuses = ntok * K  # (token, expert) uses per layer-step: every token routes to K experts
+        dense = dense_cache.get(ntok)
+        if dense is None:
+            dense = dense_cache[ntok] = compute.dense_time_s(ntok)
+        if d:
+            if not tab.start <= si < tab.stop:
+                tab.enter(si)
+            off = si - tab.start
+            rows_of = tab.rows
+        for layer in range(L):
+            t += dense
+            compute_total += dense
+            if queued or copying:
+                advance(t)
+            now = si * L + layer
+            u = uses[now]
+            needed = list(u)
+            once = len(needed) == nuses  # every key used by one token (always at batch size 1)
+            # The prefetch choices (pure lookups: the table scores a block at a time, the same whenever asked).
+            chosen_by = []
+            quiet = True
+            for ahead in range(1, d + 1):
+                if now + ahead > max_ls:
+                    break
+                rows = rows_of.get(ahead * L + layer)
+                if rows is None:
+                    rows = tab.score(layer, ahead)
+                chosen = rows[off]
+                chosen_by.append(chosen)
+                if quiet and not present.issuperset(chosen):
+                    quiet = False
+            # A quiet layer: every expert resident (not in flight, not an unused prefetch), every prediction
+            # already present, no expired prefetch to drop. Then no copy starts and the experts just compute.
+            if (quiet and present.issuperset(needed) and inflight.isdisjoint(needed)
+                    and (not pu or pu.isdisjoint(needed)) and (not pending_prefetch or pending_prefetch[0][0] > now)):
+                rt.now = now
+                on_hits(needed, now)
+                if once and ntok == 1:
+                    for _ in needed:
+                        t += e1
+                        compute_total += e1
+                else:
+                    for k in needed:
+                        et = expert_s[u[k]]
+                        t += et
+                        compute_total += et
+                quiet_hits += nuses  # QUIETCOUNT
+                req_l[layer] += nuses
+                hit_l[layer] += nuses
+                continue
+            rt.now = now
+            # --- ExpertCache.use_layer
+            used = 0
+            if pu and not pu.isdisjoint(needed):
+                was = pu.intersection(needed)
+                used = len(was)
+                pu -= was
+            if present.issuperset(needed):
+                touched, misses = needed, []
+            else:
+                touched = [k for k in needed if k in present]
+                misses = [k for k in needed if k not in present]
+            on_hits(touched, now)
+            if inflight.isdisjoint(touched):
+                late, hits = [], touched
+            else:
+                late = [k for k in touched if k in inflight]
+                hits = [k for k in touched if k not in inflight]
+            if once:
+                h, lt, m = len(hits), len(late), len(misses)
+            else:
+                h, lt, m = sum(u[k] for k in hits), sum(u[k] for k in late), sum(u[k] for k in misses)
+            stats.prefetch_used += used
+            stats.hits += h
+            stats.late_hits += lt
+            stats.misses += m
+            rt._prefetch_hits = used
+            # --- PolicyRuntime.begin_layer: demand slots (the protected set is built only when read)
+            protected = None
+            demand = []
+            if misses:
+                rt.protected = protected = set(needed)
+                for k in misses:
+                    ok, _ = reserve(k, now, protected)
+                    if ok:
+                        demand.append(k)
+                    else:
+                        deferred.append(k)
+            # --- PolicyRuntime._plan_prefetch
+            prefetch = []
+            for ahead, chosen in enumerate(chosen_by, 1):
+                if present.issuperset(chosen):
+                    continue
+                keep = None
+                for key in chosen:
+                    if key in present:
+                        continue
+                    if keep is None:
+                        if protected is None:
+                            rt.protected = protected = set(needed)
+                        keep = protected | set(chosen) | pu
+                    ok, _ = reserve(key, now, keep, prefetch=True)
+                    if not ok:
+                        break
+                    prefetch.append((key, now + ahead))
+                    rt.prefetch_issued += 1
+            # --- sim.engine._replay
+            if demand or prefetch:
+                advance(t)
+            while pending_prefetch and pending_prefetch[0][0] <= now:
+                _, k = heappop(pending_prefetch)
+                if k in queued and k not in u and chan.cancel(k):
+                    rt.cancel(k)
+            for k in demand:
+                submit(k, 0)
+            for k, target in prefetch:
+                submit(k, 1 + target - now)
+                heappush(pending_prefetch, (target, k))
+            for k in late:
+                upgrade(k)
+            layer_stall = 0.0
+            if not deferred:
+                for k in hits:
+                    et = expert_s[u[k]]
+                    t += et
+                    compute_total += et
+                order = late + misses if late else misses
+            else:
+                order = hits + late + misses
+            for k in order:
+                if k in inflight or k in deferred:
+                    before = t
+                    if deferred:
+                        wait_for(k)
+                    else:  # wait_for without deferred demands: the key's copy is queued or running
+                        advance(t)
+                        wait_key(k)
+                        if chan.now > t:
+                            t = chan.now
+                    layer_stall += t - before
+                et = expert_s[u[k]]
+                t += et
+                compute_total += et
+                if deferred:
+                    started = rt.release(k)
+                    if started:
+                        advance(t)
+                        for s in started:
+                            submit(s, 0)
+            stall_total += layer_stall
+            stall_l[layer] += layer_stall
+            req_l[layer] += h + lt + m
+            hit_l[layer] += h
+            late_l[layer] += lt
+            miss_l[layer] += m
+            demand_loads += len(misses)
+        step_s.append(t - t_step)
+    stats.hits += quiet_hits
+    rt._last_issued = rt.prefetch_issued  # PolicyRuntime.end_layer's bookkeeping, once (no feedback reads it)
+    rt._last_wasted = stats.prefetch_wasted
+    return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0)
