@@ -26,11 +26,24 @@ def store_for(layout: StoreLayout, model: str, tier_dir: Path) -> Path:
     return path
 
 
-def check_memory(nbytes: int) -> None:
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Memory the kernel can give us: ``MemAvailable`` (free pages plus reclaimable page cache; after reading
+    expert files most of RAM is page cache, so free pages alone can be a few hundred MB on an idle machine),
+    else free pages where there is no /proc/meminfo."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(nbytes: int, avail: int | None = None) -> None:
+    avail = available_memory_bytes() if avail is None else avail
     if nbytes > 0.8 * avail:
         raise TierError(
-            f"executor: {nbytes / 2**30:.2f} GiB of expert slots do not fit in {avail / 2**30:.2f} GiB of free memory; "
+            f"executor: {nbytes / 2**30:.2f} GiB of expert slots do not fit in {avail / 2**30:.2f} GiB of available memory; "
             "raise executor.scale or lower cache.fraction"
         )
 
