@@ -12,6 +12,8 @@ really runs it (``executor/engine.py``), because that is the time the simulator 
   (queueing it, waking an I/O thread, the GIL and the second core it shares with the I/O threads): layers
   with copies minus layers without, per copy. The isolated single-read fit ``seconds = latency_s + bytes /
   bandwidth_bytes_per_s`` (no concurrency) is kept for reference and extrapolates beyond the table.
+  ``copy.replay.read_alone_s`` / ``read_pair_s`` / ``pair_speedup``: the read of a copy alone vs the span of two
+  at once (this machine's disk: about 1, two reads split one link), from which the simulator picks its tier model.
 - ``python -m executor profile loop -o LOOP.json [--profile PROFILE.json] [hydra overrides]``: the per-layer
   cost of one policy's decision loop as the executor runs it (``begin_layer``, cancels, submissions,
   ``release``, ``end_layer``, stats): the executor's own loop replays the configured trace and policy with no
@@ -40,6 +42,7 @@ from traces.io import atomic_path
 from traces.presets import get_preset
 
 from .compute import LayerCompute
+from .profile_loop import InstantTransfer, NullCompute, measure_loop_overhead  # noqa: F401  (moved; still importable here)
 from .tier import ALIGN, ExpertReader, TierError, aligned_buffer, scaled_layout, write_store
 from .transfer import TransferEngine
 
@@ -137,7 +140,7 @@ def measure_compute(compute, repeats: int, n_slots: int, experts_per_layer: int 
 
 
 def measure_loop_copies(reader: ExpertReader, compute, io_threads: int, n_slots: int, experts: int = 6,
-                        layers: int = 240) -> dict:
+                        layers: int = 480) -> dict:
     """Copies as the replay loop gets them: per layer the dense part, then 0-2 copies submitted (mean 1, like an
     on-demand cache at half capacity), the resident experts computed, each copy waited for and its expert
     computed. Layers alternate between with and without copies, so both see the same machine load.
@@ -154,13 +157,14 @@ def measure_loop_copies(reader: ExpertReader, compute, io_threads: int, n_slots:
     wakes: list[float] = []
     total = reader.layout.total_experts
     nxt = 0
+    groups: list[list] = []  # per measured layer with copies: the records of the copies submitted together
     try:
         for i in range(layers + 4):
             with_copies = i % 2
             m = int(rng.choice([0, 1, 1, 2])) if with_copies else 0
             t0 = clock()
             compute.run_dense(1)
-            keys = []
+            keys, first = [], len(eng.records)
             for _ in range(m):
                 key = nxt % total
                 eng.submit(key, nxt % ring, 0)
@@ -183,6 +187,8 @@ def measure_loop_copies(reader: ExpertReader, compute, io_threads: int, n_slots:
                 nlay[with_copies] += 1
                 if with_copies:
                     nlay["copies"] = nlay.get("copies", 0) + m
+                    if m:  # every copy of the layer landed (waited for) before the next layer submits
+                        groups.append(eng.records[first:])
     finally:
         eng.close()
     recs = eng.records[4:]
@@ -197,100 +203,28 @@ def measure_loop_copies(reader: ExpertReader, compute, io_threads: int, n_slots:
         "wake_s": statistics.median(wakes) if wakes else 0.0,
         "main_thread_s": main_thread,
         "copies": len(recs),
+        **tier_concurrency(groups),
     }
 
 
-class InstantTransfer:
-    """A transfer engine whose copies land at once (at the loop's next look): the replay loop's own cost."""
-
-    def __init__(self):
-        self._landed: list[int] = []
-        self.records: list = []
-        self.bytes_started = 0
-        self.copies_started = 0
-
-    def submit(self, key: int, slot: int, priority: int) -> None:
-        self._landed.append(key)
-        self.copies_started += 1
-
-    def landed(self) -> list[int]:
-        out, self._landed = self._landed, []
-        return out
-
-    def upgrade(self, key: int) -> None:
-        pass
-
-    def cancel(self, key: int) -> bool:
-        return False
-
-    def wait(self, key: int) -> float:
-        return 0.0
-
-    def wait_any(self) -> float:
-        if not self._landed:
-            raise TierError("wait for any copy: none is queued or running")
-        return 0.0
-
-    def bandwidth_bytes_per_s(self) -> float:
-        return 0.0
-
-
-class NullCompute:
-    def run_dense(self, n_tokens: int) -> None:
-        pass
-
-    def run_expert(self, slot: int, n_tokens: int) -> None:
-        pass
-
-
-def measure_loop_overhead(overrides: list[str], main_thread_copy_s: float = 0.0, repeats: int = 3) -> dict:
-    """The replay loop of ``executor/engine.py`` for the configured trace and policy with no compute and
-    instant copies (median of ``repeats`` runs): seconds per layer-step, copies per layer-step, and
-    ``layer_overhead_s`` = the former + the latter x ``main_thread_copy_s``."""
-    from hydra import compose, initialize_config_dir
-
-    from sim.run import prepare
-
-    from .engine import execute
-
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    per_ls, copies = [], []
-    for _ in range(repeats):
-        p = prepare(cfg)  # fresh policy state each time
-        tr = InstantTransfer()
-        phases: dict[str, float] = {}
-        res = execute(p.steps, p.runtime, tr, NullCompute(), p.meta.num_layers, p.uses, phases=phases)
-        n = max(1, int(phases["layer_steps"]))
-        per_ls.append(res.total_s / n)
-        copies.append(res.copies / n)
-    loop_s, cps = statistics.median(per_ls), statistics.median(copies)
-    return {"loop_s_per_layer_step": loop_s, "copies_per_layer_step": cps, "main_thread_copy_s": main_thread_copy_s,
-            "layer_overhead_s": loop_s + cps * main_thread_copy_s, "overrides": overrides}
-
-
-def loop_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m executor profile loop",
-                                 description="per-layer cost of a policy's decision loop (see python -m executor profile -h)")
-    ap.add_argument("--profile", type=Path, help="a profile from `executor profile`: adds its copy.main_thread_s per copy")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("-o", "--output", type=Path, required=True)
-    ap.add_argument("overrides", nargs="*", help="hydra overrides: trace, cache, predictor, horizon, ...")
-    args = ap.parse_args(argv)
-    mt = 0.0
-    if args.profile:
-        mt = float(json.loads(args.profile.read_text())["copy"].get("main_thread_s", 0.0))
-    out = measure_loop_overhead(args.overrides, mt, args.repeats)
-    with atomic_path(args.output) as tmp:
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.output}: loop {out['loop_s_per_layer_step'] * 1e6:.1f} us/layer-step, "
-          f"{out['copies_per_layer_step']:.2f} copies/layer-step -> layer_overhead_s {out['layer_overhead_s'] * 1e6:.1f} us")
-    return 0
+def tier_concurrency(groups: list[list]) -> dict:
+    """How the tier serves two copies at once, from groups of copy records submitted together: the mean read
+    of a copy submitted alone vs the mean span (first start to last landing, robust to staggered pick-ups) of
+    two submitted together. ``pair_speedup = 2 x alone / pair``: 2 when two reads go as fast as one
+    (independent channels), 1 when they split one link's bandwidth; None without both kinds."""
+    alone_reads = [g[0].end_s - g[0].start_s for g in groups if len(g) == 1]
+    full = [max(r.end_s for r in g) - min(r.start_s for r in g) for g in groups if len(g) == 2]
+    alone = statistics.mean(alone_reads) if alone_reads else None
+    pair = statistics.mean(full) if full else None
+    return {"read_alone_s": alone, "read_pair_s": pair,
+            "pair_speedup": 2 * alone / pair if alone and pair else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["loop"]:
+        from .profile_loop import loop_main
+
         return loop_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m executor profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,109 @@
+"""``python -m executor profile loop``: the per-layer host cost of one policy's decision loop as the executor
+runs it (the executor's own loop with no compute and copies that land at once), and how the simulator charges
+it. See ``python -m executor profile -h`` (``executor/profile.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from traces.io import atomic_path
+
+from .tier import TierError
+
+
+class InstantTransfer:
+    """A transfer engine whose copies land at once (at the loop's next look): the replay loop's own cost."""
+
+    def __init__(self):
+        self._landed: list[int] = []
+        self.records: list = []
+        self.bytes_started = 0
+        self.copies_started = 0
+
+    def submit(self, key: int, slot: int, priority: int) -> None:
+        self._landed.append(key)
+        self.copies_started += 1
+
+    def landed(self) -> list[int]:
+        out, self._landed = self._landed, []
+        return out
+
+    def upgrade(self, key: int) -> None:
+        pass
+
+    def cancel(self, key: int) -> bool:
+        return False
+
+    def wait(self, key: int) -> float:
+        return 0.0
+
+    def wait_any(self) -> float:
+        if not self._landed:
+            raise TierError("wait for any copy: none is queued or running")
+        return 0.0
+
+    def bandwidth_bytes_per_s(self) -> float:
+        return 0.0
+
+
+class NullCompute:
+    def run_dense(self, n_tokens: int) -> None:
+        pass
+
+    def run_expert(self, slot: int, n_tokens: int) -> None:
+        pass
+
+
+def measure_loop_overhead(overrides: list[str], main_thread_copy_s: float = 0.0, repeats: int = 3) -> dict:
+    """The replay loop of ``executor/engine.py`` for the configured trace and policy with no compute and
+    instant copies (median of ``repeats`` runs): seconds per layer-step, copies per layer-step, and
+    ``layer_overhead_s`` = the former + the latter x ``main_thread_copy_s``. The two parts happen at different
+    moments: the decision loop runs before the layer's copies are submitted, the copies' main-thread cost while
+    they are in flight, i.e. during the layer's expert compute. So the split is given too: ``decide_overhead_s``
+    (the loop alone, per layer) and ``expert_overhead_s`` (the copies' cost spread over the experts computed
+    per layer-step); the simulator adds them where they occur."""
+    from hydra import compose, initialize_config_dir
+
+    from sim.run import prepare
+
+    from .engine import execute
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    per_ls, copies, experts = [], [], []
+    for _ in range(repeats):
+        p = prepare(cfg)  # fresh policy state each time
+        tr = InstantTransfer()
+        phases: dict[str, float] = {}
+        res = execute(p.steps, p.runtime, tr, NullCompute(), p.meta.num_layers, p.uses, phases=phases)
+        n = max(1, int(phases["layer_steps"]))
+        per_ls.append(res.total_s / n)
+        copies.append(res.copies / n)
+        experts.append(phases["expert_runs"] / n)
+    loop_s, cps, eps = statistics.median(per_ls), statistics.median(copies), statistics.median(experts)
+    return {"loop_s_per_layer_step": loop_s, "copies_per_layer_step": cps, "main_thread_copy_s": main_thread_copy_s,
+            "experts_per_layer_step": eps, "layer_overhead_s": loop_s + cps * main_thread_copy_s,
+            "decide_overhead_s": loop_s, "expert_overhead_s": cps * main_thread_copy_s / eps if eps else 0.0,
+            "overrides": overrides}
+
+
+def loop_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m executor profile loop",
+                                 description="per-layer cost of a policy's decision loop (see python -m executor profile -h)")
+    ap.add_argument("--profile", type=Path, help="a profile from `executor profile`: adds its copy.main_thread_s per copy")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    ap.add_argument("overrides", nargs="*", help="hydra overrides: trace, cache, predictor, horizon, ...")
+    args = ap.parse_args(argv)
+    mt = 0.0
+    if args.profile:
+        mt = float(json.loads(args.profile.read_text())["copy"].get("main_thread_s", 0.0))
+    out = measure_loop_overhead(args.overrides, mt, args.repeats)
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.output}: loop {out['loop_s_per_layer_step'] * 1e6:.1f} us/layer-step, "
+          f"{out['copies_per_layer_step']:.2f} copies/layer-step -> layer_overhead_s {out['layer_overhead_s'] * 1e6:.1f} us")
+    return 0
