@@ -8,7 +8,11 @@ Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbyt
 - ``profiled``: a measured table bytes -> seconds (``executor profile``), interpolated; the fitted
   latency + bandwidth extrapolate beyond the table. The table is one expert's copy as the executor's I/O
   threads get it during a replay (pick-up + read while the main thread computes + the waiter's wake-up), on
-  ``io_threads`` channels.
+  ``io_threads`` independent channels. When the profile measured how the tier serves two copies at once
+  (``copy.replay.pair_speedup``, 1 = two reads split one link, 2 = they run as fast as one), a tier that
+  does not scale (speedup below ``SHARED_BELOW``) becomes a ``shared_link`` of ``io_threads`` copies: a copy
+  alone takes pick-up + ``read_alone_s`` + wake-up, two at once split that rate (``hardware.bandwidth.sharing``:
+  ``auto`` (default), ``shared`` or ``independent`` overrides the choice).
 Compute models give the dense (attention etc.) time of a layer for a number of tokens, and the time of one
 expert's FFN for the tokens routed to it:
 - ``analytic``: roofline, max(FLOPs / achievable FLOP/s, bytes read / achievable memory bandwidth).
@@ -17,7 +21,11 @@ expert's FFN for the tokens routed to it:
   layer's dense time: the host's per-layer decision loop (policy runtime, copy submission and the main-thread
   cost of each copy), which the executor pays on its compute thread and which depends on the policy; measure
   it with ``python -m executor profile loop`` and pass ``hardware.compute.layer_overhead_s`` (default: the
-  profile's ``compute.layer_overhead_s``, else 0).
+  profile's ``compute.layer_overhead_s``, else 0). ``expert_overhead_s`` is added to every expert's time: the
+  main thread's cost of the copies in flight (``executor profile`` measures it per copy; ``profile loop``
+  spreads it over the experts computed per layer-step). It belongs there, not in the layer's dense time:
+  the cost is paid while copies are in flight, i.e. overlapping them, and charged before the layer's copies
+  are submitted it would instead delay them and show up as stall.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from pathlib import Path
 import numpy as np
 
 GB = 1e9
+# a measured pair speedup below this is modelled as one shared link (processor sharing), at or above it as
+# independent channels: the two models the copy channels have, and 1.5 is halfway between them
+SHARED_BELOW = 1.5
 
 
 class HardwareConfigError(ValueError):
@@ -68,6 +79,7 @@ class ComputeModel:
     expert_tokens: np.ndarray | None = None
     expert_s: np.ndarray | None = None
     layer_overhead_s: float = 0.0  # profiled: host seconds per layer outside compute (decision loop, submissions)
+    expert_overhead_s: float = 0.0  # profiled: main-thread seconds per expert computed (in-flight copies' cost)
 
     def dense_time_s(self, tokens: int) -> float:
         """Attention + projections of one layer; stand-in of 4 x hidden^2 weights (q, k, v, o). Profiled: plus the
@@ -80,7 +92,7 @@ class ComputeModel:
     def expert_time_s(self, tokens: int) -> float:
         """One expert's FFN over the ``tokens`` routed to it (reads its weights once)."""
         if self.kind == "profiled":
-            return float(np.interp(tokens, self.expert_tokens, self.expert_s))
+            return float(np.interp(tokens, self.expert_tokens, self.expert_s)) + self.expert_overhead_s
         weights = self.matrices * self.hidden_size * self.intermediate_size
         return max(2.0 * tokens * weights / self.flops_per_s, weights * self.dtype_bytes / self.mem_bytes_per_s)
 
@@ -90,6 +102,15 @@ def _positive(cfg: dict, key: str, where: str) -> float:
     if v is None or not isinstance(v, (int, float)) or not v > 0:
         raise HardwareConfigError(f"{where}.{key}: expected a positive number, got {v!r}")
     return float(v)
+
+
+def _overhead(comp: dict, prof_compute: dict, key: str) -> float:
+    """``hardware.compute.<key>`` if set, else the profile's ``compute.<key>``, else 0; never negative."""
+    v = comp.get(key)
+    v = float(prof_compute.get(key, 0.0) if v is None else v)
+    if not v >= 0:
+        raise HardwareConfigError(f"hardware.compute.{key}: expected >= 0, got {v}")
+    return v
 
 
 def load_profile(path: str | Path) -> dict:
@@ -103,6 +124,31 @@ def load_profile(path: str | Path) -> dict:
     if prof.get("schema") != "expertflow.hwprofile/1":
         raise HardwareConfigError(f"{p}: field 'schema': expected 'expertflow.hwprofile/1', got {prof.get('schema')!r}")
     return prof
+
+
+def profiled_copy_model(prof: dict, sharing: str, channels: int, path) -> CopyModel:
+    """The copy model of a profile: independent channels at the measured replay time per copy, or, when the
+    tier measured as one shared link (``sharing`` auto and pair speedup < ``SHARED_BELOW``, or ``shared``),
+    processor sharing with a copy alone taking pick-up + ``read_alone_s`` + wake-up."""
+    if sharing not in ("auto", "shared", "independent"):
+        raise HardwareConfigError(f"hardware.bandwidth.sharing: expected auto|shared|independent, got {sharing!r}")
+    c = prof["copy"]
+    threads = int(c.get("io_threads", channels))
+    expert_bytes = prof.get("expert_bytes")
+    rep = c.get("replay") or {}
+    speedup = rep.get("pair_speedup")
+    if sharing == "shared" and (speedup is None or not expert_bytes):
+        raise HardwareConfigError(f"{path}: hardware.bandwidth.sharing=shared needs copy.replay.pair_speedup and "
+                                  "expert_bytes (profile again with `python -m executor profile`)")
+    if sharing == "shared" or (sharing == "auto" and speedup is not None and expert_bytes and speedup < SHARED_BELOW):
+        alone = float(rep["read_alone_s"])
+        if not alone > 0:
+            raise HardwareConfigError(f"{path}: copy.replay.read_alone_s: expected a positive number, got {alone!r}")
+        # the hand-offs (pick-up, wake-up) are the shared link's per-copy latency; the read drains the bytes
+        latency = float(rep.get("pickup_s", 0.0)) + float(rep.get("wake_s", 0.0))
+        return CopyModel("shared_link", expert_bytes / alone, latency, threads, expert_bytes=expert_bytes)
+    return CopyModel("profiled", float(c["bandwidth_bytes_per_s"]), float(c["latency_s"]), threads,
+                     np.asarray(c["bytes"], float), np.asarray(c["seconds"], float), expert_bytes)
 
 
 def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
@@ -119,11 +165,7 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
     ckind = comp.get("model", "analytic")
     prof = load_profile(hw["profile_path"]) if (kind == "profiled" or ckind == "profiled") else None
     if kind == "profiled":
-        c = prof["copy"]
-        copy = CopyModel(
-            kind, float(c["bandwidth_bytes_per_s"]), float(c["latency_s"]), int(c.get("io_threads", channels)),
-            np.asarray(c["bytes"], float), np.asarray(c["seconds"], float), prof.get("expert_bytes"),
-        )
+        copy = profiled_copy_model(prof, str(bw.get("sharing", "auto")), channels, hw["profile_path"])
     else:
         lat = float(bw.get("latency_s", 0.0))
         if lat < 0:
@@ -131,17 +173,14 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
         copy = CopyModel(kind, _positive(bw, "bandwidth_gbps", "hardware.bandwidth") * GB, lat, channels)
     if ckind == "profiled":
         c = prof["compute"]
-        over = comp.get("layer_overhead_s")
-        over = float(c.get("layer_overhead_s", 0.0) if over is None else over)
-        if not over >= 0:
-            raise HardwareConfigError(f"hardware.compute.layer_overhead_s: expected >= 0, got {over}")
+        over, per_expert = (_overhead(comp, c, k) for k in ("layer_overhead_s", "expert_overhead_s"))
         # The profile measured a scaled-down shape; the trace says what it replays. Use the tables as is:
         # profiled runs replay the same (scaled) shape the executor runs.
         compute = ComputeModel(
             ckind, meta.hidden_size, inter,
             dense_tokens=np.asarray(c["dense_tokens"], float), dense_s=np.asarray(c["dense_s"], float),
             expert_tokens=np.asarray(c["expert_tokens"], float), expert_s=np.asarray(c["expert_s"], float),
-            layer_overhead_s=over,
+            layer_overhead_s=over, expert_overhead_s=per_expert,
         )
     elif ckind == "analytic":
         matrices = 2 if meta.model.startswith("switch") else 3
