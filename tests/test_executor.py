@@ -171,8 +171,8 @@ def test_validate_small_case(tmp_path):
     """The validation pipeline end to end on a small case: identical on-demand decisions, a table, the JSON."""
     out = tmp_path / "val"
     proc = subprocess.run([sys.executable, "-m", "analysis", "validate", "--out", str(out), "--tokens", "60",
-                           "--scale", "16", "--policies", "lru,transition-d1"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                           "--scale", "16", "--policies", "lru,transition-d1", "--repeats", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     v = json.loads((out / "validation.json").read_text())
     assert v["timing_free_decisions_identical"] is True
@@ -180,3 +180,4 @@ def test_validate_small_case(tmp_path):
     lru = {r["metric"]: r for r in v["rows"] if r["policy"] == "lru"}
     assert lru["hit_rate"]["real"] == lru["hit_rate"]["sim"] and lru["copies"]["error_pct"] == 0.0
     assert isinstance(v["same_ranking"], bool) and "| lru | total_s |" in (out / "validation.md").read_text()
+    assert v["rounds"] == 1 and (out / "round-0" / "profile.json").exists() and lru["total_s"]["real_spread_pct"] == 0.0
