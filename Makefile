@@ -32,7 +32,7 @@ test-slow: venv
 	$(PY) -m pytest -m slow || [ $$? -eq 5 ]  # exit 5: no slow tests collected
 
 bench: venv
-	$(PY) benchmarks/bench_sim.py
+	$(PY) benchmarks/bench_sim.py --general
 	$(PY) benchmarks/bench_executor.py
 	$(PY) benchmarks/bench_executor_stall.py
 

@@ -92,7 +92,6 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
 
     K = int(rt.experts.shape[2])
     d = 0 if rt.silent else int(distance())  # constant: fused_applies requires a fixed distance
-    quiet_hits = 0  # hits of quiet layers, added to the cache's stats at the end (nothing reads them before)
     e1 = expert_s[1] if len(expert_s) > 1 else 0.0
     for si, step in enumerate(steps):
         t_step = t
@@ -132,9 +131,8 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
             # already present, no expired prefetch to drop. Then no copy starts and the experts just compute.
             if (quiet and present.issuperset(needed) and inflight.isdisjoint(needed)
                     and (not pu or pu.isdisjoint(needed)) and (not pending_prefetch or pending_prefetch[0][0] > now)):
-                rt.now = now
                 on_hits(needed, now)
-                if once and ntok == 1:
+                if once:
                     for _ in needed:
                         t += e1
                         compute_total += e1
@@ -143,11 +141,8 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                         et = expert_s[u[k]]
                         t += et
                         compute_total += et
-                quiet_hits += nuses  # QUIETCOUNT
-                req_l[layer] += nuses
-                hit_l[layer] += nuses
-                continue
-            rt.now = now
+                continue  # hit counts: every use that was not a late hit or a miss, summed at the end
+            rt.now = now  # read by retry_deferred
             # --- ExpertCache.use_layer
             used = 0
             if pu and not pu.isdisjoint(needed):
@@ -166,11 +161,10 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                 late = [k for k in touched if k in inflight]
                 hits = [k for k in touched if k not in inflight]
             if once:
-                h, lt, m = len(hits), len(late), len(misses)
+                lt, m = len(late), len(misses)
             else:
-                h, lt, m = sum(u[k] for k in hits), sum(u[k] for k in late), sum(u[k] for k in misses)
+                lt, m = sum(u[k] for k in late), sum(u[k] for k in misses)
             stats.prefetch_used += used
-            stats.hits += h
             stats.late_hits += lt
             stats.misses += m
             rt._prefetch_hits = used
@@ -219,10 +213,15 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                 upgrade(k)
             layer_stall = 0.0
             if not deferred:
-                for k in hits:
-                    et = expert_s[u[k]]
-                    t += et
-                    compute_total += et
+                if once:
+                    for _ in hits:
+                        t += e1
+                        compute_total += e1
+                else:
+                    for k in hits:
+                        et = expert_s[u[k]]
+                        t += et
+                        compute_total += et
                 order = late + misses if late else misses
             else:
                 order = hits + late + misses
@@ -248,13 +247,17 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                             submit(s, 0)
             stall_total += layer_stall
             stall_l[layer] += layer_stall
-            req_l[layer] += h + lt + m
-            hit_l[layer] += h
             late_l[layer] += lt
             miss_l[layer] += m
             demand_loads += len(misses)
         step_s.append(t - t_step)
-    stats.hits += quiet_hits
+    # every layer-step has ``nuses`` uses; the hits are the rest after late hits and misses
+    uses_per_layer = K * sum(len(st.tokens) for st in steps)
+    for layer in range(L):
+        req_l[layer] += uses_per_layer
+        hit_l[layer] += uses_per_layer - late_l[layer] - miss_l[layer]
+    stats.hits += L * uses_per_layer - sum(late_l) - sum(miss_l)
+    rt.now = max_ls
     rt._last_issued = rt.prefetch_issued  # PolicyRuntime.end_layer's bookkeeping, once (no feedback reads it)
     rt._last_wasted = stats.prefetch_wasted
     return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0)
