@@ -21,7 +21,7 @@ from policies.base import Step
 from policies.runtime import PolicyRuntime
 
 from .channels import CopyChannels, make_channels
-from .fused import fused_applies, replay_fused
+from .fused import expert_times_s, fused_applies, replay_fused, wait_ready
 from .hardware import ComputeModel, CopyModel
 
 
@@ -161,31 +161,14 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
     demand_loads = 0
     step_s: list[float] = []
     dense_cache: dict[int, float] = {}
-    # expert compute time by the number of tokens using the expert (a list: indexed once per expert computed)
-    expert_s = [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
+    expert_s = expert_times_s(compute, steps)
     tally = LayerTally(L)
     req_l, hit_l, late_l, miss_l, stall_l = tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s
     deferred = runtime.deferred
     inflight = cache.inflight
-    advance, submit, busy = chan.advance, chan.submit, chan.busy
+    advance, submit = chan.advance, chan.submit
     queued, copying = chan.queued, chan.copying  # busy() is ``queued or copying``; read them directly per layer
     heappush, heappop = heapq.heappush, heapq.heappop
-
-    def wait_for(key: int) -> None:
-        nonlocal t
-        advance(t)
-        while key in inflight or key in deferred:
-            if not chan.has(key):  # deferred: no slot yet; wait for any copy to land, then retry
-                for k in runtime.retry_deferred():
-                    submit(k, 0)
-                if key in deferred:
-                    if not busy():
-                        raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
-                    chan.wait_any()
-                continue
-            chan.wait_key(key)
-        if chan.now > t:
-            t = chan.now
 
     for si, step in enumerate(steps):
         t_step = t
@@ -229,7 +212,7 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
             for k in order:
                 if k in inflight or k in deferred:
                     before = t
-                    wait_for(k)
+                    t = wait_ready(k, t, chan, runtime)
                     layer_stall += t - before
                 et = expert_s[puses[k]]
                 if log:

@@ -40,6 +40,30 @@ def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
     )
 
 
+def expert_times_s(compute, steps) -> list[float]:
+    """Expert compute time by the number of tokens using the expert, 0 to the largest step's token count (a
+    list: both loops index it once per expert computed)."""
+    return [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
+
+
+def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
+    """Run the copy channel until expert ``key`` is usable (its copy landed; a deferred demand first gets a
+    slot as copies land and free one); returns the new compute time (``t`` if it did not have to wait)."""
+    chan.advance(t)
+    inflight, deferred = runtime.cache.inflight, runtime.deferred
+    while key in inflight or key in deferred:
+        if not chan.has(key):  # deferred: no slot yet; wait for any copy to land, then retry
+            for k in runtime.retry_deferred():
+                chan.submit(k, 0)
+            if key in deferred:
+                if not chan.busy():
+                    raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
+                chan.wait_any()
+            continue
+        chan.wait_key(key)
+    return chan.now if chan.now > t else t
+
+
 def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, num_layers: int, uses, tally, result):
     """Replay ``steps`` (``uses[i]``: key -> tokens at layer-step i, required) into ``tally`` (an empty
     :class:`~sim.engine.LayerTally`); ``result`` builds the :class:`~sim.engine.ReplayResult` from the totals
@@ -67,28 +91,12 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     demand_loads = 0
     step_s: list[float] = []
     dense_cache: dict[int, float] = {}
-    expert_s = [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
+    expert_s = expert_times_s(compute, steps)
     req_l, hit_l, late_l, miss_l, stall_l = tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s
     deferred = rt.deferred
-    advance, submit, busy, upgrade, wait_key = chan.advance, chan.submit, chan.busy, chan.upgrade, chan.wait_key
+    advance, submit, upgrade, wait_key = chan.advance, chan.submit, chan.upgrade, chan.wait_key
     queued, copying = chan.queued, chan.copying
     heappush, heappop = heapq.heappush, heapq.heappop
-
-    def wait_for(key: int) -> None:  # sim.engine._replay's, over the same channel API
-        nonlocal t
-        advance(t)
-        while key in inflight or key in deferred:
-            if not chan.has(key):
-                for k in rt.retry_deferred():
-                    submit(k, 0)
-                if key in deferred:
-                    if not busy():
-                        raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
-                    chan.wait_any()
-                continue
-            chan.wait_key(key)
-        if chan.now > t:
-            t = chan.now
 
     K = int(rt.experts.shape[2])
     d = 0 if rt.silent else int(distance())  # constant: fused_applies requires a fixed distance
@@ -229,7 +237,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                 if k in inflight or k in deferred:
                     before = t
                     if deferred:
-                        wait_for(k)
+                        t = wait_ready(k, t, chan, rt)
                     else:  # wait_for without deferred demands: the key's copy is queued or running
                         advance(t)
                         wait_key(k)
