@@ -194,8 +194,9 @@ def test_adaptive_formula_hand_example():
     assert h.base_distance() == 12 and h.distance() == 10
 
 
-def small_adaptive():
-    h = AdaptiveHorizon(min_distance=1, max_distance=4, prior_bandwidth_bytes_per_s=2e10, prior_layer_compute_s=1e-3)
+def small_adaptive(**kw):
+    h = AdaptiveHorizon(min_distance=1, max_distance=4, prior_bandwidth_bytes_per_s=2e10, prior_layer_compute_s=1e-3,
+                        **kw)
     h.reset(HorizonContext(num_layers=8, top_k=2, expert_bytes=10_000_000, batch_size=1, num_experts=[8] * 8))
     return h  # S = ceil(2e7 / 2e7) = 1
 
@@ -211,6 +212,18 @@ def test_adaptive_widens_on_stalls_and_stays_bounded():
     h2 = small_adaptive()
     h2.feedback(fb(late=1))
     assert h2.distance() == 2
+
+
+def test_adaptive_widen_on_late_ignores_demand_stalls():
+    """widen_on='late': a stall with no late hit (demand misses only) leaves the distance; a late hit widens."""
+    h = small_adaptive(widen_on="late")
+    for _ in range(5):
+        h.feedback(fb(stall_s=1e-3, issued=2))
+    assert h.distance() == 1
+    h.feedback(fb(stall_s=1e-3, issued=2, late=1))
+    assert h.distance() == 2
+    with pytest.raises(PolicyConfigError, match="widen_on"):
+        AdaptiveHorizon(widen_on="sometimes")
 
 
 def test_adaptive_narrows_on_waste_and_stays_bounded():

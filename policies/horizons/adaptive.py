@@ -15,7 +15,10 @@ Base horizon (layers whose compute hides the copies one layer needs)::
 Correction ``c`` (a real number, starts at 0), updated after each ``feedback``, in this order:
 
 1. if ``I > 0`` and ``W / I > waste_threshold``: ``c -= step_down``   (prefetches go unused: look less far)
-2. else if ``fb.stall_s > 0`` or ``fb.late_hits > 0``: ``c += step_up``  (copies arrive late: look further)
+2. else if ``fb.stall_s > 0`` or ``fb.late_hits > 0``: ``c += step_up``  (copies arrive late: look further).
+   With ``widen_on="late"`` only ``fb.late_hits > 0`` counts: a stall on demand misses alone (nothing was
+   prefetched for them) is not a sign that prefetches start too late, and on a link-bound trace looking
+   further only adds copies ahead of those demands. ``"any"`` (the default) is the paper's rule.
 3. anti-windup: ``c`` is clamped to ``[min_distance - S, max_distance - S]`` with the current S, so a
    correction in either direction moves the distance at once instead of first unwinding a backlog.
 
@@ -40,6 +43,7 @@ class AdaptiveHorizon:
         step_up: float = 1.0,
         step_down: float = 0.5,
         waste_threshold: float = 0.5,
+        widen_on: str = "any",
     ) -> None:
         if not 0 <= int(min_distance) <= int(max_distance):
             raise PolicyConfigError(
@@ -51,6 +55,9 @@ class AdaptiveHorizon:
             raise PolicyConfigError("adaptive horizon: priors for bandwidth and layer compute time must be > 0")
         if float(step_up) < 0 or float(step_down) < 0 or not 0.0 <= float(waste_threshold) <= 1.0:
             raise PolicyConfigError("adaptive horizon: steps must be >= 0 and waste_threshold in [0, 1]")
+        if widen_on not in ("any", "late"):
+            raise PolicyConfigError(f"adaptive horizon: widen_on expected 'any' or 'late', got {widen_on!r}")
+        self.widen_on = widen_on
         self.min_distance = int(min_distance)
         self.max_distance = int(max_distance)
         self.prior_bandwidth_bytes_per_s = float(prior_bandwidth_bytes_per_s)
@@ -97,7 +104,7 @@ class AdaptiveHorizon:
         self.issued = self._ewma(self.issued, float(fb.prefetch_issued))
         if self.issued > 0 and self.wasted / self.issued > self.waste_threshold:
             self.correction -= self.step_down
-        elif fb.stall_s > 0 or fb.late_hits > 0:
+        elif fb.late_hits > 0 or (fb.stall_s > 0 and self.widen_on == "any"):
             self.correction += self.step_up
         s = self.base_distance()
         self.correction = min(self.max_distance - s, max(self.min_distance - s, self.correction))
