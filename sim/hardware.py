@@ -10,9 +10,12 @@ Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbyt
   threads get it during a replay (pick-up + read while the main thread computes + the waiter's wake-up), on
   ``io_threads`` independent channels. When the profile measured how the tier serves two copies at once
   (``copy.replay.pair_speedup``, 1 = two reads split one link, 2 = they run as fast as one), a tier that
-  does not scale (speedup below ``SHARED_BELOW``) becomes a ``shared_link`` of ``io_threads`` copies: a copy
-  alone takes pick-up + ``read_alone_s`` + wake-up, two at once split that rate (``hardware.bandwidth.sharing``:
-  ``auto`` (default), ``shared`` or ``independent`` overrides the choice).
+  does not scale (speedup below ``SHARED_BELOW``) becomes a ``shared_link`` of ``io_threads`` copies, two at
+  once splitting its rate (``hardware.bandwidth.sharing``: ``auto`` (default), ``shared`` or ``independent``
+  overrides the choice). Processor sharing shares the per-copy latency too, so the link has one number, a
+  copy's time alone X (two at once: 2X); ``hardware.bandwidth.shared_fit``: ``alone_and_pair`` (default) fits
+  X by least squares to both measured cases (alone: pick-up + ``read_alone_s`` + wake-up; a pair: pick-up +
+  ``read_pair_s`` + wake-up), ``alone`` takes the first (the pair's hand-offs are then charged twice).
 Compute models give the dense (attention etc.) time of a layer for a number of tokens, and the time of one
 expert's FFN for the tokens routed to it:
 - ``analytic``: roofline, max(FLOPs / achievable FLOP/s, bytes read / achievable memory bandwidth).
@@ -126,10 +129,12 @@ def load_profile(path: str | Path) -> dict:
     return prof
 
 
-def profiled_copy_model(prof: dict, sharing: str, channels: int, path) -> CopyModel:
+def profiled_copy_model(prof: dict, sharing: str, channels: int, path, fit: str = "alone_and_pair") -> CopyModel:
     """The copy model of a profile: independent channels at the measured replay time per copy, or, when the
     tier measured as one shared link (``sharing`` auto and pair speedup < ``SHARED_BELOW``, or ``shared``),
     processor sharing with a copy alone taking pick-up + ``read_alone_s`` + wake-up."""
+    if fit not in ("alone", "alone_and_pair"):
+        raise HardwareConfigError(f"hardware.bandwidth.shared_fit: expected alone|alone_and_pair, got {fit!r}")
     if sharing not in ("auto", "shared", "independent"):
         raise HardwareConfigError(f"hardware.bandwidth.sharing: expected auto|shared|independent, got {sharing!r}")
     c = prof["copy"]
@@ -146,7 +151,14 @@ def profiled_copy_model(prof: dict, sharing: str, channels: int, path) -> CopyMo
             raise HardwareConfigError(f"{path}: copy.replay.read_alone_s: expected a positive number, got {alone!r}")
         # the hand-offs (pick-up, wake-up) are the shared link's per-copy latency; the read drains the bytes
         latency = float(rep.get("pickup_s", 0.0)) + float(rep.get("wake_s", 0.0))
-        return CopyModel("shared_link", expert_bytes / alone, latency, threads, expert_bytes=expert_bytes)
+        one = latency + alone  # a copy alone, as measured
+        pair = rep.get("read_pair_s")
+        if fit == "alone_and_pair" and pair:
+            # processor sharing shares the latency too, so the model has one number, a copy's time alone (X), and
+            # predicts X alone and 2X for two at once: least squares over both measured cases
+            one = (one + 2 * (latency + float(pair))) / 5
+        latency = min(latency, one / 2)
+        return CopyModel("shared_link", expert_bytes / (one - latency), latency, threads, expert_bytes=expert_bytes)
     return CopyModel("profiled", float(c["bandwidth_bytes_per_s"]), float(c["latency_s"]), threads,
                      np.asarray(c["bytes"], float), np.asarray(c["seconds"], float), expert_bytes)
 
@@ -165,7 +177,8 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
     ckind = comp.get("model", "analytic")
     prof = load_profile(hw["profile_path"]) if (kind == "profiled" or ckind == "profiled") else None
     if kind == "profiled":
-        copy = profiled_copy_model(prof, str(bw.get("sharing", "auto")), channels, hw["profile_path"])
+        copy = profiled_copy_model(prof, str(bw.get("sharing", "auto")), channels, hw["profile_path"],
+                                   str(bw.get("shared_fit", "alone_and_pair")))
     else:
         lat = float(bw.get("latency_s", 0.0))
         if lat < 0:

@@ -85,9 +85,16 @@ def test_a_tier_that_does_not_scale_is_one_shared_link(tmp_path):
     p = profile_with(tmp_path, {**REPLAY, "pair_speedup": 1.1})
     copy, _ = build_models(hw(p), META)
     assert copy.kind == "shared_link" and copy.channels == 2 and copy.expert_bytes == 4096
-    # a copy alone: pick-up + read alone + wake-up
-    assert copy.seconds(4096) == pytest.approx(1e-4 + 4e-4 + 5e-5)
-    assert copy.bandwidth_bytes_per_s == pytest.approx(4096 / 4e-4)
+    # default fit: X alone, 2X for a pair, least squares to alone (0.55 ms) and pair (0.9 ms) with hand-offs
+    alone, pair = 1e-4 + 4e-4 + 5e-5, 1e-4 + 7.5e-4 + 5e-5
+    assert copy.seconds(4096) == pytest.approx((alone + 2 * pair) / 5)
+    assert copy.latency_s == pytest.approx(1.5e-4)  # the hand-offs
+    # fit to the alone case only: pick-up + read alone + wake-up
+    bw = {"model": "profiled", "shared_fit": "alone"}
+    copy, _ = build_models({**hw(p), "bandwidth": bw}, META)
+    assert copy.seconds(4096) == pytest.approx(alone) and copy.bandwidth_bytes_per_s == pytest.approx(4096 / 4e-4)
+    with pytest.raises(HardwareConfigError, match="shared_fit"):
+        build_models({**hw(p), "bandwidth": {**bw, "shared_fit": "pair"}}, META)
     # forced independent: the replay table on io_threads channels, as before
     copy, _ = build_models(hw(p, "independent"), META)
     assert copy.kind == "profiled" and copy.seconds(4096) == pytest.approx(1e-3) and copy.channels == 2
@@ -113,7 +120,7 @@ def test_shared_link_profile_runs_in_the_simulator(tmp_path):
 
     tr = random_trace(tokens=40, layers=3, experts=8, top_k=2, sequences=1, seed=3)
     t = write_trace(tr, tmp_path / "t.parquet")
-    rep = {**REPLAY, "pickup_s": 0.0, "wake_s": 0.0, "read_alone_s": 1e-3, "pair_speedup": 1.0}
+    rep = {**REPLAY, "pickup_s": 0.0, "wake_s": 0.0, "read_alone_s": 1e-3, "read_pair_s": 2e-3, "pair_speedup": 1.0}
     p = profile_with(tmp_path, rep)
     base = [f"trace.path={t}", "hardware=profiled", f"hardware.profile_path={p}", "cache.fraction=0.5"]
     shared = simulate(compose_cfg([*base, "hardware.bandwidth.sharing=shared"]), tmp_path / "a")
