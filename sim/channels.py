@@ -2,7 +2,8 @@
 
 Demand copies (priority 0) overtake queued prefetches (priority >= 1); a prefetch still queued can be
 cancelled or upgraded to demand. With ``shared_link`` all copies in flight share the link bandwidth equally
-(processor sharing); otherwise each of ``channels`` copies runs at the full modelled speed.
+(processor sharing); with ``partial_link`` they share ``bandwidth x s(n)`` after paying their latency apart;
+otherwise each of ``channels`` copies runs at the full modelled speed.
 
 Two implementations with one driver API (``now``, ``advance``, ``wait_key``, ``wait_any``, ``has``):
 :class:`CopyChannels` runs SimPy processes and handles every model; :class:`SerialChannel` is the common case
@@ -113,9 +114,9 @@ class CopyChannels(_CopyQueue):
         self.done: dict[int, simpy.Event] = {}  # key -> event fired when its copy lands
         self._waiters: list[simpy.Event] = []  # idle workers waiting for work
         self.any_done = env.event()  # fires (and is renewed) whenever any copy lands
-        workers = 1 if model.kind == "shared_link" else model.channels
-        for _ in range(workers):
-            env.process(self._shared() if model.kind == "shared_link" else self._worker())
+        link = {"shared_link": self._shared, "partial_link": self._partial}.get(model.kind)
+        for _ in range(1 if link else model.channels):
+            env.process(link() if link else self._worker())
 
     # ---------------------------------------------------------------------------------------- API
     def submit(self, key: int, priority: int) -> None:
@@ -222,6 +223,52 @@ class CopyChannels(_CopyQueue):
                     self._land(key, prio, start)
 
 
+    def _partial(self):
+        """Partially shared link: up to ``channels`` copies in flight. Each first pays ``latency_s`` on its own
+        (thread hand-offs: they do not hold the link), then joins the ``n`` copies on the link, which move
+        ``bandwidth x s(n)`` bytes/s together, split equally (``CopyModel.link_speedup``). With no latency and
+        ``pair_speedup`` 1 this is ``_shared`` step for step; with ``pair_speedup`` 2, independent channels."""
+        bw, lat = self.model.bandwidth_bytes_per_s, self.model.latency_s
+        setup: dict[int, list] = {}  # key -> [ready_s, prio, start_s]: paying the latency
+        active: dict[int, list] = {}  # key -> [remaining bytes, prio, start_s]: on the link
+        while True:
+            while len(setup) + len(active) < self.model.channels:
+                item = self._pop()
+                if item is None:
+                    break
+                key, prio = item
+                self._start(key, prio)
+                now = self.env.now
+                if lat > 0:
+                    setup[key] = [now + lat, prio, now]
+                else:
+                    active[key] = [float(self.expert_bytes), prio, now]
+            if not setup and not active:
+                yield self._wait_work()
+                continue
+            n = len(active)
+            rate = bw * self.model.link_speedup(n) / n if n else 0.0  # bytes/s of each copy on the link
+            t0 = self.env.now
+            dt = min(r[0] for r in active.values()) / rate if n else float("inf")
+            if setup:
+                dt = min(dt, min(r[0] for r in setup.values()) - t0)
+            wake = self._wait_work() if len(setup) + n < self.model.channels else None
+            if wake is None:
+                yield self.env.timeout(dt)
+            else:
+                yield self.env.timeout(dt) | wake
+            moved = (self.env.now - t0) * rate
+            for key in list(active):
+                active[key][0] -= moved
+                if active[key][0] <= 1e-6:
+                    _, prio, start = active.pop(key)
+                    self._land(key, prio, start)
+            for key in list(setup):  # its latency is over (to float rounding of the timeout): onto the link
+                if setup[key][0] - self.env.now <= 1e-12:
+                    _, prio, start = setup.pop(key)
+                    active[key] = [float(self.expert_bytes), prio, start]
+
+
 class SerialChannel(_CopyQueue):
     """One worker, every copy takes ``model.seconds(expert_bytes)``: what :class:`CopyChannels` simulates for
     such a model, computed without SimPy. It reproduces SimPy's ordering exactly: the worker looks at the
@@ -315,6 +362,6 @@ class SerialChannel(_CopyQueue):
 
 def make_channels(model: CopyModel, expert_bytes: int, on_complete: Callable[[int], None], log: bool = False):
     """The fast :class:`SerialChannel` when it applies (one worker at a fixed copy time), else SimPy channels."""
-    if model.kind != "shared_link" and model.channels == 1:
+    if model.kind not in ("shared_link", "partial_link") and model.channels == 1:
         return SerialChannel(model, expert_bytes, on_complete, log)
     return CopyChannels(simpy.Environment(), model, expert_bytes, on_complete, log)

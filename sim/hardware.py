@@ -4,15 +4,22 @@ Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbyt
 - ``constant``: bytes / bandwidth.
 - ``alpha_beta``: latency + bytes / bandwidth (small per-expert copies fall well below link peak).
 - ``shared_link``: alpha_beta per copy, but concurrent copies share the link's bandwidth equally
-  (processor sharing; see :class:`sim.channels.CopyChannels`).
+  (processor sharing, the latency included; see :class:`sim.channels.CopyChannels`).
+- ``partial_link``: a partially shared link. Each copy first pays its latency alone (hand-offs, not link
+  time), then ``n`` copies on the link move ``bandwidth x s(n)`` bytes/s together, split equally, with
+  ``s(1) = 1``, ``s(2) = pair_speedup`` (1: one shared link, 2: independent channels; see
+  :meth:`CopyModel.link_speedup` for ``n > 2``).
 - ``profiled``: a measured table bytes -> seconds (``executor profile``), interpolated; the fitted
   latency + bandwidth extrapolate beyond the table. The table is one expert's copy as the executor's I/O
   threads get it during a replay (pick-up + read while the main thread computes + the waiter's wake-up), on
   ``io_threads`` independent channels. When the profile measured how the tier serves two copies at once
   (``copy.replay.pair_speedup``, 1 = two reads split one link, 2 = they run as fast as one), a tier that
   does not scale (speedup below ``SHARED_BELOW``) becomes a ``shared_link`` of ``io_threads`` copies, two at
-  once splitting its rate (``hardware.bandwidth.sharing``: ``auto`` (default), ``shared`` or ``independent``
-  overrides the choice). Processor sharing shares the per-copy latency too, so the link has one number, a
+  once splitting its rate (``hardware.bandwidth.sharing``: ``auto`` (default), ``shared``, ``partial`` or
+  ``independent`` overrides the choice). ``partial`` is a ``partial_link`` that reproduces both measured cases
+  exactly: latency = pick-up + wake-up, bandwidth = ``expert_bytes / read_alone_s``, and the measured
+  ``pair_speedup`` (= 2 x ``read_alone_s`` / ``read_pair_s``, so a pair's reads span ``read_pair_s``), clamped
+  to [1, 2]. Processor sharing shares the per-copy latency too, so the link has one number, a
   copy's time alone X (two at once: 2X); ``hardware.bandwidth.shared_fit``: ``alone_and_pair`` (default) fits
   X by least squares to both measured cases (alone: pick-up + ``read_alone_s`` + wake-up; a pair: pick-up +
   ``read_pair_s`` + wake-up), ``alone`` takes the first (the pair's hand-offs are then charged twice).
@@ -58,6 +65,21 @@ class CopyModel:
     table_bytes: np.ndarray | None = None  # profiled: sizes measured
     table_s: np.ndarray | None = None  # profiled: seconds measured
     expert_bytes: int | None = None  # profiled: the (scaled) expert size the profile measured; replay copies that
+    pair_speedup: float = 1.0  # partial_link: s(2), two copies' total rate over one copy's alone (1 to 2)
+
+    def __post_init__(self):
+        # two copies can at most go as fast as two independent ones (2) and, in this model, share at least one
+        # copy's rate (1): outside that the profile or the config is wrong, better said here than simulated
+        s = self.pair_speedup
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 1.0 <= s <= 2.0:
+            raise HardwareConfigError(f"CopyModel.pair_speedup: expected a number in [1, 2], got {s!r}")
+
+    def link_speedup(self, n: int) -> float:
+        """s(n) of a partial link: how many single copies' worth of bandwidth ``n`` copies get together. s(1) = 1,
+        s(2) = pair_speedup; beyond a pair (never measured: the executor has 2 I/O threads) each further copy
+        adds what the second did, capped at n: s(n) = min(n, 1 + (pair_speedup - 1)(n - 1)), linear, so that
+        both ends stay exact (1: one fully shared link for every n, 2: independent channels for every n)."""
+        return min(float(n), 1.0 + (self.pair_speedup - 1.0) * (n - 1))
 
     def seconds(self, nbytes: int) -> float:
         """Time of one copy running alone on the link."""
@@ -132,16 +154,19 @@ def load_profile(path: str | Path) -> dict:
 def profiled_copy_model(prof: dict, sharing: str, channels: int, path, fit: str = "alone_and_pair") -> CopyModel:
     """The copy model of a profile: independent channels at the measured replay time per copy, or, when the
     tier measured as one shared link (``sharing`` auto and pair speedup < ``SHARED_BELOW``, or ``shared``),
-    processor sharing with a copy alone taking pick-up + ``read_alone_s`` + wake-up."""
+    processor sharing with a copy alone taking pick-up + ``read_alone_s`` + wake-up; ``partial``: the partially
+    shared link of :func:`partial_copy_model`."""
     if fit not in ("alone", "alone_and_pair"):
         raise HardwareConfigError(f"hardware.bandwidth.shared_fit: expected alone|alone_and_pair, got {fit!r}")
-    if sharing not in ("auto", "shared", "independent"):
-        raise HardwareConfigError(f"hardware.bandwidth.sharing: expected auto|shared|independent, got {sharing!r}")
+    if sharing not in ("auto", "shared", "partial", "independent"):
+        raise HardwareConfigError(f"hardware.bandwidth.sharing: expected auto|shared|partial|independent, got {sharing!r}")
     c = prof["copy"]
     threads = int(c.get("io_threads", channels))
     expert_bytes = prof.get("expert_bytes")
     rep = c.get("replay") or {}
     speedup = rep.get("pair_speedup")
+    if sharing == "partial":
+        return partial_copy_model(rep, expert_bytes, threads, path)
     if sharing == "shared" and (speedup is None or not expert_bytes):
         raise HardwareConfigError(f"{path}: hardware.bandwidth.sharing=shared needs copy.replay.pair_speedup and "
                                   "expert_bytes (profile again with `python -m executor profile`)")
@@ -163,12 +188,31 @@ def profiled_copy_model(prof: dict, sharing: str, channels: int, path, fit: str 
                      np.asarray(c["bytes"], float), np.asarray(c["seconds"], float), expert_bytes)
 
 
+def partial_copy_model(rep: dict, expert_bytes: int | None, threads: int, path) -> CopyModel:
+    """The partial link fitted to the profile's replay loop: it reproduces both measured cases exactly. A copy
+    alone: latency (pick-up + wake-up, thread hand-offs that do not hold the disk) + ``read_alone_s`` (so
+    bandwidth = expert_bytes / read_alone_s); two at once: both reads span 2 x read_alone_s / s(2) =
+    ``read_pair_s`` with s(2) = the measured ``pair_speedup``. A speedup outside [1, 2] is noise around the
+    nearest end (a pair cannot beat two independent reads; below 1 the pair case is dominated by the
+    machine's other load), so it is clamped there."""
+    speedup, alone = rep.get("pair_speedup"), rep.get("read_alone_s")
+    if speedup is None or not expert_bytes or not alone:
+        raise HardwareConfigError(f"{path}: hardware.bandwidth.sharing=partial needs copy.replay.pair_speedup, "
+                                  "read_alone_s and expert_bytes (profile again with `python -m executor profile`)")
+    if not float(alone) > 0:
+        raise HardwareConfigError(f"{path}: copy.replay.read_alone_s: expected a positive number, got {alone!r}")
+    latency = float(rep.get("pickup_s", 0.0)) + float(rep.get("wake_s", 0.0))
+    return CopyModel("partial_link", expert_bytes / float(alone), latency, threads, expert_bytes=expert_bytes,
+                     pair_speedup=min(2.0, max(1.0, float(speedup))))
+
+
 def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
     """Copy and compute models from a ``hardware`` config group and the trace's metadata."""
     bw = hw.get("bandwidth", {})
     kind = bw.get("model", "alpha_beta")
-    if kind not in ("constant", "alpha_beta", "shared_link", "profiled"):
-        raise HardwareConfigError(f"hardware.bandwidth.model: expected constant|alpha_beta|shared_link|profiled, got {kind!r}")
+    if kind not in ("constant", "alpha_beta", "shared_link", "partial_link", "profiled"):
+        raise HardwareConfigError("hardware.bandwidth.model: expected constant|alpha_beta|shared_link|partial_link|"
+                                  f"profiled, got {kind!r}")
     channels = int(bw.get("channels", 1))
     if channels < 1:
         raise HardwareConfigError(f"hardware.bandwidth.channels: expected >= 1, got {channels}")
@@ -183,7 +227,12 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
         lat = float(bw.get("latency_s", 0.0))
         if lat < 0:
             raise HardwareConfigError(f"hardware.bandwidth.latency_s: expected >= 0, got {lat}")
-        copy = CopyModel(kind, _positive(bw, "bandwidth_gbps", "hardware.bandwidth") * GB, lat, channels)
+        speedup = bw.get("pair_speedup", 1.0)  # partial_link only; the others share fully (1) or not at all
+        if kind == "partial_link" and (isinstance(speedup, bool) or not isinstance(speedup, (int, float))
+                                       or not 1.0 <= speedup <= 2.0):
+            raise HardwareConfigError(f"hardware.bandwidth.pair_speedup: expected a number in [1, 2], got {speedup!r}")
+        copy = CopyModel(kind, _positive(bw, "bandwidth_gbps", "hardware.bandwidth") * GB, lat, channels,
+                         pair_speedup=float(speedup) if kind == "partial_link" else 1.0)
     if ckind == "profiled":
         c = prof["compute"]
         over, per_expert = (_overhead(comp, c, k) for k in ("layer_overhead_s", "expert_overhead_s"))
