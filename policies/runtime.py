@@ -154,17 +154,11 @@ class PolicyRuntime:
             for k in (ex.astype(np.int64) + self.offsets[layer]).ravel().tolist():
                 uses[k] = uses.get(k, 0) + 1
         needed = list(uses)
-        self.protected = protected = set(needed)
+        self.protected = set(needed)
         hits, late, misses, counts, self._prefetch_hits = cache.use_layer(needed, uses, now)
         plan = LayerPlan(now, needed, uses, hits, late, misses, counts)
-        for k in misses:
-            ok, ev = cache.reserve(k, now, protected)
-            if ev is not None:
-                plan.evicted.append(ev)
-            if ok:
-                plan.demand.append(k)
-            else:
-                self.deferred.append(k)
+        if misses:
+            self.reserve_demands(misses, now, plan.demand, plan.evicted)
         if obs is not None:
             self.predictor.observe(obs)
         if not self.silent:
@@ -196,25 +190,43 @@ class PolicyRuntime:
             if self._on_predict is not None:  # predictive caches (expertflow) keep predicted slots
                 for key in chosen:
                     self._on_predict(key, target_step)
-            # A prefetch must not evict what this layer still needs, another expert predicted for the same
-            # target, or an earlier prefetch not yet used. (Built at the first key that needs a slot: nothing
-            # changes before that.)
-            present = cache.present  # resident or in flight
-            if present.issuperset(chosen):  # the common case: nothing to load
+            if not cache.present.issuperset(chosen):  # the common case: all resident or in flight already
+                self.reserve_prefetches(chosen, plan.layer_step, target_step, plan.prefetch, plan.evicted)
+
+    def reserve_demands(self, misses: list[int], now: int, demand: list[int], evicted: list[int] | None) -> None:
+        """Slots for this layer's misses, in order: those that get one go to ``demand`` (their copies start now),
+        the others wait in ``deferred``. Victims go to ``evicted`` unless it is None."""
+        reserve, protected = self.cache.reserve, self.protected
+        for k in misses:
+            ok, ev = reserve(k, now, protected)
+            if ev is not None and evicted is not None:
+                evicted.append(ev)
+            if ok:
+                demand.append(k)
+            else:
+                self.deferred.append(k)
+
+    def reserve_prefetches(self, chosen: list[int], now: int, target: int, prefetch: list[tuple[int, int]],
+                           evicted: list[int] | None) -> None:
+        """Slots for the keys of ``chosen`` (best first) not yet present, until one cannot get a slot; each goes
+        to ``prefetch`` as (key, target layer-step). A prefetch must not evict what this layer still needs,
+        another expert predicted for the same target, or an earlier prefetch not yet used. (That set is built
+        at the first key that needs a slot: nothing changes before that.)"""
+        cache = self.cache
+        present = cache.present  # resident or in flight
+        keep = None
+        for key in chosen:
+            if key in present:
                 continue
-            keep = None
-            for key in chosen:
-                if key in present:
-                    continue
-                if keep is None:
-                    keep = self.protected | set(chosen) | cache.prefetched_unused
-                ok, ev = cache.reserve(key, plan.layer_step, keep, prefetch=True)
-                if not ok:
-                    break
-                if ev is not None:
-                    plan.evicted.append(ev)
-                plan.prefetch.append((key, target_step))
-                self.prefetch_issued += 1
+            if keep is None:
+                keep = self.protected | set(chosen) | cache.prefetched_unused
+            ok, ev = cache.reserve(key, now, keep, prefetch=True)
+            if not ok:
+                break
+            if ev is not None and evicted is not None:
+                evicted.append(ev)
+            prefetch.append((key, target))
+            self.prefetch_issued += 1
 
     def limit(self, target_layer: int, ntok: int) -> int:
         """Prefetches per target layer: ``max_per_layer``, by default no more than the batch can use (k per

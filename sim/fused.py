@@ -74,7 +74,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     cache = rt.cache
     stats = cache.stats
     present, inflight, pu = cache.present, cache.inflight, cache.prefetched_unused
-    reserve = cache.reserve
+    use_layer = cache.use_layer
     on_hits = cache._on_hits
     if on_hits is None:  # the policy has no batched hook: on_hit per key, as ExpertCache.use_layer does
         on_hit = cache.policy.on_hit
@@ -102,6 +102,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     K = int(rt.experts.shape[2])
     d = 0 if rt.silent else int(distance())  # constant: fused_applies requires a fixed distance
     e1 = expert_s[1] if len(expert_s) > 1 else 0.0
+    quiet_uses = 0  # uses in quiet layers: all hits, added to the cache's stats at the end (nothing reads them before)
     for si, step in enumerate(steps):
         t_step = t
         ntok = len(step.tokens)
@@ -150,62 +151,23 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                         et = expert_s[u[k]]
                         t += et
                         compute_total += et
-                continue  # hit counts: every use that was not a late hit or a miss, summed at the end
+                quiet_uses += nuses
+                continue
             rt.now = now  # read by retry_deferred
-            # --- ExpertCache.use_layer
-            used = 0
-            if pu and not pu.isdisjoint(needed):
-                was = pu.intersection(needed)
-                used = len(was)
-                pu -= was
-            if present.issuperset(needed):
-                touched, misses = needed, []
-            else:
-                touched = [k for k in needed if k in present]
-                misses = [k for k in needed if k not in present]
-            on_hits(touched, now)
-            if inflight.isdisjoint(touched):
-                late, hits = [], touched
-            else:
-                late = [k for k in touched if k in inflight]
-                hits = [k for k in touched if k not in inflight]
-            if once:
-                lt, m = len(late), len(misses)
-            else:
-                lt, m = sum(u[k] for k in late), sum(u[k] for k in misses)
-            stats.prefetch_used += used
-            stats.late_hits += lt
-            stats.misses += m
-            rt._prefetch_hits = used
-            # --- PolicyRuntime.begin_layer: demand slots (the protected set is built only when read)
-            protected = None
+            # PolicyRuntime.begin_layer's steps for a layer where something happens, without its LayerPlan
+            hits, late, misses, (_, lt, m), rt._prefetch_hits = use_layer(needed, u, now)
             demand = []
+            protected = bool(misses)  # rt.protected is read by the reservations and by release: built only then
             if misses:
-                rt.protected = protected = set(needed)
-                for k in misses:
-                    ok, _ = reserve(k, now, protected)
-                    if ok:
-                        demand.append(k)
-                    else:
-                        deferred.append(k)
-            # --- PolicyRuntime._plan_prefetch
+                rt.protected = set(needed)
+                rt.reserve_demands(misses, now, demand, None)
             prefetch = []
             for ahead, chosen in enumerate(chosen_by, 1):
-                if present.issuperset(chosen):
-                    continue
-                keep = None
-                for key in chosen:
-                    if key in present:
-                        continue
-                    if keep is None:
-                        if protected is None:
-                            rt.protected = protected = set(needed)
-                        keep = protected | set(chosen) | pu
-                    ok, _ = reserve(key, now, keep, prefetch=True)
-                    if not ok:
-                        break
-                    prefetch.append((key, now + ahead))
-                    rt.prefetch_issued += 1
+                if not present.issuperset(chosen):
+                    if not protected:
+                        rt.protected = set(needed)
+                        protected = True
+                    rt.reserve_prefetches(chosen, now, now + ahead, prefetch, None)
             # --- sim.engine._replay
             if demand or prefetch:
                 advance(t)
@@ -260,12 +222,12 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
             miss_l[layer] += m
             demand_loads += len(misses)
         step_s.append(t - t_step)
-    # every layer-step has ``nuses`` uses; the hits are the rest after late hits and misses
+    # every layer-step has ``nuses`` uses; per layer the hits are the rest after late hits and misses
     uses_per_layer = K * sum(len(st.tokens) for st in steps)
     for layer in range(L):
         req_l[layer] += uses_per_layer
         hit_l[layer] += uses_per_layer - late_l[layer] - miss_l[layer]
-    stats.hits += L * uses_per_layer - sum(late_l) - sum(miss_l)
+    stats.hits += quiet_uses
     rt.now = max_ls
     rt._last_issued = rt.prefetch_issued  # PolicyRuntime.end_layer's bookkeeping, once (no feedback reads it)
     rt._last_wasted = stats.prefetch_wasted
