@@ -1,7 +1,7 @@
 """The replay loop of :mod:`sim.engine` with the policy runtime's per-layer decisions inlined, for the common
 configurations (see :func:`fused_applies`): every eviction policy but the predictive ``expertflow`` cache (its
 ``on_predict`` hook), on-demand or with a stateless predictor
-(scored ahead by the runtime's :class:`~policies.runtime.PrefetchTable`) at a fixed distance, one serial copy
+(scored ahead by the runtime's :class:`~policies.prefetch_table.PrefetchTable`) at a fixed distance, one serial copy
 channel (every hardware preset).
 
 Why a second loop: at batch size 1 a layer-step is six expert uses, and the general loop spends about 13 us on

@@ -1,0 +1,67 @@
+"""Prefetch choices of a stateless predictor, scored a block of layer-steps per numpy call (see
+:meth:`policies.runtime.PolicyRuntime.set_schedule`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .base import top_scores_rows
+
+if TYPE_CHECKING:
+    from .runtime import PolicyRuntime
+
+
+class PrefetchTable:
+    """Prefetch choices of a stateless predictor (keys, best first) for every layer-step and distance, scored
+    a block of steps at a time with ``predict_steps`` and ``top_scores_rows``. Steps of one block with the same
+    number of tokens share one call. Only the current block is kept: ``rows[ahead * L + layer][step - start]``
+    for the steps ``start <= step < stop`` (the runtime reads it directly; ``score`` fills a missing entry)."""
+
+    BLOCK = 512  # steps per block: big enough to amortise numpy's per-call cost, small enough to stay in cache
+
+    def __init__(self, runtime: PolicyRuntime, steps: list):
+        self.rt = runtime
+        self.steps = steps
+        self.start = self.stop = 0
+        self._groups: list[tuple[int, list[int], np.ndarray]] = []  # (tokens per step, steps, tokens [N, B])
+        self.rows: dict[int, list[list[int]]] = {}
+
+    def chosen(self, step: int, layer: int, ahead: int) -> list[int]:
+        if not self.start <= step < self.stop:
+            self.enter(step)
+        rows = self.rows.get(ahead * self.rt.cfg.num_layers + layer)
+        if rows is None:
+            rows = self.score(layer, ahead)
+        return rows[step - self.start]
+
+    def enter(self, step: int) -> None:
+        """Make ``step``'s block the current one."""
+        self.start = step - step % self.BLOCK
+        steps = self.steps[self.start:self.start + self.BLOCK]
+        self.stop = self.start + len(steps)
+        by_size: dict[int, list[int]] = {}
+        for i, st in enumerate(steps):
+            by_size.setdefault(len(st.tokens), []).append(i)
+        self._groups = [(ntok, idx, np.stack([np.asarray(steps[i].tokens) for i in idx]).reshape(len(idx), ntok))
+                        for ntok, idx in by_size.items()]
+        self.rows = {}
+
+    def score(self, layer: int, ahead: int) -> list[list[int]]:
+        """Score the current block for ``layer`` and ``ahead`` and keep the result."""
+        rt = self.rt
+        tl = (layer + ahead) % rt.cfg.num_layers
+        base = int(rt.offsets[tl])
+        if len(self._groups) == 1:  # every step of the block has as many tokens (always at batch size 1)
+            ntok, _, tokens = self._groups[0]
+            scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer])
+            out = top_scores_rows(scores, rt.limit(tl, ntok), rt.cfg.min_score, base)
+        else:
+            out = [[] for _ in range(self.stop - self.start)]
+            for ntok, idx, tokens in self._groups:
+                scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer])
+                for i, row in zip(idx, top_scores_rows(scores, rt.limit(tl, ntok), rt.cfg.min_score, base)):
+                    out[i] = row
+        self.rows[ahead * rt.cfg.num_layers + layer] = out
+        return out
