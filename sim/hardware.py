@@ -170,6 +170,10 @@ def profiled_copy_model(prof: dict, sharing: str, channels: int, path, fit: str 
     if sharing == "shared" and (speedup is None or not expert_bytes):
         raise HardwareConfigError(f"{path}: hardware.bandwidth.sharing=shared needs copy.replay.pair_speedup and "
                                   "expert_bytes (profile again with `python -m executor profile`)")
+    # auto does not pick ``partial``: re-simulating one validate run (3 rounds, noisy machine) with each model,
+    # partial had median |time error| 16.9% against the shared link's 9.0% (max 57% vs 76%): it reproduces the
+    # profile's alone and pair cases exactly, but in that run the profile's copy alone was slower than the
+    # replays' (more stall for on-demand caches), which the least-squares shared fit happens to absorb
     if sharing == "shared" or (sharing == "auto" and speedup is not None and expert_bytes and speedup < SHARED_BELOW):
         alone = float(rep["read_alone_s"])
         if not alone > 0:
