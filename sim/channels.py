@@ -114,9 +114,9 @@ class CopyChannels(_CopyQueue):
         self.done: dict[int, simpy.Event] = {}  # key -> event fired when its copy lands
         self._waiters: list[simpy.Event] = []  # idle workers waiting for work
         self.any_done = env.event()  # fires (and is renewed) whenever any copy lands
-        link = {"shared_link": self._shared, "partial_link": self._partial}.get(model.kind)
-        for _ in range(1 if link else model.channels):
-            env.process(link() if link else self._worker())
+        link = {"shared_link": True, "partial_link": False}.get(model.kind)  # latency on the link, or off it
+        for _ in range(1 if link is not None else model.channels):
+            env.process(self._link(link) if link is not None else self._worker())
 
     # ---------------------------------------------------------------------------------------- API
     def submit(self, key: int, priority: int) -> None:
@@ -190,45 +190,18 @@ class CopyChannels(_CopyQueue):
             yield self.env.timeout(seconds)
             self._land(key, prio, start)
 
-    def _shared(self):
-        """Processor sharing: up to ``channels`` copies in flight split the bandwidth equally. Each copy first
-        pays the latency alone (a per-copy setup cost), then drains its bytes at bandwidth / n."""
+    def _link(self, latency_on_link: bool):
+        """A link that up to ``channels`` copies in flight share. The ``n`` copies on the link move
+        ``bandwidth x s(n)`` bytes/s together, split equally (``CopyModel.link_speedup``).
+
+        - ``shared_link`` (processor sharing, ``latency_on_link``): s(n) = 1, and each copy's latency becomes
+          ``latency_s x bandwidth`` more bytes on the link, shared like the rest.
+        - ``partial_link``: each copy first pays ``latency_s`` on its own (thread hand-offs: they do not hold the
+          link), then joins the link; with ``pair_speedup`` 2 this is independent channels."""
         bw = self.model.bandwidth_bytes_per_s
-        active: dict[int, list] = {}  # key -> [remaining bytes, prio, start_s]
-        while True:
-            while len(active) < self.model.channels:
-                item = self._pop()
-                if item is None:
-                    break
-                key, prio = item
-                self._start(key, prio)
-                active[key] = [self.expert_bytes + self.model.latency_s * bw, prio, self.env.now]
-            if not active:
-                yield self._wait_work()
-                continue
-            n = len(active)
-            rate = bw / n
-            dt = min(r[0] for r in active.values()) / rate
-            t0 = self.env.now
-            wake = self._wait_work() if len(active) < self.model.channels else None
-            if wake is None:
-                yield self.env.timeout(dt)
-            else:
-                yield self.env.timeout(dt) | wake
-            moved = (self.env.now - t0) * rate
-            for key in list(active):
-                active[key][0] -= moved
-                if active[key][0] <= 1e-6:
-                    _, prio, start = active.pop(key)
-                    self._land(key, prio, start)
-
-
-    def _partial(self):
-        """Partially shared link: up to ``channels`` copies in flight. Each first pays ``latency_s`` on its own
-        (thread hand-offs: they do not hold the link), then joins the ``n`` copies on the link, which move
-        ``bandwidth x s(n)`` bytes/s together, split equally (``CopyModel.link_speedup``). With no latency and
-        ``pair_speedup`` 1 this is ``_shared`` step for step; with ``pair_speedup`` 2, independent channels."""
-        bw, lat = self.model.bandwidth_bytes_per_s, self.model.latency_s
+        lat = 0.0 if latency_on_link else self.model.latency_s
+        extra_bytes = self.model.latency_s * bw if latency_on_link else 0.0
+        speedup = (lambda n: 1.0) if latency_on_link else self.model.link_speedup  # shared_link ignores pair_speedup
         setup: dict[int, list] = {}  # key -> [ready_s, prio, start_s]: paying the latency
         active: dict[int, list] = {}  # key -> [remaining bytes, prio, start_s]: on the link
         while True:
@@ -242,12 +215,12 @@ class CopyChannels(_CopyQueue):
                 if lat > 0:
                     setup[key] = [now + lat, prio, now]
                 else:
-                    active[key] = [float(self.expert_bytes), prio, now]
+                    active[key] = [self.expert_bytes + extra_bytes, prio, now]
             if not setup and not active:
                 yield self._wait_work()
                 continue
             n = len(active)
-            rate = bw * self.model.link_speedup(n) / n if n else 0.0  # bytes/s of each copy on the link
+            rate = bw * speedup(n) / n if n else 0.0  # bytes/s of each copy on the link
             t0 = self.env.now
             dt = min(r[0] for r in active.values()) / rate if n else float("inf")
             if setup:
