@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,16 @@ def random_trace(
         expert_bytes=1 << 20, hidden_size=0, source="tests.random_trace",
     )
     return Trace(meta, ex, w, seq, pos, np.ones(tokens, dtype=np.int8), np.full(tokens, -1, np.int32))
+
+
+def write_profile(tmp_path: Path, replay: dict | None) -> Path:
+    """A small hardware profile (as ``executor profile`` writes) in ``tmp_path``, with the copy section's
+    ``replay`` measurements (alone / pair / hand-off) if given; a new file per call."""
+    copy = {"bytes": [4096], "seconds": [1e-3], "latency_s": 1e-5, "bandwidth_bytes_per_s": 1e9, "io_threads": 2}
+    if replay is not None:
+        copy["replay"] = replay
+    prof = {"schema": "expertflow.hwprofile/1", "expert_bytes": 4096, "copy": copy,
+            "compute": {"dense_tokens": [1, 8], "dense_s": [1e-4, 2e-4], "expert_tokens": [1, 8], "expert_s": [5e-5, 1e-4]}}
+    p = tmp_path / f"prof-{len(list(tmp_path.glob('prof-*')))}.json"
+    p.write_text(json.dumps(prof))
+    return p

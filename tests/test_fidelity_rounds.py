@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, random_trace
+from conftest import ROOT, random_trace, write_profile
 from hydra import compose, initialize_config_dir
 
 from analysis.validate import compare, round_order, to_markdown
@@ -62,17 +62,6 @@ def test_profile_measures_the_tier_under_two_copies(tmp_path):
     assert out["pair_speedup"] == pytest.approx(2 * out["read_alone_s"] / out["read_pair_s"])
 
 
-def profile_with(tmp_path: Path, replay: dict | None) -> Path:
-    copy = {"bytes": [4096], "seconds": [1e-3], "latency_s": 1e-5, "bandwidth_bytes_per_s": 1e9, "io_threads": 2}
-    if replay is not None:
-        copy["replay"] = replay
-    prof = {"schema": "expertflow.hwprofile/1", "expert_bytes": 4096, "copy": copy,
-            "compute": {"dense_tokens": [1, 8], "dense_s": [1e-4, 2e-4], "expert_tokens": [1, 8], "expert_s": [5e-5, 1e-4]}}
-    p = tmp_path / f"prof-{len(list(tmp_path.glob('prof-*')))}.json"
-    p.write_text(json.dumps(prof))
-    return p
-
-
 def hw(path: Path, sharing: str | None = None) -> dict:
     bw = {"model": "profiled"} if sharing is None else {"model": "profiled", "sharing": sharing}
     return {"bandwidth": bw, "compute": {"model": "profiled"}, "profile_path": str(path)}
@@ -82,7 +71,7 @@ REPLAY = {"pickup_s": 1e-4, "wake_s": 5e-5, "read_s": 6e-4, "read_alone_s": 4e-4
 
 
 def test_a_tier_that_does_not_scale_is_one_shared_link(tmp_path):
-    p = profile_with(tmp_path, {**REPLAY, "pair_speedup": 1.1})
+    p = write_profile(tmp_path, {**REPLAY, "pair_speedup": 1.1})
     copy, _ = build_models(hw(p), META)
     assert copy.kind == "shared_link" and copy.channels == 2 and copy.expert_bytes == 4096
     # default fit: X alone, 2X for a pair, least squares to alone (0.55 ms) and pair (0.9 ms) with hand-offs
@@ -101,10 +90,10 @@ def test_a_tier_that_does_not_scale_is_one_shared_link(tmp_path):
 
 
 def test_a_tier_that_scales_keeps_independent_channels(tmp_path):
-    p = profile_with(tmp_path, {**REPLAY, "pair_speedup": SHARED_BELOW + 0.3})
+    p = write_profile(tmp_path, {**REPLAY, "pair_speedup": SHARED_BELOW + 0.3})
     assert build_models(hw(p), META)[0].kind == "profiled"
     assert build_models(hw(p, "shared"), META)[0].kind == "shared_link"  # forced
-    old = profile_with(tmp_path, None)  # a profile from before the pair measurement
+    old = write_profile(tmp_path, None)  # a profile from before the pair measurement
     assert build_models(hw(old), META)[0].kind == "profiled"
     with pytest.raises(HardwareConfigError, match="pair_speedup"):
         build_models(hw(old, "shared"), META)
@@ -121,7 +110,7 @@ def test_shared_link_profile_runs_in_the_simulator(tmp_path):
     tr = random_trace(tokens=40, layers=3, experts=8, top_k=2, sequences=1, seed=3)
     t = write_trace(tr, tmp_path / "t.parquet")
     rep = {**REPLAY, "pickup_s": 0.0, "wake_s": 0.0, "read_alone_s": 1e-3, "read_pair_s": 2e-3, "pair_speedup": 1.0}
-    p = profile_with(tmp_path, rep)
+    p = write_profile(tmp_path, rep)
     base = [f"trace.path={t}", "hardware=profiled", f"hardware.profile_path={p}", "cache.fraction=0.5"]
     shared = simulate(compose_cfg([*base, "hardware.bandwidth.sharing=shared"]), tmp_path / "a")
     indep = simulate(compose_cfg([*base, "hardware.bandwidth.sharing=independent"]), tmp_path / "b")

@@ -4,13 +4,12 @@ profile, and bad values rejected."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import simpy
-from conftest import ROOT, random_trace
+from conftest import ROOT, random_trace, write_profile
 from hydra import compose, initialize_config_dir
 
 from sim.channels import CopyChannels
@@ -145,17 +144,6 @@ def test_partial_link_from_config():
     assert build_models(hw, META)[0].pair_speedup == 1.0
 
 
-def profile(tmp_path: Path, replay: dict | None) -> Path:
-    copy = {"bytes": [4096], "seconds": [1e-3], "latency_s": 1e-5, "bandwidth_bytes_per_s": 1e9, "io_threads": 2}
-    if replay is not None:
-        copy["replay"] = replay
-    prof = {"schema": "expertflow.hwprofile/1", "expert_bytes": 4096, "copy": copy,
-            "compute": {"dense_tokens": [1, 8], "dense_s": [1e-4, 2e-4], "expert_tokens": [1, 8], "expert_s": [5e-5, 1e-4]}}
-    p = tmp_path / f"prof-{len(list(tmp_path.glob('prof-*')))}.json"
-    p.write_text(json.dumps(prof))
-    return p
-
-
 def hw(path: Path, sharing: str) -> dict:
     return {"bandwidth": {"model": "profiled", "sharing": sharing}, "compute": {"model": "profiled"},
             "profile_path": str(path)}
@@ -165,7 +153,7 @@ def test_profile_fit_reproduces_alone_and_pair_exactly(tmp_path):
     alone, pair = 4e-4, 7.5e-4
     rep = {"pickup_s": 1e-4, "wake_s": 5e-5, "read_s": 6e-4, "read_alone_s": alone, "read_pair_s": pair,
            "pair_speedup": 2 * alone / pair}
-    copy, _ = build_models(hw(profile(tmp_path, rep), "partial"), META)
+    copy, _ = build_models(hw(write_profile(tmp_path, rep), "partial"), META)
     assert copy.kind == "partial_link" and copy.channels == 2 and copy.expert_bytes == 4096
     assert copy.latency_s == pytest.approx(1.5e-4) and copy.bandwidth_bytes_per_s == pytest.approx(4096 / alone)
     assert copy.pair_speedup == pytest.approx(2 * alone / pair)
@@ -176,12 +164,12 @@ def test_profile_fit_reproduces_alone_and_pair_exactly(tmp_path):
 def test_profile_fit_clamps_speedup_and_needs_the_pair(tmp_path):
     rep = {"pickup_s": 1e-4, "wake_s": 5e-5, "read_alone_s": 4e-4, "read_pair_s": 9e-4}
     for measured, used in ((0.89, 1.0), (2.3, 2.0), (1.2, 1.2)):
-        copy, _ = build_models(hw(profile(tmp_path, {**rep, "pair_speedup": measured}), "partial"), META)
+        copy, _ = build_models(hw(write_profile(tmp_path, {**rep, "pair_speedup": measured}), "partial"), META)
         assert copy.pair_speedup == used
     with pytest.raises(HardwareConfigError, match="sharing=partial needs copy.replay.pair_speedup"):
-        build_models(hw(profile(tmp_path, None), "partial"), META)
+        build_models(hw(write_profile(tmp_path, None), "partial"), META)
     with pytest.raises(HardwareConfigError, match="auto|shared|partial|independent"):
-        build_models(hw(profile(tmp_path, rep), "halfway"), META)
+        build_models(hw(write_profile(tmp_path, rep), "halfway"), META)
 
 
 def test_partial_profile_runs_in_the_simulator_between_its_ends(tmp_path):
@@ -192,7 +180,7 @@ def test_partial_profile_runs_in_the_simulator_between_its_ends(tmp_path):
     rep = {"pickup_s": 0.0, "wake_s": 0.0, "read_alone_s": 1e-3, "read_pair_s": 2e-3}
 
     def sim(speedup: float, sharing: str) -> dict:
-        p = profile(tmp_path, {**rep, "pair_speedup": speedup})
+        p = write_profile(tmp_path, {**rep, "pair_speedup": speedup})
         ov = [f"trace.path={t}", "hardware=profiled", f"hardware.profile_path={p}", "cache.fraction=0.5",
               f"hardware.bandwidth.sharing={sharing}"]
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
