@@ -25,6 +25,9 @@ POLICIES = {
     "on-demand LFRU": ["cache=lfru", "predictor=none"],
     "LRU + transition d=1": ["cache=lru", "predictor=transition", "horizon=fixed", "horizon.distance=1"],
     "LRU + transition, adaptive": ["cache=lru", "predictor=transition", "horizon=adaptive"],
+    "on-demand LRU, global": ["cache=lru", "cache.scope=global", "predictor=none"],
+    "LRU global + transition d=1": ["cache=lru", "cache.scope=global", "predictor=transition", "horizon=fixed",
+                                    "horizon.distance=1"],
     "expertflow-2024": ["strategy=expertflow-2024"],
     "Belady + oracle d=2 (clairvoyant)": ["cache=belady", "predictor=oracle", "horizon=fixed", "horizon.distance=2"],
 }
