@@ -141,11 +141,12 @@ class Predictor(Protocol):
         """Feedback: the actual routing of ``obs.layer`` for this step."""
         ...
 
-    # Optional, defined on the class, only by a predictor whose ``predict`` reads nothing but ``obs.layer`` and
-    # ``obs.experts`` and whose ``observe`` does nothing: ``predict_steps(layer, ahead, experts) -> scores``,
-    # experts [N, B, K] of N observations at ``layer`` -> [N, E_target], row n equal (bit for bit) to
-    # ``predict`` of an observation with ``experts[n]``. The runtime then scores many steps in one call and
-    # builds no Observation.
+    # Optional, defined on the class, only by a predictor whose ``predict`` reads nothing but ``obs.layer``,
+    # ``obs.layer_step`` and ``obs.experts`` and whose ``observe`` does nothing:
+    # ``predict_steps(layer, ahead, experts, layer_steps) -> scores``, experts [N, B, K] and layer_steps [N] of N
+    # observations at ``layer`` -> [N, E_target], row n equal (bit for bit) to ``predict`` of an observation
+    # with ``experts[n]`` at ``layer_steps[n]``. The runtime then scores many steps in one call and builds no
+    # Observation.
     # Optional class attribute ``never_predicts = True``: ``predict`` always scores zero and ``observe`` does
     # nothing (on-demand loading), so the runtime asks neither.
 

@@ -55,12 +55,14 @@ class PrefetchTable:
         base = int(rt.offsets[tl])
         if len(self._groups) == 1:  # every step of the block has as many tokens (always at batch size 1)
             ntok, _, tokens = self._groups[0]
-            scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer])
+            steps = np.arange(self.start, self.stop) * rt.cfg.num_layers + layer
+            scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer], steps)
             out = top_scores_rows(scores, rt.limit(tl, ntok), rt.cfg.min_score, base)
         else:
             out = [[] for _ in range(self.stop - self.start)]
             for ntok, idx, tokens in self._groups:
-                scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer])
+                steps = (self.start + np.asarray(idx)) * rt.cfg.num_layers + layer
+                scores = rt.predictor.predict_steps(layer, ahead, rt.experts[tokens, layer], steps)
                 for i, row in zip(idx, top_scores_rows(scores, rt.limit(tl, ntok), rt.cfg.min_score, base)):
                     out[i] = row
         self.rows[ahead * rt.cfg.num_layers + layer] = out

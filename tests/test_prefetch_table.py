@@ -9,7 +9,8 @@ from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
 
 import sim.engine as engine
-from policies.base import Observation, PredictorContext, top_scores, top_scores_rows
+from policies.base import FutureIndex, Observation, PredictorContext, top_scores, top_scores_rows
+from policies.predictors.oracle import OraclePredictor
 from policies.predictors.transition import TransitionPredictor
 from policies.runtime import PolicyRuntime
 from sim.run import prepare
@@ -52,18 +53,39 @@ def test_transition_predict_steps_equals_predict(batch):
                 assert np.array_equal(rows[n], pred.predict(obs, ahead)), (layer, ahead, n)
 
 
+def test_oracle_predict_steps_equals_predict():
+    """The oracle reads the layer-step: row n of ``predict_steps`` is ``predict`` at ``layer_steps[n]``,
+    including targets past the end of the replay (zeros)."""
+    rng = np.random.default_rng(3)
+    L, E = 4, 8
+    offsets = np.arange(L) * E
+    needed = [np.unique(rng.integers(0, E, 3)) + offsets[i % L] for i in range(40)]  # 10 steps x 4 layers
+    pred = OraclePredictor()
+    pred.reset(PredictorContext([E] * L, 2, future=FutureIndex(needed), layer_offsets=offsets))
+    for layer in range(L):
+        steps = np.arange(10) * L + layer
+        for ahead in (1, 2, 5):
+            rows = pred.predict_steps(layer, ahead, np.zeros((10, 1, 2), dtype=np.int64), steps)
+            for n, ls in enumerate(steps.tolist()):
+                obs = Observation(layer_step=ls, step=ls // L, layer=layer, tokens=np.zeros(1, dtype=np.int64),
+                                  experts=np.zeros((1, 2), dtype=np.int64), token_ids=np.full(1, -1))
+                assert np.array_equal(rows[n], pred.predict(obs, ahead)), (layer, ahead, n)
+    assert rows[-1].sum() == 0  # the last step's target lies past the end
+
+
 @pytest.mark.parametrize("overrides", [
-    ["horizon.distance=1", "batch_size=1"],
-    ["horizon.distance=2", "batch_size=3"],
-    ["horizon.distance=3", "batch_size=1", "cache=lfru"],
-], ids=["d1-b1", "d2-b3", "d3-lfru"])
+    ["horizon.distance=1", "batch_size=1", "predictor=transition"],
+    ["horizon.distance=2", "batch_size=3", "predictor=transition"],
+    ["horizon.distance=3", "batch_size=1", "cache=lfru", "predictor=transition"],
+    ["horizon.distance=2", "batch_size=3", "cache=belady", "predictor=oracle"],
+], ids=["d1-b1", "d2-b3", "d3-lfru", "oracle-d2-b3"])
 def test_replay_with_the_table_equals_replay_with_observations(tmp_path, monkeypatch, overrides):
     """The whole replay with the table (what the simulator does) and with ``set_schedule`` turned off (every
     layer builds an Observation and calls ``predict``, as the executor's model mode does) is the same."""
     path = write_trace(random_trace(tokens=160, layers=4, experts=8, top_k=2, sequences=4, seed=2), tmp_path / "t.parquet")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"trace.path={path}", "trace.name=t", "hardware=t4", "cache.slots=3",
-                                           "cache.fraction=null", "predictor=transition", *overrides])
+                                           "cache.fraction=null", *overrides])
     out = []
     for table in (True, False):
         p = prepare(cfg)
@@ -73,5 +95,6 @@ def test_replay_with_the_table_equals_replay_with_observations(tmp_path, monkeyp
         out.append((r, p.runtime))
     (a, rta), (b, rtb) = out
     assert rta._table is not None and rtb._table is None
+    assert type(rta.predictor).__name__ == ("OraclePredictor" if "predictor=oracle" in overrides else "TransitionPredictor")
     assert (a.total_s, a.stall_s, a.bytes_moved, a.copies) == (b.total_s, b.stall_s, b.bytes_moved, b.copies)
     assert rta.cache.stats == rtb.cache.stats and rta.prefetch_issued == rtb.prefetch_issued > 0

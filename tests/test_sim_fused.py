@@ -25,10 +25,11 @@ ACCEPTED = {
     "lfru-transition-d2": ["cache=lfru", "predictor=transition", "horizon=fixed", "horizon.distance=2"],
     "belady-transition-d3": ["cache=belady", "predictor=transition", "horizon=fixed", "horizon.distance=3"],
     "lru-transition-d0": ["cache=lru", "predictor=transition", "horizon=fixed", "horizon.distance=0"],
+    "belady-oracle-d2": ["cache=belady", "predictor=oracle", "horizon=fixed", "horizon.distance=2"],
 }
 NOT_ACCEPTED = {
     "adaptive": ["cache=lru", "predictor=transition", "horizon=adaptive"],
-    "oracle": ["cache=belady", "predictor=oracle"],  # reads the layer-step: not a table predictor
+    "frequency": ["cache=lru", "predictor=frequency"],  # no predict_steps (it may learn online)
     "last_token": ["cache=lru", "predictor=last_token"],  # stateful
     "expertflow": ["cache=expertflow", "predictor=transition"],  # on_predict hook
 }

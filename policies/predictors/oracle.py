@@ -38,5 +38,23 @@ class OraclePredictor:
         scores[experts[(experts >= 0) & (experts < n)]] = 1.0
         return scores
 
+    def predict_steps(self, layer: int, ahead: int, experts: np.ndarray, layer_steps: np.ndarray) -> np.ndarray:
+        """``predict`` for N observations of ``layer`` at the layer-steps ``layer_steps`` [N] (``experts`` is not
+        needed: the future is read from the index)."""
+        if ahead < 1:
+            raise PolicyConfigError(f"predictor: ahead must be >= 1, got {ahead}")
+        tl = (layer + ahead) % len(self._num_experts)
+        n = self._num_experts[tl]
+        scores = np.zeros((len(layer_steps), n))
+        if self._future is None:
+            return scores
+        base, horizon, needed = int(self._offsets[tl]), self._future.horizon, self._future.needed
+        for i, ls in enumerate(np.asarray(layer_steps).tolist()):
+            t = ls + ahead
+            if t < horizon:
+                ex = np.asarray(needed[t], dtype=np.int64) - base
+                scores[i, ex[(ex >= 0) & (ex < n)]] = 1.0
+        return scores
+
     def observe(self, obs: Observation) -> None:
         pass

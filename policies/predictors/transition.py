@@ -91,8 +91,9 @@ class TransitionPredictor:
         p_token = self._tables[obs.layer][ahead - 1][ex].mean(axis=1)  # [B, E_target]
         return batch_union(p_token)
 
-    def predict_steps(self, layer: int, ahead: int, experts: np.ndarray) -> np.ndarray:
-        """``predict`` for N observations of ``layer`` at once: experts [N, B, K] -> scores [N, E_target].
+    def predict_steps(self, layer: int, ahead: int, experts: np.ndarray, layer_steps: np.ndarray | None = None) -> np.ndarray:
+        """``predict`` for N observations of ``layer`` at once: experts [N, B, K] -> scores [N, E_target]
+        (``layer_steps`` is not needed: the tables do not depend on time).
         The same floating-point operations with a leading axis (so the same floats, row for row): numpy's mean
         over each token's K rows and ``batch_union``'s product over the B tokens both reduce a non-contiguous
         axis one element after the other, in order. Allowed because ``predict`` reads only ``obs.layer`` / ``obs.experts`` and ``observe`` is a no-op."""
