@@ -13,8 +13,6 @@ from ref_policies import POLICIES, ref_replay
 from policies.base import (
     CacheContext,
     FutureIndex,
-    HorizonContext,
-    HorizonFeedback,
     Observation,
     PolicyConfigError,
 )
@@ -24,8 +22,6 @@ from policies.eviction.lfru import LFRU
 from policies.eviction.lfu import LFU
 from policies.eviction.lru import LRU
 from policies.eviction.static import Static
-from policies.horizons.adaptive import AdaptiveHorizon
-from policies.horizons.fixed import FixedHorizon
 
 
 def make_policy(name: str, **params):
@@ -173,83 +169,6 @@ def test_static_pins_most_popular_per_partition():
         Static().reset(CacheContext(ne, partitions_for(ne, "per_layer"), [3, 3]))
 
 
-# ------------------------------------------------------------------------------------------------ horizons
-def fb(stall_s=0.0, issued=0, wasted=0, late=0, compute_s=1e-3, bw=0.0, needed=2):
-    return HorizonFeedback(compute_s, stall_s, bw, needed, 0, issued, wasted, late)
-
-
-def test_adaptive_formula_hand_example():
-    h = AdaptiveHorizon(min_distance=0, max_distance=10, prior_bandwidth_bytes_per_s=1e10,
-                        prior_layer_compute_s=1e-3)
-    # N_e = min(top_k * batch, mean E) = min(2 * 1, 8) = 2; S = ceil(2 * 10 MB / (10 GB/s * 1 ms)) = 2
-    h.reset(HorizonContext(num_layers=4, top_k=2, expert_bytes=10_000_000, batch_size=1, num_experts=[8] * 4))
-    assert h.base_distance() == 2 and h.distance() == 2
-    # a first measurement replaces the priors: 5 GB/s, 0.5 ms -> 2 * 1e7 / (5e9 * 5e-4) = 8
-    h.feedback(fb(compute_s=5e-4, bw=5e9, needed=2))
-    assert h.bandwidth_bytes_per_s == 5e9 and h.layer_compute_s == 5e-4
-    assert h.distance() == 8
-    # EWMA (alpha 0.2) of needed experts: 0.8 * 2 + 0.2 * 7 = 3 -> 3 * 1e7 / 2.5e6 = 12 -> clamped to 10
-    h.feedback(fb(compute_s=5e-4, bw=5e9, needed=7))
-    assert h.experts_per_layer == pytest.approx(3.0)
-    assert h.base_distance() == 12 and h.distance() == 10
-
-
-def small_adaptive(**kw):
-    h = AdaptiveHorizon(min_distance=1, max_distance=4, prior_bandwidth_bytes_per_s=2e10, prior_layer_compute_s=1e-3,
-                        **kw)
-    h.reset(HorizonContext(num_layers=8, top_k=2, expert_bytes=10_000_000, batch_size=1, num_experts=[8] * 8))
-    return h  # S = ceil(2e7 / 2e7) = 1
-
-
-def test_adaptive_widens_on_stalls_and_stays_bounded():
-    h = small_adaptive()
-    assert h.distance() == 1
-    seen = []
-    for _ in range(10):
-        h.feedback(fb(stall_s=1e-3, issued=2))
-        seen.append(h.distance())
-    assert seen[0] == 2 and seen[1] == 3 and max(seen) == 4 and seen[-1] == 4
-    h2 = small_adaptive()
-    h2.feedback(fb(late=1))
-    assert h2.distance() == 2
-
-
-def test_adaptive_widen_on_late_ignores_demand_stalls():
-    """widen_on='late': a stall with no late hit (demand misses only) leaves the distance; a late hit widens."""
-    h = small_adaptive(widen_on="late")
-    for _ in range(5):
-        h.feedback(fb(stall_s=1e-3, issued=2))
-    assert h.distance() == 1
-    h.feedback(fb(stall_s=1e-3, issued=2, late=1))
-    assert h.distance() == 2
-    with pytest.raises(PolicyConfigError, match="widen_on"):
-        AdaptiveHorizon(widen_on="sometimes")
-
-
-def test_adaptive_narrows_on_waste_and_stays_bounded():
-    h = small_adaptive()
-    for _ in range(10):
-        h.feedback(fb(stall_s=1e-3, issued=2))
-    assert h.distance() == 4
-    seen = []
-    for _ in range(12):
-        h.feedback(fb(issued=2, wasted=2))
-        seen.append(h.distance())
-    assert seen[0] <= 4 and seen[-1] == 1 and min(seen) == 1
-    assert all(a >= b for a, b in zip(seen, seen[1:]))  # monotone narrowing
-    # no stall, no waste: the distance holds
-    d = h.distance()
-    h.feedback(fb(issued=0, wasted=0))
-    h.feedback(fb(issued=4, wasted=0))
-    assert h.distance() == d
-
-
-def test_fixed_horizon():
-    assert FixedHorizon(3).distance() == 3
-    assert FixedHorizon(0).distance() == 0
-    for bad in (-1, 1.5, True):
-        with pytest.raises(PolicyConfigError):
-            FixedHorizon(bad)
 
 
 def obs_of(layer_step, L, experts):
