@@ -50,6 +50,8 @@ class InstantTransfer:
 
 
 class NullCompute:
+    """A compute engine that does nothing: with InstantTransfer, what remains of a replay is the loop's own cost."""
+
     def run_dense(self, n_tokens: int) -> None:
         pass
 
