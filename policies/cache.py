@@ -117,11 +117,11 @@ class ExpertCache:
         self.stats.misses += 1
         return "miss"
 
-    def use_layer(self, keys: list[int], uses: dict[int, int], now: int):
+    def use_layer(self, keys: list[int], uses: dict[int, int], now: int, once: bool | None = None):
         """``use`` + ``count_repeat_use`` for each distinct key of a layer-step, in order, in one call: the
         same hooks in the same order and the same counts, with C-level set operations instead of a Python loop
-        per key. Returns (hit keys, late keys, miss keys, (hit, late, miss) use counts, how many keys were
-        prefetched and not used before)."""
+        per key. ``once``: every key has one use (the caller may know; None: counted here). Returns (hit keys,
+        late keys, miss keys, (hit, late, miss) use counts, how many keys were prefetched and not used before)."""
         pu, inflight, present = self.prefetched_unused, self.inflight, self.present
         used = 0
         if pu and not pu.isdisjoint(keys):
@@ -145,7 +145,9 @@ class ExpertCache:
         else:
             late = [k for k in touched if k in inflight]
             hits = [k for k in touched if k not in inflight]
-        if sum(uses.values()) == len(keys):  # every key used once (always at batch size 1)
+        if once is None:
+            once = sum(uses.values()) == len(keys)  # every key used once (always at batch size 1)
+        if once:
             counts = (len(hits), len(late), len(misses))
         else:
             counts = (sum(uses[k] for k in hits), sum(uses[k] for k in late), sum(uses[k] for k in misses))
@@ -174,6 +176,7 @@ class ExpertCache:
         if key in res or key in inflight:
             return True, None
         evicted = None
+        stats = self.stats
         if len(res) >= self.capacity[part]:
             if self._skipping:
                 evicted = self.policy.victim_skipping(part, protected, inflight, now)
@@ -188,22 +191,24 @@ class ExpertCache:
                     return False, None
                 if evicted not in candidates:
                     raise RuntimeError(f"{type(self.policy).__name__}.victim returned {evicted}, not a candidate")
-            # remove the victim (inline: this runs once per eviction, the cache's most frequent change)
+            # remove the victim (inline: this runs once per eviction, the cache's most frequent change); the key
+            # takes its slot (what freeing it and popping the free list, last in first out, would give)
             res.discard(evicted)
             self.present.discard(evicted)
-            self.free_slots[part].append(self.slot_of.pop(evicted))
-            self.stats.evictions += 1
+            self.slot_of[key] = self.slot_of.pop(evicted)
+            stats.evictions += 1
             if evicted in self.prefetched_unused:
                 self.prefetched_unused.discard(evicted)
-                self.stats.prefetch_wasted += 1
+                stats.prefetch_wasted += 1
             self.policy.on_remove(evicted)
+        else:
+            self.slot_of[key] = self.free_slots[part].pop()
         res.add(key)
         self.present.add(key)
-        self.slot_of[key] = self.free_slots[part].pop()
-        self.inflight.add(key)
-        self.stats.inserts += 1
+        inflight.add(key)
+        stats.inserts += 1
         if prefetch:
-            self.stats.prefetch_inserts += 1
+            stats.prefetch_inserts += 1
             self.prefetched_unused.add(key)
         self.policy.on_insert(key, now)
         if self.load_log is not None:

@@ -264,7 +264,8 @@ class SerialChannel(_CopyQueue):
         heapq.heappush(self.queue, (priority, self._seq, key))
         self.queued[key] = priority
         self.entry[key] = self._seq
-        self.submit_s[key] = self.now
+        if self.records is not None:  # only a copy record reads it
+            self.submit_s[key] = self.now
         self._pending.add(key)
         if self._cur is None:
             self._wake = True
@@ -298,6 +299,14 @@ class SerialChannel(_CopyQueue):
                 raise RuntimeError(f"no copy in flight while waiting for expert key {key}")
             self._land_current()
 
+    def wait_until_landed(self, key: int, t: float) -> float:
+        """``advance(t)`` then ``wait_key(key)`` in one call (the fused loop's wait for a demand or late copy);
+        returns when ``key`` is usable: ``t`` or its landing, whichever is later."""
+        if t > self.now:
+            self.advance(t)
+        self.wait_key(key)
+        return self.now if self.now > t else t
+
     def wait_any(self) -> None:
         if self._wake:
             self._serve(self.now)
@@ -330,7 +339,10 @@ class SerialChannel(_CopyQueue):
         self.now = end = self._end
         self._landed(key, prio, start, end)
         self._pending.discard(key)
-        self._serve(end)
+        if self.queue:
+            self._serve(end)
+        else:  # what _serve does on an empty queue
+            self._wake = False
 
 
 def make_channels(model: CopyModel, expert_bytes: int, on_complete: Callable[[int], None], log: bool = False):

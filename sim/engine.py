@@ -21,7 +21,7 @@ from policies.base import Step
 from policies.runtime import PolicyRuntime
 
 from .channels import CopyChannels, make_channels
-from .fused import expert_times_s, fused_applies, replay_fused, wait_ready
+from .fused import expert_times_s, fused_applies, hits_compute_s, replay_fused, wait_ready
 from .hardware import ComputeModel, CopyModel
 
 
@@ -201,14 +201,20 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
             layer_stall = 0.0
             puses = plan.uses
             order = plan.order
-            if not deferred and not log:
+            if not deferred:
                 # The common case, first: hits are resident and stay so (protected), and with nothing deferred
-                # there is nothing to release, so they just compute. Same additions in the same order.
-                for k in plan.hits:
-                    et = expert_s[puses[k]]
-                    t += et
-                    compute_total += et
-                order = order[len(plan.hits):]
+                # there is nothing to release, so they compute back to back, as one block.
+                hits = plan.hits
+                block = hits_compute_s(hits, plan.use_counts[0], puses, expert_s)
+                if log:
+                    s = t
+                    for k in hits:
+                        et = expert_s[puses[k]]
+                        events.append((s, et, layer, k))
+                        s += et
+                t += block
+                compute_total += block
+                order = order[len(hits):]
             for k in order:
                 if k in inflight or k in deferred:
                     before = t

@@ -47,6 +47,14 @@ def expert_times_s(compute, steps) -> list[float]:
     return [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
 
 
+def hits_compute_s(hits: list[int], hit_uses: int, uses: dict[int, int], expert_s: list[float]) -> float:
+    """Compute time of a layer's resident experts (``hits``, ``hit_uses`` uses in all): they run back to back
+    with nothing to wait for, so both loops add it to the clock as one block, computed this way."""
+    if hit_uses == len(hits):  # every one used by one token (always at batch size 1)
+        return expert_s[1] * hit_uses if hit_uses else 0.0
+    return sum([expert_s[uses[k]] for k in hits])
+
+
 def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
     """Run the copy channel until expert ``key`` is usable (its copy landed; a deferred demand first gets a
     slot as copies land and free one); returns the new compute time (``t`` if it did not have to wait)."""
@@ -95,7 +103,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     expert_s = expert_times_s(compute, steps)
     req_l, hit_l, late_l, miss_l, stall_l = tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s
     deferred = rt.deferred
-    advance, submit, upgrade, wait_key = chan.advance, chan.submit, chan.upgrade, chan.wait_key
+    advance, submit, upgrade, wait_until_landed = chan.advance, chan.submit, chan.upgrade, chan.wait_until_landed
     queued, copying = chan.queued, chan.copying
     heappush, heappop = heapq.heappush, heapq.heappop
 
@@ -111,10 +119,14 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
         if dense is None:
             dense = dense_cache[ntok] = compute.dense_time_s(ntok)
         if d:
-            if not tab.start <= si < tab.stop:
+            if not tab.start <= si < tab.stop:  # a new block: score all of it, then read it step by step
                 tab.enter(si)
-            off = si - tab.start
-            rows_of = tab.rows
+                for ahead in range(1, d + 1):
+                    for layer in range(L):
+                        tab.score(layer, ahead)
+                # per step of the block: the chosen keys by (ahead - 1) * L + layer (one C-level transpose)
+                by_step = list(zip(*[tab.rows[ahead * L + layer] for ahead in range(1, d + 1) for layer in range(L)]))
+            step_chosen = by_step[si - tab.start]
         for layer in range(L):
             t += dense
             compute_total += dense
@@ -125,37 +137,30 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
             needed = list(u)
             once = len(needed) == nuses  # every key used by one token (always at batch size 1)
             # The prefetch choices (pure lookups: the table scores a block at a time, the same whenever asked).
-            chosen_by = []
             quiet = True
-            for ahead in range(1, d + 1):
-                if now + ahead > max_ls:
-                    break
-                rows = rows_of.get(ahead * L + layer)
-                if rows is None:
-                    rows = tab.score(layer, ahead)
-                chosen = rows[off]
-                chosen_by.append(chosen)
-                if quiet and not present.issuperset(chosen):
-                    quiet = False
+            if d:
+                chosen_by = step_chosen[layer::L]  # by distance 1..d
+                if now + d > max_ls:  # the last layer-steps: no target beyond the replay's end
+                    chosen_by = chosen_by[:max_ls - now]
+                for chosen in chosen_by:
+                    if not present.issuperset(chosen):
+                        quiet = False
+                        break
+            else:
+                chosen_by = ()
             # A quiet layer: every expert resident (not in flight, not an unused prefetch), every prediction
             # already present, no expired prefetch to drop. Then no copy starts and the experts just compute.
             if (quiet and present.issuperset(needed) and inflight.isdisjoint(needed)
                     and (not pu or pu.isdisjoint(needed)) and (not pending_prefetch or pending_prefetch[0][0] > now)):
                 on_hits(needed, now)
-                if once:
-                    for _ in needed:
-                        t += e1
-                        compute_total += e1
-                else:
-                    for k in needed:
-                        et = expert_s[u[k]]
-                        t += et
-                        compute_total += et
+                block = e1 * nuses if once else sum([expert_s[u[k]] for k in needed])  # hits_compute_s, inlined
+                t += block
+                compute_total += block
                 quiet_uses += nuses
                 continue
             rt.now = now  # read by retry_deferred
             # PolicyRuntime.begin_layer's steps for a layer where something happens, without its LayerPlan
-            hits, late, misses, (_, lt, m), rt._prefetch_hits = use_layer(needed, u, now)
+            hits, late, misses, (h, lt, m), rt._prefetch_hits = use_layer(needed, u, now, once)
             demand = []
             protected = bool(misses)  # rt.protected is read by the reservations and by release: built only then
             if misses:
@@ -184,15 +189,9 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                 upgrade(k)
             layer_stall = 0.0
             if not deferred:
-                if once:
-                    for _ in hits:
-                        t += e1
-                        compute_total += e1
-                else:
-                    for k in hits:
-                        et = expert_s[u[k]]
-                        t += et
-                        compute_total += et
+                block = hits_compute_s(hits, h, u, expert_s)
+                t += block
+                compute_total += block
                 order = late + misses if late else misses
             else:
                 order = hits + late + misses
@@ -202,10 +201,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                     if deferred:
                         t = wait_ready(k, t, chan, rt)
                     else:  # wait_for without deferred demands: the key's copy is queued or running
-                        advance(t)
-                        wait_key(k)
-                        if chan.now > t:
-                            t = chan.now
+                        t = wait_until_landed(k, t)
                     layer_stall += t - before
                 et = expert_s[u[k]]
                 t += et
