@@ -28,11 +28,16 @@ class FutureIndex:
     Belady and the oracle predictor read it; nothing else may."""
 
     def __init__(self, needed: list[np.ndarray]):
-        uses: dict[int, list[int]] = {}
-        for t, keys in enumerate(needed):
-            for k in keys.tolist():
-                uses.setdefault(k, []).append(t)
-        self._uses = uses
+        # every (key, layer-step) pair, grouped by key in layer-step order (a stable sort: no loop per use)
+        lens = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
+        keys = np.concatenate(needed).astype(np.int64, copy=False) if lens.sum() else np.zeros(0, np.int64)
+        steps = np.repeat(np.arange(len(needed), dtype=np.int64), lens)
+        small = keys.astype(np.int16) if len(keys) and keys.max() < 2**15 else keys  # numpy radix-sorts 16 bits
+        order = np.argsort(small, kind="stable")
+        keys, steps = keys[order], steps[order]
+        cut = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+        starts, ends = np.r_[0, cut].tolist(), np.r_[cut, len(keys)].tolist()
+        self._uses: dict[int, list[int]] = {int(keys[a]): steps[a:b].tolist() for a, b in zip(starts, ends) if b > a}
         self.needed = needed  # needed[t] = unique keys used at layer-step t
         self.horizon = len(needed)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import heapq
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,14 +108,21 @@ def replay(
     ``simpy_channels`` forces the SimPy copy channels even where the direct :class:`SerialChannel` applies
     (the two give identical results, float for float); ``fused=False`` forces this module's general loop where
     :mod:`sim.fused`'s would apply (identical results too)."""
-    # The loop allocates many short-lived containers (none in reference cycles: refcounting frees them), so
-    # the cyclic GC would run often, and its collections keep re-traversing the long-lived inputs (a dict per
-    # layer-step in ``uses``, the trace, the FutureIndex): 15% or more of the replay. It is paused for the
-    # replay and resumed after (gc.freeze/unfreeze instead would leave the next collections miscalibrated).
+    with gc_paused():
+        return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused)
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic GC for a block that allocates containers by the hundred thousand (the replay loop,
+    the per-layer-step keys), none of them in reference cycles, so refcounting frees them. With the GC on,
+    its collections run every few hundred allocations and keep re-traversing the long-lived ones: 15% or more
+    of a replay, and most of building the keys. Resumed after (gc.freeze/unfreeze instead would leave the
+    next collections miscalibrated)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused)
+        yield
     finally:
         if was_enabled:
             gc.enable()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
 
 from .bounds import ondemand_replay, oracle_stall
-from .engine import ReplayResult, replay
+from .engine import ReplayResult, gc_paused, replay
 from .hardware import build_models
 from .outputs import write_outputs
 
@@ -38,19 +39,50 @@ def instantiate(node, what: str):
 
 
 def step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
-    """Per layer-step of the replay: the distinct keys (first-seen order) and their use counts."""
-    needed: list[np.ndarray] = []
-    uses: list[dict[int, int]] = []
+    """Per layer-step of the replay: the distinct keys (first-seen order) and their use counts.
+
+    Steps with the same number of tokens are keyed in one numpy call. When each row's keys are distinct
+    (one token per step: a token's top-k experts are distinct), the use counts are ``dict.fromkeys(row, 1)``
+    and the distinct keys are the row itself (a view), so nothing runs per key in Python; other rows count
+    their keys one by one."""
+    with gc_paused():  # hundreds of thousands of small lists and dicts
+        return _step_keys(trace, steps, offsets)
+
+
+def _step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
     L = trace.meta.num_layers
-    for st in steps:
-        ex = trace.experts[st.tokens].astype(np.int64)  # [B, L, K]
-        for layer in range(L):
-            keys = (ex[:, layer, :] + offsets[layer]).ravel().tolist()
-            u: dict[int, int] = {}
-            for k in keys:
-                u[k] = u.get(k, 0) + 1
-            uses.append(u)
-            needed.append(np.fromiter(u.keys(), dtype=np.int64, count=len(u)))
+    K = trace.experts.shape[2]
+    needed: list = [None] * (len(steps) * L)
+    uses: list = [None] * (len(steps) * L)
+    by_size: dict[int, list[int]] = {}
+    for i, st in enumerate(steps):
+        by_size.setdefault(len(st.tokens), []).append(i)
+    off = np.asarray(offsets, dtype=np.int64)[:L]
+    for ntok, idx in by_size.items():
+        tokens = np.stack([np.asarray(steps[i].tokens) for i in idx]).reshape(len(idx), ntok)
+        # [steps, L, ntok * K]: per layer, token by token, each token's experts in trace order
+        keys = trace.experts[tokens].astype(np.int64).transpose(0, 2, 1, 3).reshape(len(idx), L, ntok * K)
+        rows = (keys + off[None, :, None]).reshape(len(idx) * L, ntok * K)
+        rows.flags.writeable = False  # its rows are handed out as views
+        srt = np.sort(rows, axis=1)
+        distinct = (srt[:, 1:] != srt[:, :-1]).all(axis=1) if rows.shape[1] > 1 else np.ones(len(rows), bool)
+        pos = (np.asarray(idx, dtype=np.int64)[:, None] * L + np.arange(L)).ravel().tolist()
+        lists = rows.tolist()
+        if distinct.all():  # the common case, in C: one dict and one view per row
+            for p, u, view in zip(pos, map(dict.fromkeys, lists, repeat(1)), rows):
+                uses[p] = u
+                needed[p] = view
+            continue
+        for p, row, once, view in zip(pos, lists, distinct.tolist(), rows):
+            if once:
+                uses[p] = dict.fromkeys(row, 1)
+                needed[p] = view
+            else:
+                u: dict[int, int] = {}
+                for k in row:
+                    u[k] = u.get(k, 0) + 1
+                uses[p] = u
+                needed[p] = np.fromiter(u.keys(), dtype=np.int64, count=len(u))
     return needed, uses
 
 
