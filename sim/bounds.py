@@ -30,7 +30,7 @@ import simpy
 from policies.base import FutureIndex, Step
 from policies.runtime import PolicyRuntime
 
-from .channels import CopyChannels
+from .channels import CopyChannels, make_channels
 from .hardware import ComputeModel, CopyModel
 
 
@@ -147,13 +147,14 @@ def oracle_stall(
     min_loads: list[tuple[int, int, int | None]] | None = None,
     orders: list[list[int]] | None = None,
     window: int | None = None,
+    simpy_channels: bool = False,
 ) -> float:
     """Stall of one perfect-foresight schedule. ``uses[i]`` maps key -> tokens at layer-step i;
     ``min_loads`` (for ``conservative``) lists MIN's (layer-step, key, victim) in order, and ``orders`` MIN's
     compute order per layer-step, which the schedule then follows (so it only ever moves MIN's loads
     earlier); ``window`` bounds
-    how far ahead ``aggressive`` looks (default: 4 steps' worth of layers)."""
-    env = simpy.Environment()
+    how far ahead ``aggressive`` looks (default: 4 steps' worth of layers). The copies run on the direct
+    :class:`~sim.channels.SerialChannel` where it applies (``simpy_channels`` forces SimPy's: same result)."""
     L = num_layers
     st = _OracleState(future, partition_of, capacity, copy_model.channels)
     if schedule == "aggressive":
@@ -169,7 +170,10 @@ def oracle_stall(
         st.inflight.discard(key)
         fetch_more()
 
-    chan = CopyChannels(env, copy_model, expert_bytes, landed)
+    if simpy_channels:
+        chan = CopyChannels(simpy.Environment(), copy_model, expert_bytes, landed)
+    else:
+        chan = make_channels(copy_model, expert_bytes, landed)
     st.submit = lambda key: chan.submit(key, 0)
     t = stall = 0.0
     dense_memo: dict[int, float] = {}
@@ -183,8 +187,7 @@ def oracle_stall(
             st.protected = set(uses[i])
             remaining = set(uses[i])
             while remaining:
-                if t > env.now:
-                    env.run(until=t)
+                chan.advance(t)
                 fetch_more()
                 if orders is not None:  # fixed order: the next expert or nothing
                     nxt = next(k for k in orders[i] if k in remaining)
@@ -200,10 +203,10 @@ def oracle_stall(
                         if full and victim is None:
                             raise RuntimeError(f"oracle ({schedule}): no slot for a needed expert at layer-step {i}")
                         st.load(key, victim)
-                    env.run(until=chan.any_done)
-                    if env.now > t:
-                        stall += env.now - t
-                        t = env.now
+                    chan.wait_any()
+                    if chan.now > t:
+                        stall += chan.now - t
+                        t = chan.now
                     continue
                 key = min(ready)
                 t += compute.expert_time_s(uses[i][key])
