@@ -81,7 +81,9 @@ def main() -> None:
     train, test = split_by_sequence(full, 0.5, seed=0)
     test = test.select(np.arange(test.num_tokens) < args.tokens)
     meta = test.meta
+    t0 = time.perf_counter()
     res = simulate(test, train, args.slots, 1)
+    end_to_end_s = time.perf_counter() - t0  # + the per-layer-step keys and the predictor's training
     requests = int(res.layers.requests.sum())
     _, bare_s = bare_lru(test.experts, args.slots)
     sim_rate, bare_rate = requests / res.wall_s, requests / bare_s
@@ -89,6 +91,8 @@ def main() -> None:
     print(f"simulator, batch 1 (LRU + transition prefetch, fixed d=1): {requests:,} expert-requests in {res.wall_s:.2f} s = {sim_rate:,.0f}/s")
     print(f"bare OrderedDict LRU loop:                                  {requests:,} expert-requests in {bare_s:.2f} s = {bare_rate:,.0f}/s")
     print(f"ratio simulator / bare loop, batch 1: {sim_rate / bare_rate:.1%}  (goal: >= 1M/s or >= 20%)")
+    print(f"end to end, batch 1 (+ per-layer-step keys, training the transition table): {end_to_end_s:.2f} s = "
+          f"{requests / end_to_end_s:,.0f}/s  (the rates above time the replay loop only)")
     if args.general:
         rg = simulate(test, train, args.slots, 1, fused=False)
         print(f"simulator, batch 1, general loop (sim/engine.py; fused off):  {requests:,} expert-requests in {rg.wall_s:.2f} s = "
