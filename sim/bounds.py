@@ -83,21 +83,37 @@ class _OracleState:
         self.submit(key)
 
 
-def _aggressive(st: _OracleState, window: int) -> Callable[[], None]:
+def _aggressive(st: _OracleState, window: int, resume: bool = True) -> Callable[[], None]:
+    """Scan the next ``window`` layer-steps' keys in use order and fetch the first not resident (see the
+    module docstring). ``resume``: start where the last scan met its first key that was neither resident nor
+    computed, instead of at ``now``; the same decisions, because the keys skipped stay resident. The only
+    evictions are this scan's, and its victim is never used before the key it makes room for (which is at or
+    after that point); the driver's on-demand load never evicts here, as it runs only when this scan found
+    nothing to load, i.e. in a partition with a free slot (a full one with no victim is an error)."""
+    scan = [0, 0]  # (layer-step, index): every key from ``now`` up to here is resident or already computed
+
     def fetch_more() -> None:
         now, fut = st.now, st.future
         end = min(fut.horizon, now + window)
         blocked: set[int] = set()
-        i, j = now, 0
+        i, j = scan if resume and scan[0] >= now else (now, 0)
+        clean = resume  # still in the prefix of resident (or computed) keys: move ``scan`` along
         while len(st.inflight) < st.channels and i < end:
             keys = fut.needed[i]
             if j >= len(keys):
                 i, j = i + 1, 0
+                if clean:
+                    scan[:] = i, 0
                 continue
             key = int(keys[j])
             j += 1
             part = int(st.partition_of[key])
-            if (i == now and key not in st.protected) or key in st.resident[part] or part in blocked:
+            if (i == now and key not in st.protected) or key in st.resident[part]:
+                if clean:
+                    scan[:] = i, j
+                continue
+            clean = False
+            if part in blocked:
                 continue
             victim = None
             if len(st.resident[part]) >= st.capacity[part]:
@@ -148,17 +164,19 @@ def oracle_stall(
     orders: list[list[int]] | None = None,
     window: int | None = None,
     simpy_channels: bool = False,
+    resume_scan: bool = True,
 ) -> float:
     """Stall of one perfect-foresight schedule. ``uses[i]`` maps key -> tokens at layer-step i;
     ``min_loads`` (for ``conservative``) lists MIN's (layer-step, key, victim) in order, and ``orders`` MIN's
     compute order per layer-step, which the schedule then follows (so it only ever moves MIN's loads
     earlier); ``window`` bounds
     how far ahead ``aggressive`` looks (default: 4 steps' worth of layers). The copies run on the direct
-    :class:`~sim.channels.SerialChannel` where it applies (``simpy_channels`` forces SimPy's: same result)."""
+    :class:`~sim.channels.SerialChannel` where it applies (``simpy_channels`` forces SimPy's: same result);
+    ``resume_scan=False`` rescans the aggressive window from ``now`` every time (same result, slower)."""
     L = num_layers
     st = _OracleState(future, partition_of, capacity, copy_model.channels)
     if schedule == "aggressive":
-        fetch_more = _aggressive(st, window or 4 * L)
+        fetch_more = _aggressive(st, window or 4 * L, resume_scan)
     elif schedule == "conservative":
         if min_loads is None:
             raise ValueError("oracle_stall: the conservative schedule needs MIN's loads (min_loads)")

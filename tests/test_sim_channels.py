@@ -231,29 +231,3 @@ def test_resubmitted_copy_queues_behind_later_ones(serial):
     ch.advance(10.0)
     assert [r.key for r in ch.records] == [9, 2, 1]
 
-
-@pytest.mark.parametrize("hw", ["t4", "cpu-nvme", "h100-pcie5"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_oracle_bounds_on_the_direct_channel_equal_simpy(tmp_path, hw, batch):
-    """The perfect-foresight schedules run on the direct one-worker channel (copies submitted from inside a
-    landing, as ``fetch_more`` does) and give exactly the SimPy channels' stall, both schedules."""
-    from conftest import ROOT, random_trace
-    from hydra import compose, initialize_config_dir
-
-    from sim.bounds import ondemand_replay, oracle_stall
-    from sim.run import prepare
-    from traces import write_trace
-
-    path = write_trace(random_trace(tokens=80, layers=4, experts=8, top_k=2, sequences=4, seed=5), tmp_path / "t.parquet")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"trace.path={path}", "trace.name=t", f"hardware={hw}", "cache.slots=3",
-                                           "cache.fraction=null", "cache=belady", f"batch_size={batch}"])
-    p = prepare(cfg)
-    p.runtime.cache.load_log = []
-    orders: list = []
-    ondemand_replay(p.steps, p.runtime, orders)
-    args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, p.copy_bytes,
-            p.meta.num_layers)
-    for kw in ({"schedule": "aggressive"}, {"schedule": "conservative", "min_loads": p.runtime.cache.load_log, "orders": orders}):
-        direct, simpy_ = oracle_stall(*args, **kw), oracle_stall(*args, **kw, simpy_channels=True)
-        assert direct == simpy_ and direct > 0, kw["schedule"]
