@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import simpy
 
-from policies.base import FutureIndex, Step
+from policies.base import FarthestNextUse, FutureIndex, Step
 from policies.runtime import PolicyRuntime
 
 from .channels import CopyChannels, make_channels
@@ -66,21 +66,28 @@ class _OracleState:
         self.now = 0
         self.channels = channels
         self.submit: Callable[[int], None] = lambda key: None
+        # per partition, resident keys by next use (touched when loaded and when computed)
+        self.order = [FarthestNextUse(future, high_key_first=True) for _ in capacity]
 
     def victim(self, part: int) -> int | None:
-        cands = self.resident[part] - self.protected - self.inflight
-        if not cands:
-            return None
-        nxt, after = self.future.next_use, self.now + 1  # strictly after now: computed experts are done
-        return max(cands, key=lambda k: (nxt(k, after), k))
+        """The resident key of ``part`` used farthest after now (strictly: computed experts are done), ties to
+        the highest key, among those neither protected nor in flight; None if there is none."""
+        protected, inflight = self.protected, self.inflight
+        return self.order[part].farthest(lambda k: k not in protected and k not in inflight)
 
     def load(self, key: int, victim: int | None) -> None:
         part = int(self.partition_of[key])
         if victim is not None:
             self.resident[part].discard(victim)
+            self.order[part].remove(victim)
         self.resident[part].add(key)
+        self.order[part].touch(key, self.now)
         self.inflight.add(key)
         self.submit(key)
+
+    def computed(self, key: int, i: int) -> None:
+        """``key`` was used at layer-step ``i``."""
+        self.order[int(self.partition_of[key])].touch(key, i)
 
 
 def _aggressive(st: _OracleState, window: int, resume: bool = True) -> Callable[[], None]:
@@ -230,4 +237,5 @@ def oracle_stall(
                 t += compute.expert_time_s(uses[i][key])
                 remaining.discard(key)
                 st.protected.discard(key)
+                st.computed(key, i)
     return stall

@@ -19,43 +19,47 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import CacheContext, FutureIndex, PolicyConfigError
+from ..base import CacheContext, FarthestNextUse, FutureIndex, PolicyConfigError
 
 
 class Belady:
     def __init__(self, defer: bool = True) -> None:
         self.defer = bool(defer)
         self._future: FutureIndex | None = None
-        self._part = np.zeros(0, dtype=np.int64)
-        self._resident: set[int] = set()
+        self._part: list[int] = []
+        self._order: list[FarthestNextUse] = []  # per partition: resident keys by next use, farthest first
 
     def reset(self, ctx: CacheContext) -> None:
         if ctx.future is None:
             raise PolicyConfigError("belady cache: needs ctx.future (the replay's FutureIndex); none was given")
         self._future = ctx.future
-        self._part = ctx.partition_of
-        self._resident = set()
+        self._part = np.asarray(ctx.partition_of).tolist()
+        self._order = [FarthestNextUse(ctx.future) for _ in ctx.capacity]
 
     def on_hit(self, key: int, now: int) -> None:
-        pass
+        self._order[self._part[key]].touch(key, now)
 
     def on_insert(self, key: int, now: int) -> None:
-        self._resident.add(key)
+        self._order[self._part[key]].touch(key, now)
 
     def on_remove(self, key: int) -> None:
-        self._resident.discard(key)
+        self._order[self._part[key]].remove(key)
 
     def victim(self, partition: int, candidates: set[int], now: int) -> int | None:
         if self._future is None:
             raise PolicyConfigError("belady cache: victim() called before reset() with a future index")
         if not candidates:
             return None
-        nxt = self._future.next_use
-        best = max(candidates, key=lambda k: (nxt(k, now + 1), -k))
+        order = self._order[partition]
+        best = order.farthest(candidates.__contains__)
+        if best is None:  # a candidate this policy never saw inserted (should not happen): the plain rule
+            nxt = self._future.next_use
+            return max(candidates, key=lambda k: (nxt(k, now + 1), -k))
         if self.defer and now < self._future.horizon:
-            far = nxt(best, now + 1)
+            far = order.next_of(best)
             for k in self._future.needed[now].tolist():
-                if k in self._resident and k not in candidates and self._part[k] == partition and nxt(k, now + 1) > far:
+                nk = order.next_of(k)
+                if nk is not None and k not in candidates and nk > far:
                     return None  # a key of this layer-step, not yet computed, is the better victim: wait for it
         return best
 
