@@ -59,7 +59,7 @@ def _step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarra
         by_size.setdefault(len(st.tokens), []).append(i)
     off = np.asarray(offsets, dtype=np.int64)[:L]
     for ntok, idx in by_size.items():
-        tokens = np.stack([np.asarray(steps[i].tokens) for i in idx]).reshape(len(idx), ntok)
+        tokens = np.stack([np.asarray(steps[i].tokens, dtype=np.int64) for i in idx]).reshape(len(idx), ntok)
         # [steps, L, ntok * K]: per layer, token by token, each token's experts in trace order
         keys = trace.experts[tokens].astype(np.int64).transpose(0, 2, 1, 3).reshape(len(idx), L, ntok * K)
         rows = (keys + off[None, :, None]).reshape(len(idx) * L, ntok * K)

@@ -87,3 +87,13 @@ def test_future_index_with_keys_beyond_16_bits():
     needed = [np.unique(rng.integers(0, 70_000, 5)) for _ in range(200)]
     fut = FutureIndex(needed)
     assert fut._uses == reference_future([n.tolist() for n in needed])
+
+
+def test_a_step_with_no_tokens_has_no_keys():
+    from policies.base import Step
+
+    tr = random_trace(tokens=4, layers=2, experts=4, top_k=2, sequences=1, seed=0)
+    steps = [Step([0], 1, np.zeros(1)), Step([], 1, np.zeros(0)), Step([1, 2], 1, np.zeros(2))]
+    needed, uses = step_keys(tr, steps, tr.meta.layer_offsets)
+    assert uses[2] == uses[3] == {} and needed[2].tolist() == []
+    assert [n.tolist() for n in needed] == reference_keys(tr, steps, tr.meta.layer_offsets)[0]
