@@ -78,3 +78,35 @@ def test_heap_victims_equal_the_plain_farthest_rule(tmp_path, monkeypatch, scope
     fast = [oracle_stall(*args, **kw) for kw in kws]
     monkeypatch.setattr(bounds._OracleState, "victim", plain_victim)
     assert [oracle_stall(*args, **kw) for kw in kws] == fast and min(fast) > 0
+
+
+def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatch):
+    """Two policies at the same trace, capacity and hardware share one cached bounds file and give exactly the
+    bounds a fresh computation gives; a different capacity, or different code, gets its own; an unreadable
+    file is recomputed; ``bounds.cache_dir=null`` caches nothing."""
+    import json
+
+    from test_sim import run_sim
+
+    import sim.bounds_cache as bc
+
+    cache = tmp_path / "bounds"
+    tr = random_trace(tokens=60, layers=3, experts=8, top_k=2, sequences=3, seed=2)
+    keys = ("belady_hit_rate", "belady_misses_unique", "oracle_stall_s", "oracle_aggressive_stall_s",
+            "oracle_conservative_stall_s")
+
+    def run(*ov):
+        res, _ = run_sim(tmp_path, [f"bounds.cache_dir={cache}", "cache.slots=3", "cache.fraction=null", *ov], tr)
+        return {k: res[k] for k in keys}
+
+    fresh = run("bounds.cache_dir=null", "cache=lru")
+    assert not cache.exists()
+    assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 1
+    assert run("cache=lfru", "predictor=transition") == fresh and len(list(cache.glob("*.json"))) == 1
+    other = run("cache.slots=5")
+    assert other != fresh and len(list(cache.glob("*.json"))) == 2
+    (f,) = [f for f in cache.glob("*.json") if json.loads(f.read_text())["oracle_stall_s"] == fresh["oracle_stall_s"]]
+    f.write_text("{not json")
+    assert run("cache=lru") == fresh and json.loads(f.read_text())["oracle_stall_s"] == fresh["oracle_stall_s"]
+    monkeypatch.setattr(bc, "code_digest", lambda: "edited code")
+    assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 3

@@ -1,0 +1,79 @@
+"""The bounds of a run (MIN's hit rate and loads, the perfect-foresight stalls) depend on the replayed steps,
+the cache's partitions and capacity and the hardware models, not on the policy under test, so the runs of a
+sweep share them: they are cached under ``bounds.cache_dir`` (default ``.cache/bounds``), one JSON file per
+digest of those inputs *and of the simulator's and policies' source code*, so editing either recomputes them.
+A cached file gives the very numbers a fresh computation gives (JSON round-trips floats exactly)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from traces.io import atomic_path
+
+log = logging.getLogger(__name__)
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_digest() -> str:
+    """Digest of every source file the bounds can depend on (``sim/`` and ``policies/``)."""
+    h = hashlib.sha256()
+    for pkg in ("sim", "policies"):
+        for f in sorted((_ROOT / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(_ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    """Add ``obj`` to the digest unambiguously (type tags, lengths, array dtypes and shapes)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"<{type(obj).__name__}>".encode())
+        for f in dataclasses.fields(obj):
+            h.update(f.name.encode())
+            _feed(h, getattr(obj, f.name))
+    elif isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        h.update(f"<nd {a.dtype.str} {a.shape}>".encode())
+        h.update(a.tobytes())
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"<seq {len(obj)}>".encode())
+        for x in obj:
+            _feed(h, x)
+    elif obj is None or isinstance(obj, (bool, int, float, str, np.integer, np.floating)):
+        h.update(f"<{type(obj).__name__} {obj!r}>".encode())
+    else:
+        raise TypeError(f"bounds cache: cannot digest a {type(obj).__name__}")
+
+
+def bounds_digest(p) -> str:
+    """Digest of everything :func:`sim.run.bounds` reads from a prepared run, and of the code."""
+    h = hashlib.sha256(code_digest().encode())
+    _feed(h, p.test.experts)
+    _feed(h, [np.asarray(st.tokens, dtype=np.int64) for st in p.steps])
+    _feed(h, [np.asarray(p.partition_of), list(p.capacity), p.copy_model, p.compute, int(p.copy_bytes),
+              int(p.meta.num_layers), list(p.rcfg.num_experts), int(p.rcfg.expert_bytes)])
+    return h.hexdigest()
+
+
+def cached_bounds(p, compute: Callable[[], dict], cache_dir: str | Path | None) -> dict:
+    """``compute()``'s result for this prepared run, read from ``cache_dir`` if an earlier run stored it (None:
+    always compute). An unreadable cache file is recomputed and replaced."""
+    if not cache_dir:
+        return compute()
+    path = Path(cache_dir) / f"{bounds_digest(p)[:32]}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("bounds cache: ignoring unreadable %s (%s); recomputing", path, exc)
+    out = compute()
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(out))
+    return out
