@@ -1,9 +1,8 @@
 """The CUDA backend. On a CPU machine: the copy scheduling logic (host priority queue, bounded per-stream
 window, upgrade/cancel, accounting) with an injected fake device, the threaded engine around it, the replay
-loop driving it unchanged, the API parity with the CPU backend, the clear stop without a GPU, and the NVML
-telemetry's summary and its "not available" report. These do not pretend to be a GPU: the fake device only
-says when a copy has landed. Tests marked ``gpu`` exercise real CUDA copies, streams and events, and are
-skipped without one."""
+loop driving it unchanged, the API parity with the CPU backend and the clear stop without a GPU. These do not
+pretend to be a GPU: the fake device only says when a copy has landed. Real CUDA copies, streams and events:
+``test_cuda_gpu.py`` (skipped without a GPU); NVML telemetry: ``test_gpu_telemetry.py``."""
 
 from __future__ import annotations
 
@@ -22,14 +21,13 @@ from hydra import compose, initialize_config_dir
 
 from executor.compute import LayerCompute
 from executor.copy_schedule import CopyScheduler
-from executor.cuda_backend import CudaBackend, CudaTransferEngine, GpuLayerCompute, load_host, require_cuda
+from executor.cuda_backend import CudaTransferEngine, GpuLayerCompute, load_host, require_cuda
 from executor.tier import HEADER_BYTES, ExpertReader, StoreLayout, TierError, write_store
 from executor.transfer import TransferEngine
 from traces import write_trace
 
 LAYOUT = StoreLayout([4, 4], hidden=32, intermediate=48, seed=1)
 HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: torch.cuda.is_available() is False")
 
 
 class Handle:
@@ -319,92 +317,6 @@ def test_unknown_backend_is_an_error(tmp_path):
     with pytest.raises(TierError, match="executor.backend: expected cpu or cuda, got 'tpu'"):
         execute_config(compose_cfg([*small_case(tmp_path), "executor.backend=tpu"]), tmp_path / "out")
     assert not (tmp_path / "tier").exists()
-
-
-# -- on a real GPU only ------------------------------------------------------------------------------------------
-def gpu_backend(tmp_path, n_slots=4, streams=1, window=2):
-    store = write_store(tmp_path / "g.experts", LAYOUT)
-    return CudaBackend.build(store, LAYOUT, n_slots, seed=0, copy_streams=streams, window=window)
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_copies_match_the_host(tmp_path):
-    b = gpu_backend(tmp_path, n_slots=8, streams=2)
-    try:
-        for k in range(8):
-            b.transfer.submit(k, 7 - k, 1 + k % 2)
-        for k in range(8):
-            assert b.transfer.wait(k) >= 0
-        host = b.compute.ops.host
-        for k in range(8):
-            assert torch.equal(b.compute.slots[7 - k].cpu(), host[k])
-        assert all(r.end_s >= r.start_s >= 0 for r in b.transfer.records) and b.transfer.bandwidth_bytes_per_s() > 0
-    finally:
-        b.close()
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_demand_overtakes_queued_prefetches(tmp_path):
-    b = gpu_backend(tmp_path, n_slots=8, streams=1, window=1)
-    eng = b.transfer
-    try:
-        with eng._cv:  # everything is submitted before the copy thread can retire the first copy
-            for k in range(6):
-                eng.submit(k, k, 3)
-            eng.submit(7, 7, 0)
-            assert eng.cancel(5) and not eng.cancel(0)
-        eng.wait(7)
-        eng.wait(4)
-        assert [r.key for r in eng.records] == [0, 7, 1, 2, 3, 4]
-    finally:
-        b.close()
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_compute_matches_the_cpu(tmp_path):
-    b = gpu_backend(tmp_path, n_slots=2)
-    try:
-        b.transfer.submit(3, 1, 0)
-        b.transfer.wait(3)
-        cpu_slots = b.compute.ops.host[3].clone()
-        cpu = LayerCompute(LAYOUT, memoryview(cpu_slots.numpy()).cast("B"))
-        torch.testing.assert_close(b.compute.run_expert(1, 5).cpu(), cpu.run_expert(0, 5), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(b.compute.run_dense(3).cpu(), cpu.run_dense(3), rtol=1e-4, atol=1e-5)
-    finally:
-        b.close()
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_executor_run_writes_the_simulators_keys_and_telemetry(tmp_path):
-    import json
-
-    from executor.run import execute_config
-    from sim.run import simulate
-
-    ov = small_case(tmp_path, tokens=120)
-    real = execute_config(compose_cfg([*ov, "executor.backend=cuda"]), tmp_path / "ex")
-    sim = simulate(compose_cfg(ov), tmp_path / "sim")
-    assert set(sim) <= set(real)
-    for k in ("hit_rate", "late_hit_rate", "copies", "expert_requests"):
-        assert real[k] == sim[k], k
-    assert real["tier"] == "host-pinned" and real["run"]["backend"] == "cuda"
-    assert isinstance(real["telemetry"]["available"], bool)
-    assert json.loads((tmp_path / "ex" / "results.json").read_text())["telemetry"] == real["telemetry"]
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_profile_measures_copies_and_compute(tmp_path):
-    from executor.cuda_profile import profile_cuda
-
-    store = write_store(tmp_path / "p.experts", LAYOUT)
-    prof = profile_cuda(store, LAYOUT, repeats=3, copy_streams=2)
-    assert prof["tier"] == "host-pinned" and prof["copy"]["bandwidth_bytes_per_s"] > 1e8
-    assert prof["copy"]["seconds"][0] > 0 and all(s > 0 for s in prof["compute"]["expert_s"])
 
 
 def test_resubmitted_copy_queues_behind_later_ones_in_the_host_queue():
