@@ -175,10 +175,10 @@ def bounds(p: Prepared) -> dict:
     """Belady's MIN and the perfect-foresight oracle on the same access stream, capacity and models; shared
     by the runs of a sweep through ``bounds.cache_dir`` (see :mod:`sim.bounds_cache`)."""
     from .bounds_cache import cached_bounds
-    from .trace_source import _to_abs
+    from .trace_source import project_path
 
     cache_dir = (p.cfg.get("bounds") or {}).get("cache_dir")
-    return cached_bounds(p, lambda: compute_bounds(p), _to_abs(str(cache_dir)) if cache_dir else None)
+    return cached_bounds(p, lambda: compute_bounds(p), project_path(str(cache_dir)) if cache_dir else None)
 
 
 def compute_bounds(p: Prepared) -> dict:

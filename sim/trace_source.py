@@ -10,7 +10,8 @@ from pathlib import Path
 from traces import Trace, TraceError, read_trace, write_trace
 
 
-def _to_abs(path: str) -> Path:
+def project_path(path: str) -> Path:
+    """``path`` made absolute against the directory the command was started in (hydra's original cwd)."""
     try:
         from hydra.utils import to_absolute_path
 
@@ -22,7 +23,7 @@ def _to_abs(path: str) -> Path:
 def resolve_trace(node, seed: int = 0) -> Trace:
     path = node.get("path")
     if path:
-        p = _to_abs(str(path))
+        p = project_path(str(path))
         if not p.exists():
             raise TraceError(f"trace.path: no such trace file {p}")
         return read_trace(p)
@@ -33,7 +34,7 @@ def resolve_trace(node, seed: int = 0) -> Trace:
         raise TraceError(f"trace '{node.get('name')}': set trace.path, trace.synth or trace.imported")
     settings = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else dict(spec)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    cache_dir = Path(node.get("cache_dir") or _to_abs(".cache/traces"))
+    cache_dir = Path(node.get("cache_dir") or project_path(".cache/traces"))
     out = cache_dir / f"{node.get('name', 'synth')}-{digest}.parquet"
     if out.exists():
         return read_trace(out)
@@ -61,6 +62,6 @@ def import_from_settings(settings: dict) -> Trace:
     missing = [k for k in ("sources", "format", "model_preset") if k not in settings]
     if missing:
         raise TraceError(f"trace.imported: missing field(s) {missing}")
-    sources = [_to_abs(str(s)) for s in settings["sources"]]
+    sources = [project_path(str(s)) for s in settings["sources"]]
     meta = get_preset(str(settings["model_preset"])).meta(source=f"import:{settings['format']}")
     return import_trace(sources, str(settings["format"]), meta, str(settings.get("align", "strict")))
