@@ -64,7 +64,8 @@ def bounds_digest(p) -> str:
 
 def cached_bounds(p, compute: Callable[[], dict], cache_dir: str | Path | None) -> dict:
     """``compute()``'s result for this prepared run, read from ``cache_dir`` if an earlier run stored it (None:
-    always compute). An unreadable cache file is recomputed and replaced."""
+    always compute). An unreadable cache file is recomputed and replaced; an unwritable cache directory only
+    logs a warning."""
     if not cache_dir:
         return compute()
     path = Path(cache_dir) / f"{bounds_digest(p)[:32]}.json"
@@ -74,6 +75,9 @@ def cached_bounds(p, compute: Callable[[], dict], cache_dir: str | Path | None) 
         except (OSError, ValueError) as exc:
             log.warning("bounds cache: ignoring unreadable %s (%s); recomputing", path, exc)
     out = compute()
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(out))
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(out))
+    except OSError as exc:  # a cache that cannot be written must not fail the run
+        log.warning("bounds cache: cannot write %s (%s); the bounds were computed, not cached", path, exc)
     return out

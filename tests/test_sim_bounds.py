@@ -110,3 +110,15 @@ def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatc
     assert run("cache=lru") == fresh and json.loads(f.read_text())["oracle_stall_s"] == fresh["oracle_stall_s"]
     monkeypatch.setattr(bc, "code_digest", lambda: "edited code")
     assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 3
+
+
+def test_an_unwritable_bounds_cache_only_warns(tmp_path, caplog):
+    from test_sim import run_sim
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    tr = random_trace(tokens=30, layers=2, experts=4, top_k=2, sequences=2, seed=1)
+    ov = ["cache.slots=2", "cache.fraction=null"]
+    res, _ = run_sim(tmp_path, [f"bounds.cache_dir={blocker / 'bounds'}", *ov], tr)
+    fresh, _ = run_sim(tmp_path, ["bounds.cache_dir=null", *ov], tr)
+    assert res["oracle_stall_s"] == fresh["oracle_stall_s"] and "cannot write" in caplog.text
