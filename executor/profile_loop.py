@@ -32,7 +32,7 @@ class InstantTransfer:
         return out
 
     def upgrade(self, key: int) -> None:
-        pass
+        pass  # nothing ever waits in a queue here
 
     def cancel(self, key: int) -> bool:
         return False

@@ -228,6 +228,16 @@ class Step:
     sequences: np.ndarray  # sequence ids in the batch (for latency accounting)
 
 
+def steps_by_size(steps: list) -> list[tuple[int, list[int], np.ndarray]]:
+    """The steps grouped by how many tokens they compute, for one numpy call per group: (tokens per step,
+    the steps' indices in ``steps``, their token indices as an int [steps, tokens] array)."""
+    by_size: dict[int, list[int]] = {}
+    for i, st in enumerate(steps):
+        by_size.setdefault(len(st.tokens), []).append(i)
+    return [(ntok, idx, np.stack([np.asarray(steps[i].tokens, dtype=np.int64) for i in idx]).reshape(len(idx), ntok))
+            for ntok, idx in by_size.items()]
+
+
 @runtime_checkable
 class Scheduler(Protocol):
     def plan(self, seq_id: np.ndarray, phase: np.ndarray, batch_size: int, routes: np.ndarray | None) -> list[Step]:

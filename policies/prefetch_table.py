@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import top_scores_rows
+from .base import steps_by_size, top_scores_rows
 
 if TYPE_CHECKING:
     from .runtime import PolicyRuntime
@@ -41,12 +41,15 @@ class PrefetchTable:
         self.start = step - step % self.BLOCK
         steps = self.steps[self.start:self.start + self.BLOCK]
         self.stop = self.start + len(steps)
-        by_size: dict[int, list[int]] = {}
-        for i, st in enumerate(steps):
-            by_size.setdefault(len(st.tokens), []).append(i)
-        self._groups = [(ntok, idx, np.stack([np.asarray(steps[i].tokens) for i in idx]).reshape(len(idx), ntok))
-                        for ntok, idx in by_size.items()]
+        self._groups = steps_by_size(steps)
         self.rows = {}
+
+    def by_step(self, max_ahead: int) -> list[tuple[list[int], ...]]:
+        """The current block scored for every layer and distance 1..``max_ahead``, per step: ``by_step(d)[step -
+        start][(ahead - 1) * L + layer]`` are the chosen keys (one C-level transpose of ``rows``)."""
+        L = self.rt.cfg.num_layers
+        cols = [self.rows.get(a * L + layer) or self.score(layer, a) for a in range(1, max_ahead + 1) for layer in range(L)]
+        return list(zip(*cols))
 
     def score(self, layer: int, ahead: int) -> list[list[int]]:
         """Score the current block for ``layer`` and ``ahead`` and keep the result."""

@@ -215,11 +215,11 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
                 hits = plan.hits
                 block = hits_compute_s(hits, plan.use_counts[0], puses, expert_s)
                 if log:
-                    s = t
+                    start = t
                     for k in hits:
                         et = expert_s[puses[k]]
-                        events.append((s, et, layer, k))
-                        s += et
+                        events.append((start, et, layer, k))
+                        start += et
                 t += block
                 compute_total += block
                 order = order[len(hits):]

@@ -121,11 +121,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
         if d:
             if not tab.start <= si < tab.stop:  # a new block: score all of it, then read it step by step
                 tab.enter(si)
-                for ahead in range(1, d + 1):
-                    for layer in range(L):
-                        tab.score(layer, ahead)
-                # per step of the block: the chosen keys by (ahead - 1) * L + layer (one C-level transpose)
-                by_step = list(zip(*[tab.rows[ahead * L + layer] for ahead in range(1, d + 1) for layer in range(L)]))
+                by_step = tab.by_step(d)  # per step of the block: chosen keys by (ahead - 1) * L + layer
             step_chosen = by_step[si - tab.start]
         for layer in range(L):
             t += dense

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from policies.base import FutureIndex
+from policies.base import FutureIndex, steps_by_size
 from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
@@ -54,12 +54,8 @@ def _step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarra
     K = trace.experts.shape[2]
     needed: list = [None] * (len(steps) * L)
     uses: list = [None] * (len(steps) * L)
-    by_size: dict[int, list[int]] = {}
-    for i, st in enumerate(steps):
-        by_size.setdefault(len(st.tokens), []).append(i)
     off = np.asarray(offsets, dtype=np.int64)[:L]
-    for ntok, idx in by_size.items():
-        tokens = np.stack([np.asarray(steps[i].tokens, dtype=np.int64) for i in idx]).reshape(len(idx), ntok)
+    for ntok, idx, tokens in steps_by_size(steps):
         # [steps, L, ntok * K]: per layer, token by token, each token's experts in trace order
         keys = trace.experts[tokens].astype(np.int64).transpose(0, 2, 1, 3).reshape(len(idx), L, ntok * K)
         rows = (keys + off[None, :, None]).reshape(len(idx) * L, ntok * K)
