@@ -7,6 +7,7 @@ through hooks. The driver decides what is protected (experts the current layer s
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +43,12 @@ def capacities_for(num_experts: list[int], scope: str, slots: int | None, fracti
         raise PolicyConfigError("cache: set exactly one of cache.slots or cache.fraction")
     sizes = list(num_experts) if scope == "per_layer" else [sum(num_experts)]
     if fraction is not None:
-        if not 0.0 < float(fraction) < 1.0:
-            raise PolicyConfigError(f"cache.fraction: expected a value in (0, 1), got {fraction}")
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < float(fraction) < 1.0:
+            raise PolicyConfigError(f"cache.fraction: expected a number in (0, 1), got {fraction!r}")
         caps = [max(1, int(round(n * float(fraction)))) for n in sizes]
     else:
+        if isinstance(slots, bool) or not isinstance(slots, numbers.Integral):  # 2.5 slots would silently become 2
+            raise PolicyConfigError(f"cache.slots: expected a whole number of slots, got {slots!r}")
         caps = [int(slots)] * len(sizes)
     for n, c in zip(sizes, caps):
         if not 1 <= c < n:

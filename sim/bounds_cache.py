@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def code_digest() -> str:
-    """Digest of every source file the bounds can depend on (``sim/`` and ``policies/``)."""
+def code_digest(packages: tuple[str, ...] = ("sim", "policies")) -> str:
+    """Digest of every source file of ``packages`` (by default what the bounds can depend on)."""
     h = hashlib.sha256()
-    for pkg in ("sim", "policies"):
+    for pkg in packages:
         for f in sorted((_ROOT / pkg).rglob("*.py")):
             h.update(str(f.relative_to(_ROOT)).encode())
             h.update(f.read_bytes())

@@ -129,6 +129,14 @@ def _positive(cfg: dict, key: str, where: str) -> float:
     return float(v)
 
 
+def _fraction(cfg: dict, key: str, default: float, where: str) -> float:
+    """An efficiency: the share of a peak rate a device achieves, in (0, 1] (above 1 would beat the peak)."""
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise HardwareConfigError(f"{where}.{key}: expected a share of the peak in (0, 1], got {v!r}")
+    return float(v)
+
+
 def _overhead(comp: dict, prof_compute: dict, key: str) -> float:
     """``hardware.compute.<key>`` if set, else the profile's ``compute.<key>``, else 0; never negative."""
     v = comp.get(key)
@@ -136,6 +144,13 @@ def _overhead(comp: dict, prof_compute: dict, key: str) -> float:
     if not v >= 0:
         raise HardwareConfigError(f"hardware.compute.{key}: expected >= 0, got {v}")
     return v
+
+
+# What the models read from a profile (``python -m executor profile`` writes more).
+PROFILE_FIELDS = {
+    "copy": ("bandwidth_bytes_per_s", "latency_s", "bytes", "seconds"),
+    "compute": ("dense_tokens", "dense_s", "expert_tokens", "expert_s"),
+}
 
 
 def load_profile(path: str | Path) -> dict:
@@ -146,8 +161,15 @@ def load_profile(path: str | Path) -> dict:
         prof = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise HardwareConfigError(f"{p}: not valid JSON ({exc})") from exc
-    if prof.get("schema") != "expertflow.hwprofile/1":
-        raise HardwareConfigError(f"{p}: field 'schema': expected 'expertflow.hwprofile/1', got {prof.get('schema')!r}")
+    if not isinstance(prof, dict) or prof.get("schema") != "expertflow.hwprofile/1":
+        got = prof.get("schema") if isinstance(prof, dict) else type(prof).__name__
+        raise HardwareConfigError(f"{p}: field 'schema': expected 'expertflow.hwprofile/1', got {got!r}")
+    for section, fields in PROFILE_FIELDS.items():
+        part = prof.get(section)
+        missing = [f for f in fields if not isinstance(part, dict) or f not in part]
+        if missing:
+            raise HardwareConfigError(f"{p}: section '{section}' lacks field(s) {missing} (profile again with "
+                                      "`python -m executor profile`)")
     return prof
 
 
@@ -252,8 +274,9 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
         matrices = 2 if meta.model.startswith("switch") else 3
         compute = ComputeModel(
             ckind, max(meta.hidden_size, 1), inter, matrices, 2,
-            flops_per_s=_positive(comp, "tflops", "hardware.compute") * 1e12 * float(comp.get("efficiency", 0.5)),
-            mem_bytes_per_s=_positive(comp, "mem_gbps", "hardware.compute") * GB * float(comp.get("mem_efficiency", 0.8)),
+            flops_per_s=_positive(comp, "tflops", "hardware.compute") * 1e12 * _fraction(comp, "efficiency", 0.5, "hardware.compute"),
+            mem_bytes_per_s=_positive(comp, "mem_gbps", "hardware.compute") * GB
+            * _fraction(comp, "mem_efficiency", 0.8, "hardware.compute"),
         )
     else:
         raise HardwareConfigError(f"hardware.compute.model: expected analytic|profiled, got {ckind!r}")

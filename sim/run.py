@@ -20,6 +20,7 @@ from .bounds import ondemand_replay, oracle_stall
 from .engine import ReplayResult, gc_paused, replay
 from .hardware import build_models
 from .outputs import write_outputs
+from .trace_source import resolve_trace, trace_name
 
 RESULTS_SCHEMA = "expertflow.results/1"
 
@@ -83,9 +84,7 @@ def _step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarra
 
 
 def load_run_trace(cfg) -> Trace:
-    from .trace_source import resolve_trace
-
-    return resolve_trace(cfg.trace, seed=int(cfg.seed))
+    return resolve_trace(cfg.trace)
 
 
 @dataclass
@@ -127,8 +126,6 @@ def prepare(cfg) -> Prepared:
     capacity = capacities_for(meta.num_experts, scope, cfg.cache.get("slots"), cfg.cache.get("fraction"))
     frac = cfg.split.test_fraction
     if cfg.trace.get("train_path"):  # a separate training split (e.g. the reference model's): replay all of path
-        from .trace_source import resolve_trace
-
         train, test = resolve_trace({"path": cfg.trace.train_path, "name": "train"}), full
     else:
         train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac else (full, full)
@@ -297,7 +294,7 @@ def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
     return {
         "driver": "sim",
         "trace": str(cfg.trace.get("path") or ""),
-        "trace_name": str(cfg.trace.name),
+        "trace_name": trace_name(cfg.trace),
         "model": meta.model,
         "cache": str(cfg.cache.name),
         "predictor": str(cfg.predictor.name),

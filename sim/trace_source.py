@@ -1,5 +1,7 @@
 """Where a run's trace comes from: ``trace.path`` (any trace file), or, when it is null, the synthetic
-generator with ``trace.synth`` settings, cached under ``.cache/traces`` keyed by those settings."""
+generator with ``trace.synth`` settings (or an importer with ``trace.imported``), cached under
+``.cache/traces`` keyed by those settings and by the source of ``traces/`` (editing the generator makes a new
+trace, not a stale one)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import json
 from pathlib import Path
 
 from traces import Trace, TraceError, read_trace, write_trace
+
+from .bounds_cache import code_digest
 
 
 def project_path(path: str) -> Path:
@@ -20,7 +24,8 @@ def project_path(path: str) -> Path:
         return Path(path).resolve()
 
 
-def resolve_trace(node, seed: int = 0) -> Trace:
+def resolve_trace(node) -> Trace:
+    """The trace a ``trace`` config node names (read, generated or imported)."""
     path = node.get("path")
     if path:
         p = project_path(str(path))
@@ -33,13 +38,23 @@ def resolve_trace(node, seed: int = 0) -> Trace:
     if not spec:
         raise TraceError(f"trace '{node.get('name')}': set trace.path, trace.synth or trace.imported")
     settings = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else dict(spec)
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    key = json.dumps(settings, sort_keys=True) + code_digest(("traces",))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     cache_dir = Path(node.get("cache_dir") or project_path(".cache/traces"))
     out = cache_dir / f"{node.get('name', 'synth')}-{digest}.parquet"
     if out.exists():
         return read_trace(out)
     write_trace(synth_from_settings(settings) if node.get("synth") else import_from_settings(settings), out)
     return read_trace(out)
+
+
+def trace_name(node) -> str:
+    """The name a run's results carry: ``trace.name``, except when ``trace.path`` replaces a generated or
+    imported trace (``python -m sim trace.path=X.parquet`` keeps the default group's name): then the file's."""
+    path = node.get("path")
+    if path and (node.get("synth") or node.get("imported")):
+        return Path(str(path)).stem
+    return str(node.get("name"))
 
 
 def synth_from_settings(settings: dict) -> Trace:

@@ -125,6 +125,11 @@ def test_prefetch_with_oracle_beats_ondemand_when_compute_bound(tmp_path):
         (["hardware.bandwidth.bandwidth_gbps=-1"], "bandwidth_gbps"),
         (["trace.path=/nonexistent/x.parquet"], "no such trace file"),
         (["batch_size=0"], "batch_size"),
+        (["cache.fraction=abc"], "cache.fraction: expected a number"),
+        (["cache.slots=2.5", "cache.fraction=null"], "cache.slots: expected a whole number"),
+        (["hardware.compute.efficiency=0"], "hardware.compute.efficiency"),
+        (["hardware.compute.efficiency=5"], "hardware.compute.efficiency"),
+        (["hardware.compute.mem_efficiency=-0.5"], "hardware.compute.mem_efficiency"),
     ],
 )
 def test_bad_config_stops_with_clear_message(tmp_path, override, message):
@@ -195,3 +200,45 @@ def test_chrome_trace_on_request(tmp_path):
     copies = [e for e in spans if e["cat"] != "compute"]
     assert len(copies) == res["copies"]
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_seed_drives_the_synthetic_trace(tmp_path):
+    """``seed`` reaches the synthetic generator (unless ``trace.synth.seed`` is set): another seed, another trace."""
+    from sim.trace_source import resolve_trace
+
+    base = ["trace=deepseek-synth", "trace.synth.tokens=60", f"+trace.cache_dir={tmp_path}"]
+    traces = {s: resolve_trace(_compose([*base, f"seed={s}"]).trace) for s in (0, 1)}
+    assert not np.array_equal(traces[0].experts, traces[1].experts)
+    again = resolve_trace(_compose([*base, "seed=0"]).trace)
+    assert np.array_equal(traces[0].experts, again.experts)
+    pinned = _compose([*base, "seed=1", "trace.synth.seed=0"]).trace
+    assert np.array_equal(resolve_trace(pinned).experts, traces[0].experts)
+
+
+def test_trace_cache_is_keyed_by_the_generator_code(tmp_path, monkeypatch):
+    """Editing ``traces/`` (its digest) makes a new cached trace instead of reusing the old one."""
+    import sim.trace_source as ts
+
+    node = _compose(["trace=deepseek-synth", "trace.synth.tokens=30", f"+trace.cache_dir={tmp_path}"]).trace
+    ts.resolve_trace(node)
+    assert len(list(tmp_path.glob("*.parquet"))) == 1
+    ts.resolve_trace(node)
+    assert len(list(tmp_path.glob("*.parquet"))) == 1  # same code, same settings: reused
+    monkeypatch.setattr(ts, "code_digest", lambda packages: "edited generator")
+    ts.resolve_trace(node)
+    assert len(list(tmp_path.glob("*.parquet"))) == 2
+
+
+def test_trace_name_follows_trace_path(tmp_path):
+    """A file replayed through the default (synthetic) group is named after the file, not the group."""
+    from sim.trace_source import trace_name
+
+    assert trace_name(_compose([]).trace) == "mixtral-synth"
+    assert trace_name(_compose(["trace.path=/data/my-run.parquet"]).trace) == "my-run"
+    assert trace_name(_compose(["trace=file", "trace.path=/data/x.parquet", "trace.name=mine"]).trace) == "mine"
+    assert trace_name(_compose(["trace=reference-moe"]).trace) == "reference-moe"

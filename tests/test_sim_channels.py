@@ -132,6 +132,22 @@ def test_bad_hardware_values(hw, msg):
         build_models(hw, MODEL_PRESETS["mixtral-8x7b"].meta())
 
 
+@pytest.mark.parametrize("profile, msg", [
+    ({"schema": "expertflow.hwprofile/1", "compute": {}}, r"section 'copy' lacks field\(s\) \['bandwidth_bytes_per_s'"),
+    ([1, 2], "field 'schema'"),
+])
+def test_profile_without_what_the_models_read(tmp_path, profile, msg):
+    """A profile missing a section or field the models read stops naming the file and what is missing."""
+    import json
+
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(profile))
+    hw = {"bandwidth": {"model": "profiled"}, "compute": {"model": "analytic", "tflops": 1, "mem_gbps": 1},
+          "profile_path": str(path)}
+    with pytest.raises(HardwareConfigError, match=f"{path}: .*{msg}"):
+        build_models(hw, MODEL_PRESETS["mixtral-8x7b"].meta())
+
+
 @pytest.mark.parametrize("policy", [
     ["cache=lru", "predictor=none"],
     ["cache=lru", "predictor=transition", "horizon=fixed", "horizon.distance=2"],
