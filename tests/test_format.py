@@ -92,3 +92,33 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert oct(os.stat(tmp_path / "out.json").st_mode & 0o777) == oct(0o644)
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def _with_sidecar(tmp_path, tokens=20):
+    from traces.sidecar import write_hidden
+
+    out = write_trace(random_trace(tokens=tokens, layers=4), tmp_path / "h.parquet")
+    side = write_hidden(out, np.ones((tokens, 4, 8), np.float32))
+    return out, side
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_sidecar_is_a_trace_error_naming_it(tmp_path, damage):
+    out, side = _with_sidecar(tmp_path)
+    data = side.read_bytes()
+    side.write_bytes(b"\x00garbage" * 4 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(TraceError, match=r"h\.hidden\.safetensors: not a readable safetensors file"):
+        read_trace(out).hidden_states()
+
+
+def test_short_sidecar_is_a_trace_error_for_a_selection(tmp_path):
+    from traces.sidecar import write_hidden
+
+    out, _ = _with_sidecar(tmp_path)
+    write_hidden(out, np.ones((5, 4, 8), np.float32))  # 5 of the trace's 20 tokens
+    tr = read_trace(out)
+    with pytest.raises(TraceError, match=r"h\.hidden\.safetensors: hidden has 5 tokens.*token 19 is selected"):
+        tr.select(np.arange(20) >= 10).hidden_states()
+    with pytest.raises(TraceError, match=r"h\.hidden\.safetensors: hidden has 5 tokens, expected 20"):
+        tr.hidden_states()
+    assert tr.select(np.arange(20) < 5).hidden_states().shape == (5, 4, 8)

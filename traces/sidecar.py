@@ -38,12 +38,23 @@ def load_hidden(trace: Trace) -> np.ndarray:
         raise TraceError(f"{trace.path}: no hidden-state sidecar at {path} (record with --hidden-states)")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        hidden = f.get_tensor("hidden")
-    idx = getattr(trace, "_parent_index", None)
-    if idx is not None:
-        hidden = hidden[idx]
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if "hidden" not in f.keys():
+                raise TraceError(f"{path}: no tensor 'hidden' (has {sorted(f.keys())}), expected hidden [tokens, layers, hidden]")
+            hidden = f.get_tensor("hidden")
+    except TraceError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for corrupt or short files
+        raise TraceError(f"{path}: not a readable safetensors file ({exc})") from exc
     L = trace.meta.num_layers
-    if hidden.ndim != 3 or hidden.shape[:2] != (trace.num_tokens, L):
-        raise TraceError(f"{path}: hidden has shape {hidden.shape}, expected ({trace.num_tokens}, {L}, hidden)")
-    return hidden
+    idx = getattr(trace, "_parent_index", None)
+    if hidden.ndim != 3 or hidden.shape[1] != L:
+        raise TraceError(f"{path}: hidden has shape {hidden.shape}, expected (tokens, {L}, hidden)")
+    if idx is None and hidden.shape[0] != trace.num_tokens:
+        raise TraceError(f"{path}: hidden has {hidden.shape[0]} tokens, expected {trace.num_tokens} like {trace.path}")
+    # a selected trace reads rows of its parent file's sidecar: the sidecar must hold every one of them
+    if idx is not None and idx.size and hidden.shape[0] <= idx.max():
+        raise TraceError(f"{path}: hidden has {hidden.shape[0]} tokens, expected one per token of {trace.path} "
+                         f"(token {int(idx.max())} is selected)")
+    return hidden if idx is None else hidden[idx]
