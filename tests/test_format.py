@@ -122,3 +122,70 @@ def test_short_sidecar_is_a_trace_error_for_a_selection(tmp_path):
     with pytest.raises(TraceError, match=r"h\.hidden\.safetensors: hidden has 5 tokens, expected 20"):
         tr.hidden_states()
     assert tr.select(np.arange(20) < 5).hidden_states().shape == (5, 4, 8)
+
+
+def _set(table, name, values, typ=None):
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(values, typ))
+
+
+def _meta(table, **fields):
+    import json
+
+    meta = json.loads(table.schema.metadata[b"expertflow"])
+    return table.replace_schema_metadata({b"expertflow": json.dumps({**meta, **fields}).encode()})
+
+
+def _null_at(values, i, inner=None):
+    values = list(values)
+    if inner is None:
+        values[i] = None
+    else:
+        values[i] = [None if j == inner else v for j, v in enumerate(values[i])]
+    return values
+
+
+BAD_TABLES = [
+    (lambda t: _set(t, "seq_id", [str(x) for x in t["seq_id"].to_pylist()]), r"column 'seq_id' has type string, expected integers"),
+    (lambda t: _set(t, "layer", [str(x) for x in t["layer"].to_pylist()]), r"column 'layer' has type string, expected integers"),
+    (lambda t: _set(t, "experts", [[str(e) for e in x] for x in t["experts"].to_pylist()]),
+     r"column 'experts' holds string, expected lists of integers"),
+    (lambda t: _set(t, "phase", _null_at(t["phase"].to_pylist(), 5), pa.int8()), r"row 5: field 'phase' is null, expected an integer"),
+    (lambda t: _set(t, "experts", _null_at(t["experts"].to_pylist(), 6, inner=1), pa.list_(pa.int16())),
+     r"row 6: field 'experts' holds a null, expected 2 numbers"),
+    (lambda t: _set(t, "experts", _null_at(t["experts"].to_pylist(), 7), pa.list_(pa.int16())),
+     r"row 7: field 'experts' is null, expected a list of 2 numbers"),
+    (lambda t: _set(t, "weights", _null_at(t["weights"].to_pylist(), 2, inner=0), pa.list_(pa.float32())),
+     r"row 2: field 'weights' holds a null"),
+    (lambda t: _set(t, "experts", [[65536 + x[0], x[1]] for x in t["experts"].to_pylist()], pa.list_(pa.int32())),
+     r"row 0: field 'experts' = 6553\d, expected an integer in -32768..32767"),
+    (lambda t: _meta(t, num_experts="abc"), r"metadata: field 'num_experts': expected an integer or a list.*got 'abc'"),
+    (lambda t: _meta(t, num_experts=None), r"metadata: field 'num_experts': expected an integer or a list.*got None"),
+    (lambda t: _meta(t, num_layers="4"), r"metadata: field 'num_layers': expected an integer, got '4'"),
+    (lambda t: _meta(t, extra=[1]), r"metadata: field 'extra': expected a JSON object, got \[1\]"),
+    (lambda t: _meta(t, model_path=None), r"metadata: field 'model_path': expected a string, got None"),
+    (lambda t: t.replace_schema_metadata({b"expertflow": b"[1, 2]"}), r"metadata is list \[1, 2\], expected a JSON object"),
+    (lambda t: t.replace_schema_metadata({b"expertflow": b"\xff\xfe"}), r"metadata is not valid JSON"),
+    (lambda t: t.slice(0, 0), r"no rows, expected at least one token"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", BAD_TABLES)
+def test_bad_columns_and_metadata_are_named(tmp_path, mutate, message):
+    out = write_trace(random_trace(tokens=10, layers=4), tmp_path / "t.parquet")
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(mutate(pq.read_table(out)), bad)
+    with pytest.raises(TraceError, match=rf"bad\.parquet: .*{message}"):
+        read_trace(bad)
+
+
+def test_stats_on_an_empty_trace_is_a_one_line_error(tmp_path, capsys):
+    from traces.__main__ import main
+
+    out = write_trace(random_trace(tokens=10), tmp_path / "t.parquet")
+    pq.write_table(pq.read_table(out).slice(0, 0), out)
+    assert main(["stats", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "t.parquet: no rows" in err
+    tr = random_trace(tokens=10)
+    with pytest.raises(TraceError, match=r"empty\.parquet: no tokens"):  # the writer refuses one too
+        write_trace(tr.select(np.zeros(10, bool)), tmp_path / "empty.parquet")

@@ -91,43 +91,74 @@ def read_trace(path: str | Path) -> Trace:
 def table_to_trace(table: pa.Table, meta: TraceMeta, where: str, path: Path | None = None) -> Trace:
     L, K = meta.num_layers, meta.top_k
     n = table.num_rows
+    if n == 0:
+        raise TraceError(f"{where}: no rows, expected at least one token ({L} rows per token)")
     if n % L:
         raise TraceError(f"{where}: {n} rows is not a multiple of num_layers={L} (one row per token and layer)")
     col = lambda name: table.column(name).combine_chunks()  # noqa: E731
-    layer = col("layer").to_numpy(zero_copy_only=False).astype(np.int64)
+    layer = _int_column(col("layer"), "layer", where, np.int64)
     bad_layer = np.flatnonzero(layer != np.tile(np.arange(L), n // L))
     if bad_layer.size:
         r = int(bad_layer[0])
         raise TraceError(f"{where}: row {r}: field 'layer' = {layer[r]}, expected {r % L} (rows grouped by token)")
-    experts = _fixed_list(col("experts"), K, where, "experts").astype(np.int16)
-    weights = _fixed_list(col("weights"), K, where, "weights").astype(np.float32)
-    per_token = lambda name: col(name).to_numpy(zero_copy_only=False)[::L]  # noqa: E731
-    trace = Trace(
-        meta,
-        experts.reshape(n // L, L, K),
-        weights.reshape(n // L, L, K),
-        per_token("seq_id").astype(np.int32),
-        per_token("position").astype(np.int32),
-        per_token("phase").astype(np.int8),
-        per_token("token_id").astype(np.int32),
-        path,
-    )
+    experts = _fixed_list(col("experts"), K, where, "experts", np.int16)
+    weights = _fixed_list(col("weights"), K, where, "weights", np.float32)
+    per_token = {name: _int_column(col(name), name, where, dtype)[::L].astype(dtype)
+                 for name, dtype in (("seq_id", np.int32), ("position", np.int32), ("phase", np.int8),
+                                     ("token_id", np.int32))}
+    trace = Trace(meta, experts.reshape(n // L, L, K), weights.reshape(n // L, L, K), per_token["seq_id"],
+                  per_token["position"], per_token["phase"], per_token["token_id"], path)
     check_trace(trace, where)
     return trace
 
 
-def _fixed_list(arr: pa.Array, k: int, where: str, name: str) -> np.ndarray:
-    if pa.types.is_fixed_size_list(arr.type):
-        if arr.type.list_size != k:
-            raise TraceError(f"{where}: column '{name}' holds lists of {arr.type.list_size}, expected top_k={k}")
-        return arr.flatten().to_numpy(zero_copy_only=False)
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+def _no_nulls(arr: pa.Array, where: str, name: str, expected: str, per_row: int = 1) -> None:
+    """A null would otherwise become 0 in numpy (a null phase reads as prefill, a null expert as expert 0)."""
+    if arr.null_count:
+        r = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]) // per_row
+        raise TraceError(f"{where}: row {r}: field '{name}' {'holds a' if per_row > 1 else 'is'} null, expected {expected}")
+
+
+def _in_range(values: np.ndarray, dtype, where: str, name: str, per_row: int = 1) -> np.ndarray:
+    """``values`` cast to ``dtype`` after checking they fit (a cast would wrap 65536 to expert 0)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        bad = np.flatnonzero((values < info.min) | (values > info.max))
+        if bad.size:
+            i = int(bad[0])
+            raise TraceError(f"{where}: row {i // per_row}: field '{name}' = {values[i]}, expected an integer in "
+                             f"{info.min}..{info.max}")
+    return values.astype(dtype)
+
+
+def _int_column(arr: pa.Array, name: str, where: str, dtype) -> np.ndarray:
+    if not pa.types.is_integer(arr.type):
+        raise TraceError(f"{where}: column '{name}' has type {arr.type}, expected integers")
+    _no_nulls(arr, where, name, "an integer")
+    return _in_range(arr.to_numpy(zero_copy_only=False).astype(np.int64), dtype, where, name)
+
+
+def _fixed_list(arr: pa.Array, k: int, where: str, name: str, dtype) -> np.ndarray:
+    """The flat values of a column of k-element lists, as ``dtype``, after checking lengths, types and nulls."""
+    fixed = pa.types.is_fixed_size_list(arr.type)
+    if not (fixed or pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        raise TraceError(f"{where}: column '{name}' has type {arr.type}, expected a list of {k} numbers")
+    _no_nulls(arr, where, name, f"a list of {k} numbers")
+    if fixed and arr.type.list_size != k:
+        raise TraceError(f"{where}: column '{name}' holds lists of {arr.type.list_size}, expected top_k={k}")
+    if not fixed:
         lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(lengths != k)
         if bad.size:
             raise TraceError(f"{where}: row {int(bad[0])}: column '{name}' has {lengths[bad[0]]} entries, expected {k}")
-        return arr.flatten().to_numpy(zero_copy_only=False)
-    raise TraceError(f"{where}: column '{name}' has type {arr.type}, expected a list of {k} numbers")
+    values = arr.flatten()
+    is_int = np.issubdtype(dtype, np.integer)
+    if not (pa.types.is_integer(values.type) or (not is_int and pa.types.is_floating(values.type))):
+        raise TraceError(f"{where}: column '{name}' holds {values.type}, expected lists of "
+                         f"{'integers' if is_int else 'numbers'}")
+    _no_nulls(values, where, name, f"{k} numbers, none null", per_row=k)
+    raw = values.to_numpy(zero_copy_only=False)
+    return _in_range(raw.astype(np.int64) if is_int else raw, dtype, where, name, per_row=k)
 
 
 def check_trace(trace: Trace, where: str) -> None:
@@ -135,6 +166,8 @@ def check_trace(trace: Trace, where: str) -> None:
     meta = trace.meta
     meta.validate(f"{where}: metadata")
     T = trace.num_tokens
+    if T == 0:  # every consumer (stats, the simulator) needs at least one token
+        raise TraceError(f"{where}: no tokens, expected at least one")
     if trace.experts.ndim != 3 or trace.experts.shape[1:] != (meta.num_layers, meta.top_k):
         raise TraceError(
             f"{where}: experts array has shape {trace.experts.shape}, expected (tokens, {meta.num_layers}, {meta.top_k})"

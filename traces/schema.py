@@ -77,14 +77,29 @@ class TraceMeta:
     def from_json(cls, text: str | bytes, where: str = "metadata") -> TraceMeta:
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
             raise TraceError(f"{where}: metadata is not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise TraceError(f"{where}: metadata is {type(raw).__name__} {raw!r:.80}, expected a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         required = {"model", "num_layers", "num_experts", "top_k", "expert_bytes", "hidden_size"}
         missing = sorted(required - raw.keys())
         if missing:
             raise TraceError(f"{where}: metadata is missing field(s) {missing}")
-        meta = cls(**{k: v for k, v in raw.items() if k in known})
+        fields = {k: v for k, v in raw.items() if k in known}
+        # type-check before constructing: __post_init__ converts num_experts with int(), which would raise a
+        # bare ValueError / TypeError (or silently truncate 8.5) on a foreign file
+        for name, value in fields.items():
+            kind = _META_TYPES[name]
+            ok = _is_int(value) if kind is int else isinstance(value, kind)
+            if name == "num_experts":
+                ok = _is_int(value) or (isinstance(value, list) and all(_is_int(e) for e in value))
+            elif name == "layer_names":
+                ok = ok and all(isinstance(e, str) for e in value)
+            if not ok:
+                expected = _META_EXPECTED.get(name) or {int: "an integer", str: "a string"}[kind]
+                raise TraceError(f"{where}: field '{name}': expected {expected}, got {value!r}")
+        meta = cls(**fields)
         meta.validate(where)
         return meta
 
@@ -96,6 +111,17 @@ class TraceMeta:
     @property
     def total_experts(self) -> int:
         return int(sum(self.num_experts))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_META_TYPES = {"model": str, "num_layers": int, "num_experts": list, "top_k": int, "expert_bytes": int,
+               "hidden_size": int, "dtype": str, "source": str, "intermediate_size": int, "shared_experts": int,
+               "model_path": str, "layer_names": list, "extra": dict, "schema_version": int}
+_META_EXPECTED = {"num_experts": "an integer or a list of integers (one per layer)",
+                  "layer_names": "a list of strings", "extra": "a JSON object"}
 
 
 @dataclass
