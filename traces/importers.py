@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from collections import defaultdict
@@ -32,145 +31,10 @@ import numpy as np
 from .io import write_trace
 from .presets import get_preset
 from .schema import PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
+from .sources import check_expert_range
+from .speculative_moe import import_speculative_moe, read_jsonl  # noqa: F401 - re-exported
 
 FORMATS = ("speculative-moe-jsonl", "npy", "long-csv")
-
-
-def _int(value, where: str, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TraceError(f"{where}: field '{field}' = {value!r}, expected an integer")
-    return value
-
-
-def _routing(rec: dict, where: str, k: int | None) -> tuple[list[int], list[float]]:
-    for f in ("experts", "gating_probs"):
-        if f not in rec:
-            raise TraceError(f"{where}: missing field '{f}'")
-        if not isinstance(rec[f], list):
-            raise TraceError(f"{where}: field '{f}' = {rec[f]!r}, expected a list")
-    ex = [_int(e, where, "experts") for e in rec["experts"]]
-    w = rec["gating_probs"]
-    if k is not None and len(ex) != k:
-        raise TraceError(f"{where}: field 'experts' has {len(ex)} entries, expected top_k={k}")
-    if len(w) != len(ex):
-        raise TraceError(f"{where}: field 'gating_probs' has {len(w)} entries, expected {len(ex)} (one per expert)")
-    for x in w:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise TraceError(f"{where}: field 'gating_probs' holds {x!r}, expected finite numbers")
-    if len(set(ex)) != len(ex):
-        raise TraceError(f"{where}: field 'experts' = {ex} repeats an expert, expected distinct experts")
-    return ex, [float(x) for x in w]
-
-
-def read_jsonl(paths: list[Path], k: int | None) -> list[tuple[str, int, dict]]:
-    recs = []
-    for path in paths:
-        if not path.exists():
-            raise TraceError(f"{path}: no such file")
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}: line {n}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TraceError(f"{where}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(rec, dict):
-                    raise TraceError(f"{where}: expected a JSON object")
-                for fld in ("layer",):
-                    if fld not in rec:
-                        raise TraceError(f"{where}: missing field '{fld}'")
-                    _int(rec[fld], where, fld)
-                if "token_idx" not in rec and "token_pos" not in rec:
-                    raise TraceError(f"{where}: missing field 'token_idx' or 'token_pos'")
-                rec["_routing"] = _routing(rec, where, k)
-                recs.append((where, n, rec))
-    if not recs:
-        raise TraceError(f"{', '.join(map(str, paths))}: no records (empty input)")
-    return recs
-
-
-def import_speculative_moe(paths: list[Path], meta: TraceMeta, align: str = "strict") -> tuple[Trace, dict]:
-    L = meta.num_layers
-    recs = read_jsonl(paths, meta.top_k)
-    # token key -> layer -> routing; keys are (seq, phase, position)
-    table: dict[tuple, dict[int, tuple]] = defaultdict(dict)
-    decode_lists: dict[tuple, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    seqs: dict[tuple, int] = {}
-    last_pos: dict[tuple, int] = {}
-    for where, _, rec in recs:
-        layer = rec["layer"]
-        if not 0 <= layer < L:
-            raise TraceError(f"{where}: field 'layer' = {layer}, expected 0..{L - 1}")
-        bad = [e for e in rec["_routing"][0] if not 0 <= e < meta.num_experts[layer]]
-        if bad:
-            raise TraceError(
-                f"{where}: field 'experts' = {rec['_routing'][0]}: expert {bad[0]} out of range, "
-                f"expected 0..{meta.num_experts[layer] - 1}"
-            )
-        s = seqs.setdefault((rec.get("dataset"), rec.get("problem_id")), len(seqs))
-        if "token_idx" in rec:
-            key = (s, PHASE_DECODE, _int(rec["token_idx"], where, "token_idx"))
-        else:
-            pos = _int(rec["token_pos"], where, "token_pos")
-            prev = last_pos.get((s, layer), -1)
-            in_prefill = pos > prev and not decode_lists[s][layer]
-            last_pos[(s, layer)] = pos
-            if not in_prefill:  # a decode record (position 0 after the prefill run)
-                decode_lists[s][layer].append(rec["_routing"])
-                continue
-            key = (s, PHASE_PREFILL, pos)
-        if layer in table[key]:
-            raise TraceError(f"{where}: duplicate record for layer {layer} of token {key}")
-        table[key][layer] = rec["_routing"]
-    report = {"alignment": f"keyed records matched by key; unkeyed decode records: {align}", "dropped": {}}
-    missing_per_layer = np.zeros(L, dtype=int)
-    dropped = []
-    for key, layers in table.items():
-        if len(layers) < L:
-            dropped.append(key)
-            for m in set(range(L)) - set(layers):
-                missing_per_layer[m] += 1
-    for key in dropped:
-        del table[key]
-    for s, per_layer in decode_lists.items():
-        counts = [len(per_layer.get(layer, [])) for layer in range(L)]
-        n = max(counts)
-        if min(counts) == n or align == "order":
-            for i in range(min(counts)):
-                table[(s, PHASE_DECODE, i)] = {layer: per_layer[layer][i] for layer in range(L)}
-            report["dropped"][f"seq {s} unkeyed decode"] = n - min(counts)
-        else:
-            report["dropped"][f"seq {s} unkeyed decode"] = n
-        if min(counts) != n:
-            report[f"seq {s} decode records per layer"] = counts
-    report["dropped"]["keyed tokens missing a layer"] = len(dropped)
-    report["missing_records_per_layer"] = missing_per_layer.tolist()
-    report["dropped_keys_sample"] = [list(map(int, k)) for k in sorted(dropped)[:20]]
-    if not table:
-        raise TraceError(f"{paths[0]}: no token has a record in every one of the {L} layers")
-    keys = sorted(table)
-    ex = np.array([[table[k][layer][0] for layer in range(L)] for k in keys], dtype=np.int64)
-    w = np.array([[table[k][layer][1] for layer in range(L)] for k in keys], dtype=np.float32)
-    meta.extra = {**meta.extra, "import": report}
-    trace = Trace(
-        meta, _check_range(ex, meta, str(paths[0])), w,
-        np.array([k[0] for k in keys], np.int32), np.array([k[2] for k in keys], np.int32),
-        np.array([k[1] for k in keys], np.int8), np.full(len(keys), -1, np.int32),
-    )
-    return trace, report
-
-
-def _check_range(ex: np.ndarray, meta: TraceMeta, where: str) -> np.ndarray:
-    bad = np.argwhere((ex < 0) | (ex >= np.asarray(meta.num_experts)[None, :, None]))
-    if bad.size:
-        t, layer, k = (int(x) for x in bad[0])
-        raise TraceError(
-            f"{where}: token {t} layer {layer} rank {k}: expert {int(ex[t, layer, k])} out of range, "
-            f"expected 0..{meta.num_experts[layer] - 1}"
-        )
-    return ex.astype(np.int16)
 
 
 def import_npy(path: Path, meta: TraceMeta, weights: Path | None, seq_ids: Path | None) -> Trace:
@@ -191,7 +55,7 @@ def import_npy(path: Path, meta: TraceMeta, weights: Path | None, seq_ids: Path 
     pos = np.zeros(len(ex), np.int32)
     for s in np.unique(seq):
         pos[seq == s] = np.arange((seq == s).sum())
-    return Trace(meta, _check_range(ex, meta, str(path)), w.astype(np.float32), seq, pos,
+    return Trace(meta, check_expert_range(ex, meta, str(path)), w.astype(np.float32), seq, pos,
                  np.full(len(ex), PHASE_DECODE, np.int8), np.full(len(ex), -1, np.int32))
 
 
@@ -237,7 +101,7 @@ def import_long_csv(path: Path, meta: TraceMeta) -> Trace:
             raise TraceError(f"{path}: line {info[key][1]}: seq {key[0]} token {key[2]} has {len(rows[key])} rows, expected {L} layers x {K} ranks")
         for (layer, rank), (e, wt, _) in rows[key].items():
             ex[i, layer, rank], w[i, layer, rank] = e, wt
-    return Trace(meta, _check_range(ex, meta, str(path)), w, np.array([k[0] for k in keys], np.int32),
+    return Trace(meta, check_expert_range(ex, meta, str(path)), w, np.array([k[0] for k in keys], np.int32),
                  np.array([k[2] for k in keys], np.int32), np.array([k[1] for k in keys], np.int8),
                  np.array([info[k][0] for k in keys], np.int32))
 
