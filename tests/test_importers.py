@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -154,3 +155,90 @@ def test_npy_wrong_shape(tmp_path):
     np.save(tmp_path / "e.npy", np.zeros((5, 3, 2), np.int32))
     assert run([tmp_path / "e.npy", "--format", "npy", "-o", tmp_path / "o.parquet", *META]) == 2
     assert not (tmp_path / "o.parquet").exists()
+
+
+def _csv_set(lines, line, field, value):
+    """The CSV lines with column ``field`` of file line ``line`` (1 = the header) set to ``value``."""
+    i = line - 1
+    cols = lines[0].split(",")
+    row = lines[i].split(",")
+    row[cols.index(field)] = str(value)
+    return [*lines[:i], ",".join(row), *lines[i + 1:]]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        # the same expert at both ranks of token 0 layer 0 (lines 2 and 3): was blamed on the output file
+        (lambda ls: _csv_set(ls, 3, "expert", ls[1].split(",")[4]), r"lines 2 and 3: seq 0 token 0 layer 0: expert \d twice"),
+        # out of range: the CSV line, not a token index
+        (lambda ls: _csv_set(ls, 6, "expert", 8), r"line 6: field 'expert' = 8, expected an expert id in 0..7"),
+        (lambda ls: _csv_set([ls[0] + ",token_id", *(x + ",5" for x in ls[1:])], 4, "token_id", "abc"),
+         r"line 4: field 'token_id' = 'abc', expected an integer"),
+        (lambda ls: _csv_set(ls, 2, "seq", 2**40), r"line 2: field 'seq' = 1099511627776, expected a 32-bit integer"),
+        # blank lines are skipped by the csv reader: the line named is still the file's line
+        (lambda ls: _csv_set([ls[0], "", "", *ls[1:]], 5, "expert", -1), r"line 5: field 'expert' = -1"),
+    ],
+)
+def test_bad_csv_content_names_the_csv_line(tmp_path, capsys, mutate, message):
+    tr = random_trace(tokens=3, layers=4, experts=8, top_k=2, sequences=1)
+    src = tmp_path / "bad.csv"
+    write_csv(src, tr, rows=mutate)
+    out = tmp_path / "o.parquet"
+    assert run([src, "--format", "long-csv", "-o", out, *META]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "o.parquet" not in err
+    assert re.search(rf"bad\.csv: {message}", err), err
+    assert not out.exists()
+
+
+def _npy_inputs(tmp_path):
+    tr = random_trace(tokens=6, layers=4, experts=8, top_k=2, sequences=2)
+    np.save(tmp_path / "e.npy", tr.experts.astype(np.int32))
+    return tr
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("csv-missing", r"nope\.csv: no such file"),
+        ("csv-dir", r"srcdir: not a regular file \(a directory\)"),
+        ("csv-binary", r"bin\.csv: line 1: not UTF-8 text .*expected a CSV file"),
+        ("jsonl-dir", r"srcdir: not a regular file"),
+        ("jsonl-binary", r"bin\.jsonl: line 1: not UTF-8 text .*expected JSON lines"),
+        ("jsonl-dataset-list", r"ds\.jsonl: line 1: field 'dataset' = \['x'\], expected a string or an integer"),
+        ("npy-missing-weights", r"--weights .*nope\.npy: no such file"),
+        ("npy-missing-seq-ids", r"--seq-ids .*nope\.npy: no such file"),
+        ("npy-object-weights", r"--weights .*obj\.npy: not a readable \.npy array"),
+        ("npy-float-seq-ids", r"--seq-ids .*s\.npy: array of dtype float64, expected integer sequence ids"),
+        ("npy-nan-weights", r"--weights .*w\.npy: index \[1, 2, 1\] = nan, expected finite gate weights"),
+        ("npy-duplicate", r"e\.npy: token 1 layer 3: field 'experts' = \[2, 2\] repeats an expert"),
+    ],
+)
+def test_bad_sources_are_one_line_errors_naming_the_source(tmp_path, capsys, case, message):
+    (tmp_path / "srcdir").mkdir()
+    (tmp_path / "bin.csv").write_bytes(bytes(range(128, 256)) * 4)
+    (tmp_path / "bin.jsonl").write_bytes(bytes(range(128, 256)) * 4)
+    (tmp_path / "ds.jsonl").write_text(json.dumps({**GOOD, "dataset": ["x"]}) + "\n")
+    tr = _npy_inputs(tmp_path)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "s.npy", np.zeros(6))
+    w = np.full(tr.experts.shape, 0.5, np.float32)
+    w[1, 2, 1] = np.nan
+    np.save(tmp_path / "w.npy", w)
+    if case == "npy-duplicate":
+        ex = tr.experts.astype(np.int32)
+        ex[1, 3] = [2, 2]
+        np.save(tmp_path / "e.npy", ex)
+    fmt, _, what = case.partition("-")
+    fmt = {"jsonl": "speculative-moe-jsonl"}.get(fmt, fmt if fmt == "npy" else "long-csv")
+    src = {"missing": tmp_path / "nope.csv", "dir": tmp_path / "srcdir", "binary": tmp_path / f"bin.{case.split('-')[0]}",
+           "dataset-list": tmp_path / "ds.jsonl"}.get(what, tmp_path / "e.npy")
+    extra = {"missing-weights": ["--weights", tmp_path / "nope.npy"], "missing-seq-ids": ["--seq-ids", tmp_path / "nope.npy"],
+             "object-weights": ["--weights", tmp_path / "obj.npy"], "float-seq-ids": ["--seq-ids", tmp_path / "s.npy"],
+             "nan-weights": ["--weights", tmp_path / "w.npy"]}.get(what, [])
+    out = tmp_path / "o.parquet"
+    assert run([src, "--format", fmt, *extra, "-o", out, *META]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "o.parquet" not in err and re.search(message, err), err
+    assert not out.exists()

@@ -28,30 +28,39 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import write_trace
+from .io import check_trace, write_trace
 from .presets import get_preset
 from .schema import PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
-from .sources import check_expert_range
+from .sources import INT32, check_expert_range, load_npy, text_lines
 from .speculative_moe import import_speculative_moe, read_jsonl  # noqa: F401 - re-exported
 
 FORMATS = ("speculative-moe-jsonl", "npy", "long-csv")
 
 
 def import_npy(path: Path, meta: TraceMeta, weights: Path | None, seq_ids: Path | None) -> Trace:
-    try:
-        ex = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise TraceError(f"{path}: not a readable .npy array ({exc})") from exc
-    if ex.ndim != 3 or not np.issubdtype(ex.dtype, np.integer):
-        raise TraceError(f"{path}: array of shape {ex.shape} and dtype {ex.dtype}, expected integers [tokens, layers, top_k]")
-    if ex.shape[1:] != (meta.num_layers, meta.top_k):
-        raise TraceError(f"{path}: shape {ex.shape}, expected (tokens, {meta.num_layers}, {meta.top_k}) from the metadata")
-    w = np.load(weights) if weights else np.full(ex.shape, 1.0 / meta.top_k, np.float32)
-    if w.shape != ex.shape:
-        raise TraceError(f"{weights}: shape {w.shape}, expected {ex.shape} like the experts array")
-    seq = np.load(seq_ids).astype(np.int32) if seq_ids else np.zeros(len(ex), np.int32)
-    if seq.shape != (len(ex),):
-        raise TraceError(f"{seq_ids}: shape {seq.shape}, expected ({len(ex)},)")
+    L, K = meta.num_layers, meta.top_k
+    ex = load_npy(path, "", "iu", "integers [tokens, layers, top_k]")
+    if ex.ndim != 3 or ex.shape[1:] != (L, K):
+        raise TraceError(f"{path}: shape {ex.shape}, expected (tokens, {L}, {K}) from the metadata")
+    if weights:
+        w = load_npy(weights, "--weights", "iuf", f"gate weights, numbers of shape {ex.shape}")
+        if w.shape != ex.shape:
+            raise TraceError(f"--weights {weights}: shape {w.shape}, expected {ex.shape} like the experts array")
+        bad = np.argwhere(~np.isfinite(w))
+        if bad.size:
+            i = tuple(int(x) for x in bad[0])
+            raise TraceError(f"--weights {weights}: index {list(i)} = {w[i]}, expected finite gate weights")
+    else:
+        w = np.full(ex.shape, 1.0 / K, np.float32)
+    seq = np.zeros(len(ex), np.int64)
+    if seq_ids:
+        seq = load_npy(seq_ids, "--seq-ids", "iu", f"integer sequence ids of shape ({len(ex)},)")
+        if seq.shape != (len(ex),):
+            raise TraceError(f"--seq-ids {seq_ids}: shape {seq.shape}, expected ({len(ex)},) (one per token)")
+        bad = np.flatnonzero((seq < INT32.min) | (seq > INT32.max))
+        if bad.size:
+            raise TraceError(f"--seq-ids {seq_ids}: index {int(bad[0])} = {seq[bad[0]]}, expected a 32-bit integer")
+    seq = seq.astype(np.int32)
     pos = np.zeros(len(ex), np.int32)
     for s in np.unique(seq):
         pos[seq == s] = np.arange((seq == s).sum())
@@ -59,37 +68,56 @@ def import_npy(path: Path, meta: TraceMeta, weights: Path | None, seq_ids: Path 
                  np.full(len(ex), PHASE_DECODE, np.int8), np.full(len(ex), -1, np.int32))
 
 
+CSV_COLUMNS = ("seq", "token", "layer", "rank", "expert", "weight")
+PHASE_NAMES = {"0": PHASE_PREFILL, "prefill": PHASE_PREFILL, "1": PHASE_DECODE, "decode": PHASE_DECODE}
+
+
+def _csv_row(row: dict, where: str, meta: TraceMeta) -> tuple[tuple, tuple, int, float, int]:
+    """One CSV row, every field checked where its line is still known: (token key, (layer, rank), expert,
+    weight, token_id)."""
+    vals = {}
+    for c in (*CSV_COLUMNS, "token_id"):
+        raw = row.get(c)
+        if c == "token_id" and not raw:
+            vals[c] = -1  # optional column, or left empty: unknown
+            continue
+        try:
+            vals[c] = float(raw) if c == "weight" else int(raw)
+        except (TypeError, ValueError):
+            raise TraceError(f"{where}: field '{c}' = {raw!r}, expected {'a number' if c == 'weight' else 'an integer'}") from None
+        if c != "weight" and not INT32.min <= vals[c] <= INT32.max:
+            raise TraceError(f"{where}: field '{c}' = {raw}, expected a 32-bit integer")
+    if not math.isfinite(vals["weight"]):
+        raise TraceError(f"{where}: field 'weight' = {row['weight']}, expected a finite number")
+    layer, rank = vals["layer"], vals["rank"]
+    if not 0 <= layer < meta.num_layers or not 0 <= rank < meta.top_k:
+        raise TraceError(f"{where}: layer {layer} / rank {rank} outside 0..{meta.num_layers - 1} / 0..{meta.top_k - 1}")
+    if not 0 <= vals["expert"] < meta.num_experts[layer]:
+        raise TraceError(f"{where}: field 'expert' = {vals['expert']}, expected an expert id in 0..{meta.num_experts[layer] - 1}")
+    phase = row.get("phase") or "decode"
+    ph = PHASE_NAMES.get(str(phase).strip())
+    if ph is None:
+        raise TraceError(f"{where}: field 'phase' = {phase!r}, expected prefill|decode|0|1")
+    return (vals["seq"], ph, vals["token"]), (layer, rank), vals["expert"], vals["weight"], vals["token_id"]
+
+
 def import_long_csv(path: Path, meta: TraceMeta) -> Trace:
-    need = ("seq", "token", "layer", "rank", "expert", "weight")
     rows: dict[tuple, dict] = defaultdict(dict)
     info: dict[tuple, tuple[int, int]] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
+    reader = csv.DictReader(text_lines(path, "a CSV file"))
+    try:
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise TraceError(f"{path}: line 1: header lacks column(s) {missing}; expected {','.join(need)}")
-        for n, row in enumerate(reader, 2):
-            where = f"{path}: line {n}"
-            vals = {}
-            for c in need:
-                try:
-                    vals[c] = float(row[c]) if c == "weight" else int(row[c])
-                except (TypeError, ValueError):
-                    raise TraceError(f"{where}: field '{c}' = {row[c]!r}, expected {'a number' if c == 'weight' else 'an integer'}") from None
-            if not math.isfinite(vals["weight"]):
-                raise TraceError(f"{where}: field 'weight' = {row['weight']}, expected a finite number")
-            if not 0 <= vals["layer"] < meta.num_layers or not 0 <= vals["rank"] < meta.top_k:
-                raise TraceError(f"{where}: layer {vals['layer']} / rank {vals['rank']} outside 0..{meta.num_layers - 1} / 0..{meta.top_k - 1}")
-            phase = row.get("phase") or "decode"
-            ph = {"0": 0, "prefill": 0, "1": 1, "decode": 1}.get(str(phase).strip())
-            if ph is None:
-                raise TraceError(f"{where}: field 'phase' = {phase!r}, expected prefill|decode|0|1")
-            key = (vals["seq"], ph, vals["token"])
-            slot = (vals["layer"], vals["rank"])
+            raise TraceError(f"{path}: line 1: header lacks column(s) {missing}; expected {','.join(CSV_COLUMNS)}")
+        for row in reader:
+            n = reader.line_num  # the physical line: DictReader skips blank lines, so counting rows would drift
+            key, slot, expert, weight, token_id = _csv_row(row, f"{path}: line {n}", meta)
             if slot in rows[key]:
-                raise TraceError(f"{where}: second row for seq {key[0]} token {key[2]} layer {slot[0]} rank {slot[1]}")
-            rows[key][slot] = (vals["expert"], vals["weight"], n)
-            info[key] = (int(row.get("token_id") or -1), n)
+                raise TraceError(f"{path}: line {n}: second row for seq {key[0]} token {key[2]} layer {slot[0]} rank {slot[1]}")
+            rows[key][slot] = (expert, weight, n)
+            info[key] = (token_id, n)
+    except csv.Error as exc:
+        raise TraceError(f"{path}: line {reader.line_num}: {exc}, expected CSV text") from None
     if not rows:
         raise TraceError(f"{path}: no rows (empty input)")
     keys = sorted(rows)
@@ -99,7 +127,12 @@ def import_long_csv(path: Path, meta: TraceMeta) -> Trace:
     for i, key in enumerate(keys):
         if len(rows[key]) != L * K:
             raise TraceError(f"{path}: line {info[key][1]}: seq {key[0]} token {key[2]} has {len(rows[key])} rows, expected {L} layers x {K} ranks")
-        for (layer, rank), (e, wt, _) in rows[key].items():
+        first_line: dict[tuple, int] = {}  # (layer, expert) -> line, to name both lines of a repeated expert
+        for (layer, rank), (e, wt, line) in sorted(rows[key].items()):
+            if (layer, e) in first_line:
+                raise TraceError(f"{path}: lines {first_line[layer, e]} and {line}: seq {key[0]} token {key[2]} layer {layer}: "
+                                 f"expert {e} twice, expected distinct experts in a token's top-k")
+            first_line[layer, e] = line
             ex[i, layer, rank], w[i, layer, rank] = e, wt
     return Trace(meta, check_expert_range(ex, meta, str(path)), w, np.array([k[0] for k in keys], np.int32),
                  np.array([k[2] for k in keys], np.int32), np.array([k[1] for k in keys], np.int8),
@@ -108,16 +141,20 @@ def import_long_csv(path: Path, meta: TraceMeta) -> Trace:
 
 def import_trace(sources: list[Path], fmt: str, meta: TraceMeta, align: str = "strict", weights: Path | None = None,
                  seq_ids: Path | None = None) -> Trace:
-    """Python entry point: import ``sources`` of format ``fmt`` with the given metadata."""
-    if fmt == "speculative-moe-jsonl":
-        return import_speculative_moe(sources, meta, align)[0]
+    """Python entry point: import ``sources`` of format ``fmt`` with the given metadata. The result passes the
+    trace checks with the sources named, so a content problem is never blamed on the output file."""
     if fmt not in FORMATS:
         raise TraceError(f"--format: expected one of {FORMATS}, got {fmt!r}")
-    if len(sources) != 1:
+    if fmt == "speculative-moe-jsonl":
+        trace = import_speculative_moe(sources, meta, align)[0]
+    elif len(sources) != 1:
         raise TraceError(f"--format {fmt}: expected one source file, got {len(sources)}")
-    if fmt == "npy":
-        return import_npy(sources[0], meta, weights, seq_ids)
-    return import_long_csv(sources[0], meta)
+    elif fmt == "npy":
+        trace = import_npy(sources[0], meta, weights, seq_ids)
+    else:
+        trace = import_long_csv(sources[0], meta)
+    check_trace(trace, where=", ".join(map(str, sources)))
+    return trace
 
 
 def build_meta(args: argparse.Namespace, fmt: str) -> TraceMeta:

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from .schema import PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
-from .sources import check_expert_range
+from .sources import INT32, check_expert_range, text_lines
 
 
 def _int(value, where: str, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int) or not INT32.min <= value <= INT32.max:
         raise TraceError(f"{where}: field '{field}' = {value!r}, expected an integer")
     return value
 
@@ -42,27 +42,27 @@ def _routing(rec: dict, where: str, k: int | None) -> tuple[list[int], list[floa
 def read_jsonl(paths: list[Path], k: int | None) -> list[tuple[str, int, dict]]:
     recs = []
     for path in paths:
-        if not path.exists():
-            raise TraceError(f"{path}: no such file")
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}: line {n}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TraceError(f"{where}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(rec, dict):
-                    raise TraceError(f"{where}: expected a JSON object")
-                for fld in ("layer",):
-                    if fld not in rec:
-                        raise TraceError(f"{where}: missing field '{fld}'")
-                    _int(rec[fld], where, fld)
-                if "token_idx" not in rec and "token_pos" not in rec:
-                    raise TraceError(f"{where}: missing field 'token_idx' or 'token_pos'")
-                rec["_routing"] = _routing(rec, where, k)
-                recs.append((where, n, rec))
+        for n, line in enumerate(text_lines(path, "JSON lines"), 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TraceError(f"{where}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(rec, dict):
+                raise TraceError(f"{where}: expected a JSON object")
+            for fld in ("layer",):
+                if fld not in rec:
+                    raise TraceError(f"{where}: missing field '{fld}'")
+                _int(rec[fld], where, fld)
+            for fld in ("dataset", "problem_id"):  # together they name the sequence, so must be hashable scalars
+                if isinstance(rec.get(fld), bool) or not isinstance(rec.get(fld), (str, int, type(None))):
+                    raise TraceError(f"{where}: field '{fld}' = {rec[fld]!r}, expected a string or an integer")
+            if "token_idx" not in rec and "token_pos" not in rec:
+                raise TraceError(f"{where}: missing field 'token_idx' or 'token_pos'")
+            rec["_routing"] = _routing(rec, where, k)
+            recs.append((where, n, rec))
     if not recs:
         raise TraceError(f"{', '.join(map(str, paths))}: no records (empty input)")
     return recs
