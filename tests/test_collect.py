@@ -91,3 +91,59 @@ def test_cli(tmp_path, capsys):
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(TraceError, match="--tiny-arch: unknown model type 'nosuchmoe'"):
         tiny_model("nosuchmoe")
+
+
+def test_resume_refuses_shards_of_a_run_with_other_inputs(tmp_path):
+    """A rerun into the same -o with other prompts, generation settings, batch size or model must not reuse the
+    earlier run's shards (they were skipped by number and merged into a trace of no single run)."""
+    model = tiny_model("mixtral", seed=2)
+    ids = byte_tokens(PROMPTS, model.config.vocab_size)
+    out = tmp_path / "c.parquet"
+    first = collect(model, ids[:2], out, 2, batch_size=4, hidden=False)
+    with pytest.raises(TraceError, match=r"c\.parquet\.shards: .*max_new_tokens \(was 2, now 4\); prompts \(was '2 prompts.*"
+                                         r"now '3 prompts.*pick another -o, or delete .*c\.parquet\.shards"):
+        collect(model, ids, out, 4, batch_size=4, hidden=False)
+    with pytest.raises(TraceError, match=r"batch_size \(was 4, now 1\)"):
+        collect(model, ids[:2], out, 2, batch_size=1, hidden=False)
+    with pytest.raises(TraceError, match=r"other settings: model weights \(was 'sha256 "):
+        collect(tiny_model("mixtral", seed=3), ids[:2], out, 2, batch_size=4, hidden=False)
+    np.testing.assert_array_equal(read_trace(out).experts, first.experts)  # the finished trace is untouched
+    again = collect(model, ids[:2], out, 2, batch_size=4, hidden=False)  # the same inputs still resume
+    np.testing.assert_array_equal(again.experts, first.experts)
+
+
+def test_shards_without_a_manifest_are_not_resumed(tmp_path):
+    model = tiny_model("mixtral", seed=2)
+    ids = byte_tokens(PROMPTS, model.config.vocab_size)
+    collect(model, ids, tmp_path / "c.parquet", 2, batch_size=2, hidden=False)
+    (tmp_path / "c.parquet.shards" / "manifest.json").unlink()
+    with pytest.raises(TraceError, match=r"shards without a manifest\.json .*delete .*c\.parquet\.shards"):
+        collect(model, ids, tmp_path / "c.parquet", 2, batch_size=2, hidden=False)
+
+
+def test_cli_rerun_with_other_settings_is_a_one_line_error(tmp_path, capsys):
+    from traces.__main__ import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\nworld\n")
+    args = ["collect", "--tiny-arch", "mixtral", "--prompts", str(prompts), "-o", str(tmp_path / "o.parquet")]
+    assert main([*args, "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "max_new_tokens (was 2, now 3)" in err
+
+
+def test_checkpoint_identity_follows_its_files(tmp_path):
+    """`collect --model DIR` identifies the weights by the checkpoint's files (hashing tens of GB would take
+    minutes): a rewritten checkpoint is another model."""
+    import os
+
+    from traces.shards import checkpoint_id
+
+    tiny_model("mixtral", seed=1).save_pretrained(tmp_path / "m")
+    first = checkpoint_id(tmp_path / "m")
+    assert checkpoint_id(tmp_path / "m") == first
+    weights = next((tmp_path / "m").glob("*.safetensors"))
+    os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1))
+    assert checkpoint_id(tmp_path / "m") != first

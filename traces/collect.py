@@ -13,7 +13,10 @@ qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, olmoe, phimoe, gpt_oss and switc
 without such routers (a dense model) stops with an error naming its model type.
 
 Prompts are processed in batches; each batch is written as a shard (``OUT.parquet.shards/``) as soon as it is
-done, a rerun skips finished shards, and the shards are merged into OUT (atomically) at the end.
+done, a rerun skips finished shards, and the shards are merged into OUT (atomically) at the end. The shard
+directory's ``manifest.json`` records the run's inputs (model config and weights, prompts, generation
+settings, batch size, dtype, device); a rerun whose inputs differ stops with an error naming them instead of
+mixing shards of two runs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from .io import read_trace, write_trace
 from .schema import PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
+from .shards import check_manifest, checkpoint_id, run_settings
 from .sidecar import sidecar_path, write_hidden
 
 TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
@@ -197,9 +201,10 @@ def stack_path(out: Path, stack: str) -> Path:
 
 def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int, batch_size: int,
             hidden: bool, model_path: str = "", pad_id: int = 0, fail_after: int | None = None,
-            hidden_dtype=np.float32) -> Trace:
-    """Record the routing of ``model`` on the prompts into ``out`` (shards first; resumable). Returns the
-    decoder's (or only) trace; an encoder stack's is written beside it."""
+            hidden_dtype=np.float32, weights_id: str | None = None) -> Trace:
+    """Record the routing of ``model`` on the prompts into ``out`` (shards first; resumable by a rerun with the
+    same inputs). Returns the decoder's (or only) trace; an encoder stack's is written beside it.
+    ``weights_id`` identifies the weights in the shards' manifest (default: a digest of the state dict)."""
     from tqdm import tqdm
 
     routers = find_routers(model)
@@ -207,6 +212,8 @@ def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int,
     metas = {k: model_meta(model, g, model_path) for k, g in groups.items()}
     shard_dir = out.with_name(out.name + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
+    check_manifest(shard_dir, run_settings(model, prompts_ids, max_new_tokens, batch_size, hidden, hidden_dtype,
+                                           model_path, pad_id, weights_id))
     batches = [list(range(i, min(i + batch_size, len(prompts_ids)))) for i in range(0, len(prompts_ids), batch_size)]
     shard = lambda n, stack: stack_path(shard_dir / f"shard-{n:05d}.parquet", stack)  # noqa: E731
     for n, batch in enumerate(tqdm(batches, desc="collecting", unit="batch")):
@@ -270,12 +277,13 @@ def run(args: argparse.Namespace) -> int:
         tok = AutoTokenizer.from_pretrained(args.model)
         ids = [tok(p)["input_ids"] for p in prompts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        path = str(args.model)
+        path, weights_id = str(args.model), checkpoint_id(args.model)
     else:
         model = tiny_model(args.tiny_arch, args.seed)
-        ids, pad, path = byte_tokens(prompts, model.config.vocab_size), 0, ""
+        ids, pad, path, weights_id = byte_tokens(prompts, model.config.vocab_size), 0, "", None
 
-    tr = collect(model, ids, args.output, args.max_new_tokens, args.batch_size, args.hidden_states, path, pad)
+    tr = collect(model, ids, args.output, args.max_new_tokens, args.batch_size, args.hidden_states, path, pad,
+                 weights_id=weights_id)
     print(f"wrote {args.output}: {tr.num_tokens} tokens of {len(prompts)} prompts, {tr.meta.num_layers} MoE layers, "
           f"top-{tr.meta.top_k} of {tr.meta.num_experts[0]} experts ({tr.meta.source})")
     return 0
