@@ -95,3 +95,53 @@ def test_hybrid_training_is_deterministic():
 PREGATE_D1 = 0.779
 HYBRID_D1 = 0.896
 ROUTING_PATH_D1 = 0.776
+
+
+TINY_REF = dict(layers=2, hidden=32, intermediate=32, experts=4, steps=2, batch=2, seq_len=32, max_files=20,
+                train_prompts=2, test_prompts=2, prompt_bytes=16, new_tokens=2)
+
+
+def test_train_ref_elsewhere_records_the_model_it_wrote(tmp_path):
+    """`train-ref -o DIR`: the traces point at DIR/model (was always data/reference-moe/model, so the pregate
+    predictor on them loaded the shipped model), and the checkpoint is swapped in whole."""
+    from policies.predictors.pregate import load_router_weights
+    from traces.refmodel import build_reference
+
+    out = tmp_path / "ref"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "stale.txt").write_text("an earlier checkpoint")  # replaced as a whole, not written into
+    build_reference(RefConfig(**TINY_REF), out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model", "test.hidden.safetensors", "test.parquet",
+                                                            "train.hidden.safetensors", "train.parquet", "training.json"])
+    assert not (out / "model" / "stale.txt").exists()
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(out / "model")
+    for split in ("train", "test"):
+        meta = read_trace(out / f"{split}.parquet").meta
+        assert meta.model_path == str((out / "model").resolve())
+        routers = load_router_weights(meta.model_path, meta.num_layers)
+        np.testing.assert_array_equal(routers[1], model.model.layers[1].mlp.gate.weight.float().detach().numpy())
+
+
+def test_recorded_model_path_is_relative_to_the_project_inside_it(monkeypatch, tmp_path):
+    from traces.refmodel import recorded_model_path
+
+    monkeypatch.chdir(tmp_path)  # whatever the working directory
+    assert recorded_model_path(REF / "model") == "data/reference-moe/model"
+    assert recorded_model_path(tmp_path / "m") == str(tmp_path.resolve() / "m")
+
+
+def test_atomic_dir_keeps_the_old_directory_on_failure(tmp_path):
+    from traces.io import atomic_dir
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "w").write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_dir(target) as tmp:
+        (tmp / "w").write_text("half")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "w").read_text() == "old"
+    with atomic_dir(target) as tmp:
+        (tmp / "w").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "w").read_text() == "new"

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from .collect import byte_tokens, collect
-from .io import atomic_path
+from .io import atomic_dir, atomic_path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -106,16 +108,28 @@ def prompts_from(files: list[Path], n: int, length: int, seed: int) -> list[list
     return [data[s:s + length].tolist() for s in starts]
 
 
+def recorded_model_path(model_dir: Path) -> str:
+    """``model_dir`` as the traces' ``model_path``, in the form readers resolve it (relative paths against the
+    project root, see ``policies/predictors/pregate.py``): relative to the project root when inside it, so the
+    shipped traces say ``data/reference-moe/model`` whatever the working directory; absolute otherwise."""
+    path = Path(model_dir).resolve()
+    try:
+        return path.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def build_reference(cfg: RefConfig, out_dir: Path) -> dict:
     import torch
 
     t0 = time.perf_counter()
     model, losses = train(cfg)
     model_dir = out_dir / "model"
-    model.to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
+    with atomic_dir(model_dir) as tmp:  # an interrupted save must not leave a half-written checkpoint
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     model = model.to(torch.float32)
     train_files, test_files = corpus_files(cfg.max_files)
-    rel = "data/reference-moe/model"
+    rel = recorded_model_path(model_dir)
     stats = {}
     for split, files, n, seed in (("train", train_files, cfg.train_prompts, cfg.seed),
                                   ("test", test_files, cfg.test_prompts, cfg.seed + 1)):
@@ -139,7 +153,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=RefConfig.steps)
     p.add_argument("--seed", type=int, default=RefConfig.seed)
-    p.add_argument("-o", "--out-dir", type=Path, default=Path("data/reference-moe"))
+    p.add_argument("-o", "--out-dir", type=Path, default=Path("data/reference-moe"),
+                   help="where model/, the traces and training.json go; the traces' model_path names this model/ "
+                        "(relative to the project root when inside it)")
     p.set_defaults(func=_run)
 
 
