@@ -22,15 +22,21 @@ def run(args):
 
 
 def test_real_decode_file(shared_traces, tmp_path, capsys):
+    """Its token_idx counts each layer's records (0..n-1 with no gap, n differing by layer), so it is not a
+    key: strict refuses the file, naming --align order; order matches by order and reports the counts."""
     out = tmp_path / "real.parquet"
-    assert run([shared_traces / DECODE, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b", "-o", out]) == 0
+    args = [shared_traces / DECODE, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b", "-o", out]
+    assert run(args) == 2
+    assert "--align order" in capsys.readouterr().err and not out.exists()
+    assert run([*args, "--align", "order"]) == 0
     tr = read_trace(out)
     assert tr.experts.shape == (333, 32, 2)
     assert tr.meta.num_experts == [8] * 32 and (tr.phase == 1).all()
-    assert np.bincount(tr.seq_id).tolist() == [81, 252]  # 83 and 255 decode steps, 2 + 3 dropped
+    assert np.bincount(tr.seq_id).tolist() == [81, 252]  # 83 and 255 decode records at most, 2 + 3 dropped
     err = capsys.readouterr().err
-    assert "'keyed tokens missing a layer': 5" in err
+    assert "'seq 0 unkeyed decode': 2, 'seq 1 unkeyed decode': 3" in err
     rep = tr.meta.extra["import"]
+    assert rep["seq 0 decode records per layer"][13] == 81 and "token_idx counters: sequences [0, 1]" in rep["alignment"]
     assert rep["missing_records_per_layer"][27] == 4 and sum(rep["missing_records_per_layer"]) == 37
     # alignment: spot-check tokens against the source records
     recs = {}
@@ -117,6 +123,25 @@ def test_bad_jsonl_lines(tmp_path, bad, message):
         import_speculative_moe([src], get_preset("mixtral-8x7b").meta())
     assert run([src, "--format", "speculative-moe-jsonl", "--model-preset", "mixtral-8x7b", "-o", out]) == 2
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_token_idx_with_gaps_is_a_key_and_duplicates_stop(tmp_path):
+    """token_idx with a gap names decode steps: tokens matched by key, the one missing a layer dropped; a
+    repeated token_idx in a layer stops the import naming both lines."""
+    from traces.importers import import_speculative_moe
+    from traces.presets import get_preset
+
+    rows = [{**GOOD, "layer": layer, "token_idx": t, "experts": [t % 8, (t + layer % 7 + 1) % 8]}
+            for layer in range(32) for t in (0, 1, 2, 5) if not (layer == 7 and t == 1)]
+    src = tmp_path / "gap.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tr, rep = import_speculative_moe([src], get_preset("mixtral-8x7b").meta())
+    assert tr.position.tolist() == [0, 2, 5]  # step 1 lacks layer 7
+    assert tr.experts[1, 9].tolist() == [2, 5] and tr.experts[2, 31].tolist() == [5, 1]
+    assert rep["dropped"]["keyed tokens missing a layer"] == 1
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[3]]))
+    with pytest.raises(TraceError, match=r"line \d+: duplicate record for layer 0 of token_idx 5 \(first: .*line 4\)"):
+        import_speculative_moe([src], get_preset("mixtral-8x7b").meta())
 
 
 def test_empty_input_and_missing_metadata(tmp_path, capsys):

@@ -170,11 +170,11 @@ def test_stats_overall_is_mean_of_layers():
 
 
 def load_mixtral_problem(path: Path, problem: int) -> Trace:
-    """One problem of the real decode file through the official importer (layers aligned by token_idx)."""
+    """One problem of the real decode file through the official importer (layers matched by order)."""
     from traces.importers import import_speculative_moe
     from traces.presets import get_preset
 
-    full, _ = import_speculative_moe([path], get_preset("mixtral-8x7b").meta())
+    full, _ = import_speculative_moe([path], get_preset("mixtral-8x7b").meta(), align="order")
     return full.select(full.seq_id == problem)
 
 

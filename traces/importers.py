@@ -6,11 +6,14 @@ Formats:
   either ``token_idx`` (decode step) or ``token_pos`` (position in the vLLM batch: a prefill run 0..P-1 per
   layer, then one record at position 0 per decode step). Sequence = (dataset, problem_id). The recorder
   dropped every record whose two weights were exactly [0.5, 0.5], so layers miss a few tokens each.
-  Alignment rule (recorded in the trace metadata ``extra.alignment``): ``token_idx`` records and prefill
-  records are matched across layers by their key; a token missing in any layer is dropped (reported).
-  Decode records of the ``token_pos`` variant carry no key: with ``--align strict`` (default) they are kept
-  only if every layer has the same number of them, else dropped and reported; ``--align order`` matches them
-  by order anyway, which can slip by as many positions as a layer misses (the report says how many).
+  Alignment rule (recorded in the trace metadata ``extra.import.alignment``): prefill records are matched
+  across layers by their key; a token missing in any layer is dropped (reported). Decode records carry no
+  reliable key: those of the ``token_pos`` variant sit at position 0, and ``token_idx``, where it runs 0..n-1
+  without a gap in every layer (as in the shared Mixtral file, whose layers hold 1-3 fewer records than
+  others), counts a layer's records rather than naming the step. With ``--align strict`` (default) such
+  records are kept only if every layer has the same number of them, else dropped and reported; ``--align
+  order`` matches them by order anyway, which can slip by as many positions as a layer misses (the report
+  lists each sequence's records per layer). ``token_idx`` values with a gap are step keys, matched by key.
 - ``npy``: an integer array ``[tokens, layers, top_k]`` (what vLLM returns with
   ``--enable-return-routed-experts``), optional ``--weights`` of the same shape, optional ``--seq-ids``.
 - ``long-csv``: one row per (seq, token, layer, rank, expert, weight), header

@@ -68,12 +68,42 @@ def read_jsonl(paths: list[Path], k: int | None) -> list[tuple[str, int, dict]]:
     return recs
 
 
+def _place_token_idx(idx_lists: dict, table: dict, decode_lists: dict, L: int) -> list[int]:
+    """Put each sequence's ``token_idx`` records where they belong; returns the sequences read as counters.
+
+    In the shared Mixtral decode file ``token_idx`` runs 0..n-1 in every layer with no gap, while the layers
+    hold different numbers of records (the recorder dropped some): it counts a layer's records, it is not the
+    decode step, so matching it across layers would slip silently after a layer's first dropped record. Such
+    contiguous indices are therefore unkeyed decode records (``--align`` decides). Indices with a gap somewhere
+    do name steps, and are matched by key."""
+    counters = []
+    for s, per_layer in idx_lists.items():
+        for layer, recs in per_layer.items():
+            recs.sort(key=lambda r: r[0])
+            for a, b in zip(recs, recs[1:]):
+                if a[0] == b[0]:
+                    raise TraceError(f"{b[1]}: duplicate record for layer {layer} of token_idx {b[0]} (first: {a[1]})")
+        contiguous = all([r[0] for r in recs] == list(range(len(recs))) for recs in per_layer.values())
+        if contiguous and len(per_layer) == L and s in decode_lists:
+            raise TraceError(f"{next(iter(per_layer.values()))[0][1]}: sequence {s} mixes token_idx and token_pos records")
+        if contiguous and len(per_layer) == L:
+            counters.append(s)
+            for layer, recs in per_layer.items():
+                decode_lists[s][layer] = [r[2] for r in recs]
+        else:
+            for layer, recs in per_layer.items():
+                for idx, _, routing in recs:
+                    table[(s, PHASE_DECODE, idx)][layer] = routing
+    return counters
+
+
 def import_speculative_moe(paths: list[Path], meta: TraceMeta, align: str = "strict") -> tuple[Trace, dict]:
     L = meta.num_layers
     recs = read_jsonl(paths, meta.top_k)
     # token key -> layer -> routing; keys are (seq, phase, position)
     table: dict[tuple, dict[int, tuple]] = defaultdict(dict)
     decode_lists: dict[tuple, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    idx_lists: dict[int, dict[int, list]] = defaultdict(lambda: defaultdict(list))  # seq -> layer -> records
     seqs: dict[tuple, int] = {}
     last_pos: dict[tuple, int] = {}
     for where, _, rec in recs:
@@ -88,20 +118,22 @@ def import_speculative_moe(paths: list[Path], meta: TraceMeta, align: str = "str
             )
         s = seqs.setdefault((rec.get("dataset"), rec.get("problem_id")), len(seqs))
         if "token_idx" in rec:
-            key = (s, PHASE_DECODE, _int(rec["token_idx"], where, "token_idx"))
-        else:
-            pos = _int(rec["token_pos"], where, "token_pos")
-            prev = last_pos.get((s, layer), -1)
-            in_prefill = pos > prev and not decode_lists[s][layer]
-            last_pos[(s, layer)] = pos
-            if not in_prefill:  # a decode record (position 0 after the prefill run)
-                decode_lists[s][layer].append(rec["_routing"])
-                continue
-            key = (s, PHASE_PREFILL, pos)
+            idx_lists[s][layer].append((_int(rec["token_idx"], where, "token_idx"), where, rec["_routing"]))
+            continue
+        pos = _int(rec["token_pos"], where, "token_pos")
+        prev = last_pos.get((s, layer), -1)
+        in_prefill = pos > prev and not decode_lists[s][layer]
+        last_pos[(s, layer)] = pos
+        if not in_prefill:  # a decode record (position 0 after the prefill run)
+            decode_lists[s][layer].append(rec["_routing"])
+            continue
+        key = (s, PHASE_PREFILL, pos)
         if layer in table[key]:
             raise TraceError(f"{where}: duplicate record for layer {layer} of token {key}")
         table[key][layer] = rec["_routing"]
-    report = {"alignment": f"keyed records matched by key; unkeyed decode records: {align}", "dropped": {}}
+    counters = _place_token_idx(idx_lists, table, decode_lists, L)
+    report = {"alignment": f"prefill records and gapped token_idx matched by key; unkeyed decode records "
+                           f"(token_pos decode, and token_idx counters: sequences {counters}): {align}", "dropped": {}}
     missing_per_layer = np.zeros(L, dtype=int)
     dropped = []
     for key, layers in table.items():
@@ -122,11 +154,14 @@ def import_speculative_moe(paths: list[Path], meta: TraceMeta, align: str = "str
             report["dropped"][f"seq {s} unkeyed decode"] = n
         if min(counts) != n:
             report[f"seq {s} decode records per layer"] = counts
+            missing_per_layer += n - np.asarray(counts)  # the layer with most records taken as complete
     report["dropped"]["keyed tokens missing a layer"] = len(dropped)
     report["missing_records_per_layer"] = missing_per_layer.tolist()
     report["dropped_keys_sample"] = [list(map(int, k)) for k in sorted(dropped)[:20]]
     if not table:
-        raise TraceError(f"{paths[0]}: no token has a record in every one of the {L} layers")
+        hint = ("; the decode records of every sequence differ in number between layers, so --align strict drops "
+                "them all: --align order matches them by order (may slip, reported)") if decode_lists else ""
+        raise TraceError(f"{paths[0]}: no token has a record in every one of the {L} layers{hint}")
     keys = sorted(table)
     ex = np.array([[table[k][layer][0] for layer in range(L)] for k in keys], dtype=np.int64)
     w = np.array([[table[k][layer][1] for layer in range(L)] for k in keys], dtype=np.float32)
