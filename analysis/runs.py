@@ -22,7 +22,10 @@ class ResultsError(ValueError):
 
 
 def find_results(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).rglob("results.json") if "report" not in p.parts)
+    """Every results.json under ``root`` except in a ``report`` folder inside it (a report's own outputs);
+    folders above ``root`` may have any name."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("results.json") if "report" not in p.relative_to(root).parts)
 
 
 def load_runs(root: str | Path, log=None) -> pd.DataFrame:

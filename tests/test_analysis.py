@@ -101,3 +101,14 @@ def test_stall_relative_to_ondemand_matches_the_link_bandwidth():
             for bw, c, p, s in ((3.0, "lru", "none", 8.0), (25.0, "lru", "none", 1.0),
                                 (3.0, "lru", "transition", 4.0), (25.0, "lru", "transition", 2.0))]
     assert relative_to_ondemand(pd.DataFrame(rows)).tolist() == [1.0, 1.0, 0.5, 2.0]
+
+
+def test_a_parent_folder_named_report_is_not_skipped(tmp_path, capsys):
+    """Only a ``report`` folder inside the sweep holds outputs to skip; the folders above it may be named so."""
+    root = tmp_path / "report" / "sweep"
+    fake_run(root, "0_x", "A", "lru+none", "lru", "none", 0.5, 25.0, 1.0, 0.5)
+    fake_run(root, "report", "A", "lru+none", "lru", "none", 0.5, 25.0, 9.0, 0.5)  # a report's own folder
+    from analysis.runs import load_runs
+
+    df = load_runs(root)
+    assert df.stall_s.tolist() == [1.0]
