@@ -15,6 +15,19 @@ RUN_FIELDS = (
     "hardware", "bandwidth_gbps", "capacity_fraction", "capacity_slots_per_layer", "batch_size", "seed",
     "expert_bytes", "scope",
 )
+# metrics that must be numbers; the bounds may be null (an executor run writes null for the ones it cannot compute
+# honestly, see executor/run.py)
+MEASURED = ("stall_s", "total_s", "hit_rate", "bytes_moved")
+NUMERIC = (
+    *MEASURED, "belady_hit_rate", "belady_misses_unique", "oracle_stall_s", "oracle_aggressive_stall_s",
+    "oracle_conservative_stall_s", "tpot_s", "tpot_p50_s", "tpot_p90_s", "ttft_s", "tokens_per_s", "late_hit_rate",
+    "miss_rate", "prefetch_precision", "prefetch_recall", "prefetch_issued", "wasted_bytes", "preload_bytes",
+    "copies", "expert_requests", "allresident_total_s", "fast_memory_bytes", "all_experts_bytes", "steps",
+    "distinct_experts_per_layer_step", "request_tpot_s", "scheduler_wall_s", "tokens", "sim_wall_s",
+    "copy_bandwidth_bytes_per_s",
+)
+RUN_NUMERIC = ("horizon_distance", "bandwidth_gbps", "capacity_fraction", "capacity_slots_per_layer", "batch_size",
+               "seed", "expert_bytes")
 
 
 class ResultsError(ValueError):
@@ -42,9 +55,9 @@ def load_runs(root: str | Path, log=None) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"skipped {p}: not valid JSON ({exc})", file=log)
             continue
-        missing = [k for k in REQUIRED if k not in res]
-        if missing:
-            print(f"skipped {p}: missing key(s) {missing}", file=log)
+        problem = _schema_problem(res)
+        if problem:
+            print(f"skipped {p}: {problem}", file=log)
             continue
         row = {f: res["run"].get(f) for f in RUN_FIELDS}
         row.update({k: v for k, v in res.items() if k != "run" and not isinstance(v, (dict, list))})
@@ -53,10 +66,36 @@ def load_runs(root: str | Path, log=None) -> pd.DataFrame:
     if not rows:
         raise ResultsError(f"{root}: no usable results.json found (looked in {len(paths)} file(s))")
     df = pd.DataFrame(rows)
+    for c in (*NUMERIC, *RUN_NUMERIC):  # null -> NaN, so a column of nulls still takes arithmetic
+        if c in df:
+            df[c] = pd.to_numeric(df[c])
     df["oracle_gap_s"] = df["stall_s"] - df["oracle_stall_s"]
     df["wasted_gb"] = df.get("wasted_bytes", 0) / 1e9
     df["stall_vs_ondemand"] = relative_to_ondemand(df)
     return df.sort_values(["trace_name", "hardware", "capacity_fraction", "policy"], kind="stable").reset_index(drop=True)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _schema_problem(res) -> str | None:
+    """Why ``res`` is not a usable results.json (naming the key and what was expected), or None."""
+    if not isinstance(res, dict):
+        return f"expected a JSON object, got {type(res).__name__}"
+    missing = [k for k in REQUIRED if k not in res]
+    if missing:
+        return f"missing key(s) {missing}"
+    if not isinstance(res["run"], dict):
+        return f"key 'run' is {res['run']!r}, expected an object"
+    for where, d, keys in (("", res, NUMERIC), ("run.", res["run"], RUN_NUMERIC)):
+        for k in keys:
+            v = d.get(k)
+            if v is None and (where or k not in MEASURED):
+                continue
+            if not _is_number(v):
+                return f"key '{where}{k}' is {v!r}, expected a number{'' if k in MEASURED else ' or null'}"
+    return None
 
 
 def relative_to_ondemand(df: pd.DataFrame) -> pd.Series:

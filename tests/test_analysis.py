@@ -112,3 +112,34 @@ def test_a_parent_folder_named_report_is_not_skipped(tmp_path, capsys):
 
     df = load_runs(root)
     assert df.stall_s.tolist() == [1.0]
+
+
+def test_wrongly_typed_results_are_skipped_naming_the_key(sweep, capsys):
+    for name, patch in (("run_str", {"run": "x"}), ("stall_str", {"stall_s": "abc"}),
+                        ("frac_str", {"run": {"capacity_fraction": "half"}}), ("hit_null", {"hit_rate": None})):
+        fake_run(sweep, name, "A", "lru+none", "lru", "none", 0.5, 25.0, 1.0, 0.5)
+        res = json.loads((sweep / name / "results.json").read_text())
+        for k, v in patch.items():
+            res[k] = {**res[k], **v} if isinstance(v, dict) else v
+        (sweep / name / "results.json").write_text(json.dumps(res))
+    assert main(["report", str(sweep), "--out", str(sweep / "r2")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {sweep / 'run_str' / 'results.json'}: key 'run' is 'x', expected an object" in err
+    assert f"skipped {sweep / 'stall_str' / 'results.json'}: key 'stall_s' is 'abc', expected a number" in err
+    assert "key 'run.capacity_fraction' is 'half'" in err and "key 'hit_rate' is None, expected a number" in err
+    assert len(pd.read_parquet(sweep / "r2" / "runs.parquet")) == 16
+
+
+def test_null_bounds_are_reported_as_missing(tmp_path):
+    """An executor run writes null for the bounds it cannot compute honestly: the report shows them blank."""
+    root = tmp_path / "mr"
+    for i, (pred, stall) in enumerate((("none", 2.0), ("transition", 1.0))):
+        fake_run(root, f"{i}", "A", f"lru+{pred}", "lru", pred, 0.5, 25.0, stall, None)
+        res = json.loads((root / f"{i}" / "results.json").read_text())
+        res["belady_hit_rate"] = None
+        (root / f"{i}" / "results.json").write_text(json.dumps(res))
+    assert main(["report", str(root)]) == 0
+    df = pd.read_parquet(root / "report" / "runs.parquet")
+    assert df.oracle_stall_s.isna().all() and df.oracle_gap_s.isna().all() and df.belady_hit_rate.isna().all()
+    assert sorted(df.stall_vs_ondemand) == [0.5, 1.0]
+    assert "| lru+transition | 50% | 0.5 |  | 1 |  |" in (root / "report" / "report.md").read_text()
