@@ -21,12 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from traces import TraceError
 
-    from .runs import ResultsError
+    from .errors import AnalysisError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ResultsError, TraceError) as exc:
+    except (AnalysisError, TraceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ from policies.base import Observation, PredictorContext
 from traces import read_trace
 from traces.io import atomic_path
 
+from .errors import AnalysisError
 from .report import _md_table
 
 DEFAULT = ("routing_path", "hybrid", "pregate", "transition", "frequency", "last_token")
@@ -87,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.predictors.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CLASSES))
     if unknown:
-        raise ValueError(f"--predictors: unknown {unknown}; expected some of {sorted(CLASSES)}")
+        raise AnalysisError(f"--predictors: unknown {unknown}; expected some of {sorted(CLASSES)}")
     df = recall_table(read_trace(args.trace), read_trace(args.train), names)
     table = summary(df)
     k = read_trace(args.trace).meta.top_k

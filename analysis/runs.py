@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import AnalysisError
+
 REQUIRED = ("run", "stall_s", "total_s", "hit_rate", "belady_hit_rate", "oracle_stall_s", "bytes_moved")
 RUN_FIELDS = (
     "driver", "trace_name", "model", "policy", "cache", "predictor", "horizon", "horizon_distance", "scheduler",
@@ -30,7 +32,7 @@ RUN_NUMERIC = ("horizon_distance", "bandwidth_gbps", "capacity_fraction", "capac
                "seed", "expert_bytes")
 
 
-class ResultsError(ValueError):
+class ResultsError(AnalysisError):
     """No usable results where the user pointed."""
 
 

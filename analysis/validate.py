@@ -32,6 +32,7 @@ import numpy as np
 
 from traces.io import atomic_path
 
+from .errors import AnalysisError
 from .runs import load_runs
 
 POLICIES = {
@@ -199,6 +200,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     out = args.out.resolve()
+    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(POLICIES))
+    if unknown or not chosen:
+        raise AnalysisError(f"--policies: {f'unknown {unknown}; ' if unknown else ''}expected some of {list(POLICIES)}")
+    for flag, value in (("--repeats", args.repeats), ("--scale", args.scale), ("--tokens", args.tokens)):
+        if value < 1:
+            raise AnalysisError(f"{flag}: expected >= 1, got {value}")
+    if args.trace and not args.trace.is_file():
+        raise AnalysisError(f"--trace {args.trace}: no such file")
     if args.trace:
         trace_over, prof = [f"trace.path={args.trace.resolve()}"], ["--trace", str(args.trace.resolve())]
     else:
@@ -213,12 +223,6 @@ def _main(args: argparse.Namespace) -> int:
         except TierError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = sorted(set(chosen) - set(POLICIES))
-    if unknown:
-        raise ValueError(f"--policies: unknown {unknown}; expected some of {list(POLICIES)}")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
     run_all(out, prof, args.scale, [*trace_over, *args.overrides], chosen, args.backend, args.repeats)
     v = compare(out)
     with atomic_path(out / "validation.json") as tmp:

@@ -172,7 +172,26 @@ def test_round_order_rotates_the_policies():
 def test_validate_rejects_zero_repeats(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "analysis", "validate", "--repeats", "0", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "--repeats" in proc.stderr and not (tmp_path / "round-0").exists()
+    assert proc.returncode == 2 and not (tmp_path / "round-0").exists()
+    assert proc.stderr.strip() == "error: --repeats: expected >= 1, got 0"
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["validate", "--policies", "lru,foo"], "error: --policies: unknown ['foo']; expected some of"),
+    (["validate", "--policies", ","], "error: --policies: expected some of"),
+    (["validate", "--trace", "/nonexist.parquet"], "error: --trace /nonexist.parquet: no such file"),
+    (["validate", "--scale", "0"], "error: --scale: expected >= 1, got 0"),
+    (["predictors", "--trace", "t.parquet", "--train", "t.parquet", "--predictors", "foo"],
+     "error: --predictors: unknown ['foo']; expected some of"),
+])
+def test_analysis_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, msg):
+    from analysis.__main__ import main
+
+    out = ["--out", str(tmp_path / "out")]
+    assert main(argv + out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(msg) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_memory_check_counts_reclaimable_page_cache(tmp_path):
