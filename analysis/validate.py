@@ -18,6 +18,10 @@ table marks those rows.
 bracket the real runs and follow the machine's load) and the policies in a rotated order. The table compares
 the median real run with the median simulation and reports the real runs' spread, ``(max - min) / median``,
 next to the error: an error inside the spread is noise of this machine, not of the model.
+
+``--out`` keeps a manifest of the settings; rounds of other settings are refused, finished rounds of the same
+settings are reused (an interrupted run resumes) and the table reads rounds 0..N-1 only: see
+:mod:`analysis.validate_out`.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from traces.io import atomic_path
 
+from . import validate_out as vout
 from .errors import AnalysisError
 from .runs import load_runs
 
@@ -91,9 +97,16 @@ def round_order(policies: list[str], r: int) -> list[str]:
 
 def run_all(out: Path, trace_args: list[str], scale: int, extra: list[str], policies: list[str],
             backend: str = "cpu", repeats: int = 1) -> None:
+    """Rounds 0..repeats-1 into ``out``; a round finished before is kept (see :mod:`analysis.validate_out`, whose
+    ``open_out`` must have checked that ``out`` holds rounds of these settings only)."""
     tier = out / "tier"  # one expert file for every round
     for r in range(repeats):
-        rd = out / f"round-{r}"
+        rd = vout.round_dir(out, r)
+        if vout.round_done(rd):
+            print(f"[validate] {rd.name}: finished before, reused", file=sys.stderr)
+            continue
+        vout.start_round(rd)
+        t0 = time.perf_counter()
         _run(profile_command(rd, trace_args, scale, backend, tier))
         for name in round_order(policies, r):
             _run(policy_commands(rd, name, scale, extra, backend, tier_dir=tier)["loop"])
@@ -104,6 +117,7 @@ def run_all(out: Path, trace_args: list[str], scale: int, extra: list[str], poli
                                    loop["expert_overhead_s"])
             for driver in ("executor", "sim"):
                 _run(cmds[driver])
+        vout.finish_round(rd, {"policies": round_order(policies, r), "wall_s": time.perf_counter() - t0})
 
 
 def _runs_by_policy(root: Path) -> dict:
@@ -111,8 +125,16 @@ def _runs_by_policy(root: Path) -> dict:
 
 
 def _rounds(out: Path) -> list[Path]:
+    rounds = vout.manifest_rounds(out)
+    if rounds is not None:  # this run's rounds only, never others left in the directory
+        unfinished = [rd.name for rd in rounds if not vout.round_done(rd)]
+        if unfinished:
+            raise AnalysisError(f"{out}: {', '.join(unfinished)} not finished; run validate again to finish them")
+        return rounds
     rounds = sorted(out.glob("round-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
-    return rounds or [out]  # a single round written by an older version: executor/ and sim/ directly under out
+    # an older version's output, without a manifest: every round in it, or a single one (executor/ and sim/
+    # directly under out)
+    return rounds or [out]
 
 
 def _pct(a: float, b: float) -> float | None:
@@ -120,8 +142,8 @@ def _pct(a: float, b: float) -> float | None:
 
 
 def compare(out: Path) -> dict:
-    """Median real vs median simulated value per policy and metric over the rounds under ``out``, with the real
-    runs' spread ``(max - min) / median`` in % (0 with one round)."""
+    """Median real vs median simulated value per policy and metric over the rounds of the run recorded in
+    ``out``'s manifest (or every round of an older output without one), with the real runs' spread ``(max - min) / median`` in % (0 with one round)."""
     per_round = [(_runs_by_policy(rd / "executor"), _runs_by_policy(rd / "sim")) for rd in _rounds(out)]
     pols = [p for p in POLICIES if any(p in real and p in sim for real, sim in per_round)]
     rows, med_total = [], {}
@@ -187,7 +209,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=int, default=8, help="executor.scale: divide the model's widths by this")
     p.add_argument("--tokens", type=int, default=200, help="tokens of the default synthetic trace")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {list(POLICIES)}")
-    p.add_argument("--out", type=Path, default=Path("outputs/validate"))
+    p.add_argument("--out", type=Path, default=Path("outputs/validate"),
+                   help="results; must be fresh or hold rounds of the same settings (finished ones are reused)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of profile + real + simulated runs (policies rotated each round); the table compares "
                         "medians and shows the real runs' spread")
@@ -223,6 +246,8 @@ def _main(args: argparse.Namespace) -> int:
         except TierError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    trace = args.trace.resolve() if args.trace else None
+    vout.open_out(out, vout.settings(trace, args.tokens, args.scale, chosen, args.backend, args.overrides), args.repeats)
     run_all(out, prof, args.scale, [*trace_over, *args.overrides], chosen, args.backend, args.repeats)
     v = compare(out)
     with atomic_path(out / "validation.json") as tmp:
