@@ -3,8 +3,10 @@
 It runs hydra sweeps of the simulator (``python -m sim -m ...`` in a subprocess: this module reads their
 ``results.json`` only, it never imports the simulator), scores the predictors on the reference model's splits,
 then writes ``paper.json`` (per claim: the compared policies, the metric, the values, whether the claim held),
-``paper.md`` and one figure per claim. Sweeps that finished before are not run again (delete their directory
-to redo one), so an interrupted run resumes. ``--quick`` is a small grid on the reference model (CI).
+``paper.md`` and one figure per claim. Sweeps that finished before with the same overrides are not run again,
+so an interrupted run resumes; a finished sweep with other overrides (the grid changed) stops the command
+(delete its directory to redo it) and an unfinished one is run again whole. ``--quick`` is a small grid on the
+reference model (CI).
 
 The claims and how each is decided are in :mod:`analysis.claims`.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ import pandas as pd
 from traces.io import atomic_path
 
 from . import claims, paper_figs
+from .errors import AnalysisError
 from .report import _md_table
 from .runs import load_runs, relative_to_ondemand
 
@@ -84,13 +88,31 @@ def sweeps(g: Grid) -> dict[str, list[str]]:
     return out
 
 
-def run_sweep(name: str, overrides: list[str], runs_dir: Path, jobs: int) -> Path:
-    """One hydra multirun into ``runs_dir/name``; skipped when a previous one finished (marker file)."""
-    out = runs_dir / name
+def finished_before(name: str, overrides: list[str], out: Path) -> bool:
+    """Whether ``out`` holds a finished sweep with these ``overrides`` (its ``.done`` marker says so); a finished
+    sweep of other overrides is refused, as its runs would be read as this grid's."""
     done = out / ".done"
-    if done.exists():
+    if not done.exists():
+        return False
+    try:
+        stored = json.loads(done.read_text())["overrides"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AnalysisError(f"{done}: not a sweep marker ({exc}); delete {out} to run sweep {name} again") from exc
+    if stored != list(overrides):
+        raise AnalysisError(f"{done}: sweep {name} there was run with overrides {stored}, this grid asks for "
+                            f"{list(overrides)}; delete {out} to run it again")
+    return True
+
+
+def run_sweep(name: str, overrides: list[str], runs_dir: Path, jobs: int) -> Path:
+    """One hydra multirun into ``runs_dir/name``; skipped when a previous one with the same overrides finished
+    (marker file)."""
+    out = runs_dir / name
+    if finished_before(name, overrides, out):
         print(f"[paper] {name}: done before, reusing {out}", file=sys.stderr)
         return out
+    if out.exists():  # an interrupted attempt: its runs may be of another grid (or more jobs) than this one
+        shutil.rmtree(out)
     cmd = [sys.executable, "-m", "sim", "-m", *overrides, f"hydra.sweep.dir={out}", f"hydra.launcher.n_jobs={jobs}",
            "hydra.launcher.verbose=0"]
     print(f"[paper] {name}: {' '.join(overrides)}", file=sys.stderr)
@@ -98,7 +120,8 @@ def run_sweep(name: str, overrides: list[str], runs_dir: Path, jobs: int) -> Pat
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"sweep {name} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    done.write_text(json.dumps({"overrides": overrides, "wall_s": time.perf_counter() - t0}))
+    with atomic_path(out / ".done") as tmp:
+        tmp.write_text(json.dumps({"overrides": list(overrides), "wall_s": time.perf_counter() - t0}))
     print(f"[paper] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
 

@@ -104,3 +104,71 @@ def test_claim_rules_on_degenerate_tables():
     oracle_only = pd.DataFrame([dict(trace_name="t", policy="belady+oracle", cache="belady", predictor="oracle",
                                      capacity_fraction=0.5, total_s=1.0, allresident_total_s=1.0)])
     assert claims.memory_claim(oracle_only).held is None
+
+
+class FakeSweep:
+    """Stands in for the ``python -m sim -m`` subprocess of ``paper.run_sweep``: one results file per call."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, cmd, **kw):
+        import subprocess
+        from pathlib import Path
+
+        self.calls += 1
+        out = Path(next(a for a in cmd if a.startswith("hydra.sweep.dir=")).split("=", 1)[1])
+        (out / "0").mkdir(parents=True)
+        (out / "0" / "results.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_a_finished_sweep_is_reused_only_with_the_same_overrides(tmp_path, monkeypatch):
+    from analysis import paper
+    from analysis.errors import AnalysisError
+
+    fake = FakeSweep()
+    monkeypatch.setattr(paper.subprocess, "run", fake)
+    out = paper.run_sweep("s", ["trace=a", "cache.fraction=0.25,0.5"], tmp_path, 1)
+    assert json.loads((out / ".done").read_text())["overrides"] == ["trace=a", "cache.fraction=0.25,0.5"]
+    paper.run_sweep("s", ["trace=a", "cache.fraction=0.25,0.5"], tmp_path, 2)  # jobs do not change the runs
+    assert fake.calls == 1
+    with pytest.raises(AnalysisError, match=r"\.done: sweep s there was run with overrides \['trace=a', "
+                                            r"'cache.fraction=0.25,0.5'\], this grid asks for .*0.75.*; delete"):
+        paper.run_sweep("s", ["trace=a", "cache.fraction=0.25,0.5,0.75"], tmp_path, 1)
+    assert fake.calls == 1
+    (out / ".done").write_text("{trunc")
+    with pytest.raises(AnalysisError, match="not a sweep marker"):
+        paper.run_sweep("s", ["trace=a", "cache.fraction=0.25,0.5"], tmp_path, 1)
+
+
+def test_an_unfinished_sweep_is_run_again_whole(tmp_path, monkeypatch):
+    from analysis import paper
+
+    stale = tmp_path / "s" / "7" / "results.json"  # an interrupted attempt at another grid
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    monkeypatch.setattr(paper.subprocess, "run", FakeSweep())
+    paper.run_sweep("s", ["trace=a"], tmp_path, 1)
+    assert not stale.exists() and (tmp_path / "s" / "0" / "results.json").exists()
+
+
+def test_the_done_marker_is_written_atomically(tmp_path, monkeypatch):
+    """A write that dies half way leaves no marker, so the sweep is not taken for finished."""
+    from pathlib import Path
+
+    from analysis import paper
+
+    monkeypatch.setattr(paper.subprocess, "run", FakeSweep())
+    real_write = Path.write_text
+
+    def dies_half_way(self, text, *a, **kw):
+        if ".done" in self.name:
+            real_write(self, text[: len(text) // 2])
+            raise OSError("disk full")
+        return real_write(self, text, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        paper.run_sweep("s", ["trace=a"], tmp_path, 1)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["0"]
