@@ -1,6 +1,13 @@
 """One executor run from the same hydra config as the simulator: the trace's model shape scaled down by
 ``executor.scale``, experts in a packed file on disk, ``sum(cache capacity)`` RAM slots, real compute.
-Writes ``results.json`` with the simulator's keys (``run.driver = "executor"``), measured."""
+Writes ``results.json`` with the simulator's keys (``run.driver = "executor"``), measured.
+
+The bounds are the simulator's, on a model of the hardware. Belady's hit rate does not depend on time, so it is
+always reported. The perfect-foresight stalls are only honest on a model of what this run read and computed: a
+profile (``hardware=profiled``, copies and compute) of this tier taken at this run's expert size. Otherwise the
+configured preset models full-size experts on another machine (a "lower bound" 44x the measured stall was
+seen), so they are null, and ``run.hardware`` names the tier the run used (``local-<tier>``) with no modelled
+``bandwidth_gbps`` or ``copy_model``."""
 
 from __future__ import annotations
 
@@ -8,8 +15,9 @@ import os
 import time
 from pathlib import Path
 
+from sim.hardware import load_profile
 from sim.outputs import write_outputs
-from sim.run import bounds, prepare, results_dict
+from sim.run import Prepared, bounds, prepare, results_dict
 
 from .compute import LayerCompute
 from .engine import execute
@@ -46,6 +54,33 @@ def check_memory(nbytes: int, avail: int | None = None) -> None:
             f"executor: {nbytes / 2**30:.2f} GiB of expert slots do not fit in {avail / 2**30:.2f} GiB of available memory; "
             "raise executor.scale or lower cache.fraction"
         )
+
+
+ORACLE_KEYS = ("oracle_stall_s", "oracle_aggressive_stall_s", "oracle_conservative_stall_s")
+
+
+def models_this_run(hw, expert_bytes: int, tier: str) -> bool:
+    """Whether the hardware config ``hw`` models this run: copies and compute from a profile of ``tier`` taken
+    at ``expert_bytes`` per expert."""
+    if hw.get("bandwidth", {}).get("model") != "profiled" or hw.get("compute", {}).get("model") != "profiled":
+        return False
+    prof = load_profile(hw.profile_path)
+    return prof.get("expert_bytes") == expert_bytes and prof.get("tier") == tier
+
+
+def belady_bounds(p: Prepared) -> dict:
+    """Belady's MIN at the run's capacity, on demand: the time-free half of :func:`sim.run.bounds`."""
+    from policies.cache import ExpertCache
+    from policies.eviction.belady import Belady
+    from policies.horizons.fixed import FixedHorizon
+    from policies.predictors.none import NoPredictor
+    from policies.runtime import PolicyRuntime
+    from sim.bounds import ondemand_replay
+
+    cache = ExpertCache(Belady(), p.cctx)
+    hits, requests = ondemand_replay(p.steps, PolicyRuntime(cache, NoPredictor(), FixedHorizon(0), p.rcfg,
+                                                            p.test.experts, p.test.token_id))
+    return {"belady_hit_rate": hits / requests, "belady_misses_unique": cache.stats.inserts}
 
 
 def execute_config(cfg, out_dir: Path) -> dict:
@@ -92,15 +127,17 @@ def execute_config(cfg, out_dir: Path) -> dict:
         for close in closers:
             close()
     results = results_dict(p, res, layout.stride_bytes, "executor")
-    results.update(bounds(p))
     results["copy_bandwidth_bytes_per_s"] = (
         sum(r.nbytes for r in res.copy_records) / sum(r.end_s - r.start_s for r in res.copy_records)
         if res.copy_records else None
     )
-    if gpu is None:
-        results["tier"] = "disk-odirect" if reader.direct else "disk-buffered"
+    results["tier"] = ("disk-odirect" if reader.direct else "disk-buffered") if gpu is None else gpu.tier
+    if models_this_run(cfg.hardware, layout.stride_bytes, results["tier"]):
+        results.update(bounds(p))
     else:
-        results["tier"] = gpu.tier
+        results.update(belady_bounds(p), **dict.fromkeys(ORACLE_KEYS))
+        results["run"].update(hardware=f"local-{results['tier']}", bandwidth_gbps=None, copy_model=None)
+    if gpu is not None:
         results["run"]["backend"] = "cuda"
         results["run"]["device"] = gpu.device
         results["telemetry"] = gpu.telemetry_summary

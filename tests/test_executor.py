@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import ROOT, random_trace
+from conftest import ROOT, random_trace, write_profile
 from hydra import compose, initialize_config_dir
 
 from executor.profile import fit_alpha_beta
@@ -181,3 +181,42 @@ def test_validate_small_case(tmp_path):
     assert lru["hit_rate"]["real"] == lru["hit_rate"]["sim"] and lru["copies"]["error_pct"] == 0.0
     assert isinstance(v["same_ranking"], bool) and "| lru | total_s |" in (out / "validation.md").read_text()
     assert v["rounds"] == 1 and (out / "round-0" / "profile.json").exists() and lru["total_s"]["real_spread_pct"] == 0.0
+
+
+def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
+    """A preset models full-size experts on another machine: its perfect-foresight stall is no bound of this run,
+    so it is null and the run is labelled with the tier it used. A profile of this tier at this expert size
+    gives the simulator's bounds."""
+    tr = random_trace(tokens=60, layers=2, experts=8, top_k=2, sequences=2, seed=1)
+    tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
+    path = write_trace(tr, tmp_path / "t.parquet")
+    ov = [f"trace.path={path}", "executor.scale=2", f"executor.tier_dir={tmp_path / 'tier'}", "bounds.cache_dir=null"]
+    from executor.run import execute_config
+    from sim.run import simulate
+
+    preset = execute_config(compose_cfg(ov), tmp_path / "a100")
+    on_disk = json.loads((tmp_path / "a100" / "results.json").read_text())
+    for res in (preset, on_disk):
+        assert res["oracle_stall_s"] is None and res["oracle_aggressive_stall_s"] is None
+        assert res["oracle_conservative_stall_s"] is None
+        assert res["run"]["hardware"] == f"local-{res['tier']}" != "a100-pcie4"
+        assert res["run"]["bandwidth_gbps"] is None and res["run"]["copy_model"] is None
+    sim = simulate(compose_cfg(ov), tmp_path / "sim")
+    assert (preset["belady_hit_rate"], preset["belady_misses_unique"]) == (sim["belady_hit_rate"], sim["belady_misses_unique"])
+
+    def profile(expert_bytes, tier):
+        prof = json.loads(write_profile(tmp_path, None).read_text())
+        prof.update(expert_bytes=expert_bytes, tier=tier)
+        p = tmp_path / f"prof-{expert_bytes}-{tier}.json"
+        p.write_text(json.dumps(prof))
+        return ["hardware=profiled", f"hardware.profile_path={p}"]
+
+    ours = profile(preset["run"]["expert_bytes"], preset["tier"])
+    real = execute_config(compose_cfg([*ov, *ours]), tmp_path / "prof")
+    sim = simulate(compose_cfg([*ov, *ours]), tmp_path / "sim-prof")
+    assert real["run"]["hardware"] == "profiled" and real["run"]["bandwidth_gbps"] == sim["run"]["bandwidth_gbps"]
+    for k in ("oracle_stall_s", "oracle_aggressive_stall_s", "belady_hit_rate"):
+        assert real[k] == sim[k] is not None, k
+    for other in (profile(4096 * 1000, preset["tier"]), profile(preset["run"]["expert_bytes"], "host-pinned")):
+        res = execute_config(compose_cfg([*ov, *other]), tmp_path / "other")
+        assert res["oracle_stall_s"] is None and res["run"]["hardware"].startswith("local-")
