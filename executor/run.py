@@ -83,12 +83,28 @@ def belady_bounds(p: Prepared) -> dict:
     return {"belady_hit_rate": hits / requests, "belady_misses_unique": cache.stats.inserts}
 
 
-def execute_config(cfg, out_dir: Path) -> dict:
-    wall0 = time.perf_counter()
-    ex = cfg.executor
+ODIRECT = {"auto": None, "on": True, "off": False}
+
+
+def check_executor_config(ex) -> None:
+    """The ``executor.*`` values, checked before any work (the expert file is written before they are used)."""
     backend = str(ex.get("backend", "cpu"))
     if backend not in ("cpu", "cuda"):
         raise TierError(f"executor.backend: expected cpu or cuda, got {backend!r}")
+    odirect = str(ex.get("odirect", "auto"))
+    if odirect not in ODIRECT:
+        raise TierError(f"executor.odirect: expected one of {list(ODIRECT)}, got {odirect!r}")
+    for key, default in (("scale", 8), ("io_threads", 2), ("compute_threads", 1)):
+        v = ex.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise TierError(f"executor.{key}: expected an integer >= 1, got {v!r}")
+
+
+def execute_config(cfg, out_dir: Path) -> dict:
+    wall0 = time.perf_counter()
+    ex = cfg.executor
+    check_executor_config(ex)
+    backend = str(ex.get("backend", "cpu"))
     if backend == "cuda":  # stop before any work on a machine without a GPU
         from .cuda_backend import require_cuda
 
@@ -115,7 +131,7 @@ def execute_config(cfg, out_dir: Path) -> dict:
     else:
         check_memory(n_slots * layout.stride_bytes)
         buf = aligned_buffer(n_slots * layout.stride_bytes)
-        odirect = {"auto": None, "on": True, "off": False}[str(ex.get("odirect", "auto"))]
+        odirect = ODIRECT[str(ex.get("odirect", "auto"))]
         reader = ExpertReader(path, direct=odirect)
         transfer = TransferEngine(reader, memoryview(buf), int(ex.io_threads))
         compute = LayerCompute(layout, memoryview(buf), int(cfg.seed), int(ex.get("compute_threads", 1)))

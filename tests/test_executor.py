@@ -220,3 +220,19 @@ def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
     for other in (profile(4096 * 1000, preset["tier"]), profile(preset["run"]["expert_bytes"], "host-pinned")):
         res = execute_config(compose_cfg([*ov, *other]), tmp_path / "other")
         assert res["oracle_stall_s"] is None and res["run"]["hardware"].startswith("local-")
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("executor.odirect=foo", "error: executor.odirect: expected one of ['auto', 'on', 'off'], got 'foo'"),
+    ("executor.io_threads=0", "error: executor.io_threads: expected an integer >= 1, got 0"),
+    ("executor.compute_threads=x", "error: executor.compute_threads: expected an integer >= 1, got 'x'"),
+    ("executor.scale=1.5", "error: executor.scale: expected an integer >= 1, got 1.5"),
+])
+def test_bad_executor_values_stop_before_any_work(tmp_path, override, msg):
+    tr = random_trace(tokens=30, layers=2, experts=8, top_k=2, sequences=2, seed=1)
+    path = write_trace(tr, tmp_path / "t.parquet")
+    proc = subprocess.run([sys.executable, "-m", "executor", f"trace.path={path}", override,
+                           f"hydra.run.dir={tmp_path / 'run'}", f"executor.tier_dir={tmp_path / 'tier'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == msg, proc.stderr[-2000:]
+    assert not (tmp_path / "tier").exists() and not (tmp_path / "run" / "results.json").exists()
