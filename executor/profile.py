@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces import read_trace
+from traces import TraceError, read_trace
 from traces.io import atomic_path
 from traces.presets import get_preset
 
@@ -241,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--output", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
+        for flag, v in (("--scale", args.scale), ("--repeats", args.repeats), ("--io-threads", args.io_threads)):
+            if v < 1:
+                raise TierError(f"{flag}: expected an integer >= 1, got {v}")
         prof = profile(args)
-    except TierError as exc:
+    except (TierError, TraceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with atomic_path(args.output) as tmp:

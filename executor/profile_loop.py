@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from traces.io import atomic_path
@@ -92,6 +93,23 @@ def measure_loop_overhead(overrides: list[str], main_thread_copy_s: float = 0.0,
             "overrides": overrides}
 
 
+def profile_copy_cost(path: Path) -> float:
+    """The profile's main-thread seconds per copy (``copy.main_thread_s``; 0 in profiles older than it)."""
+    try:
+        prof = json.loads(path.read_text())
+    except OSError as exc:
+        raise TierError(f"--profile {path}: cannot read it ({exc.strerror})") from exc
+    except ValueError as exc:  # not JSON, or not even text
+        raise TierError(f"--profile {path}: not valid JSON ({exc})") from exc
+    copy = prof.get("copy") if isinstance(prof, dict) else None
+    if not isinstance(copy, dict):
+        raise TierError(f"--profile {path}: field 'copy': expected an object (make one with `python -m executor profile`)")
+    mt = copy.get("main_thread_s", 0.0)
+    if isinstance(mt, bool) or not isinstance(mt, (int, float)) or mt < 0:
+        raise TierError(f"--profile {path}: field 'copy.main_thread_s': expected a number >= 0, got {mt!r}")
+    return float(mt)
+
+
 def loop_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m executor profile loop",
                                  description="per-layer cost of a policy's decision loop (see python -m executor profile -h)")
@@ -100,10 +118,18 @@ def loop_main(argv: list[str]) -> int:
     ap.add_argument("-o", "--output", type=Path, required=True)
     ap.add_argument("overrides", nargs="*", help="hydra overrides: trace, cache, predictor, horizon, ...")
     args = ap.parse_args(argv)
-    mt = 0.0
-    if args.profile:
-        mt = float(json.loads(args.profile.read_text())["copy"].get("main_thread_s", 0.0))
-    out = measure_loop_overhead(args.overrides, mt, args.repeats)
+    from hydra.errors import HydraException
+
+    from sim.__main__ import known_errors
+
+    try:
+        if args.repeats < 1:
+            raise TierError(f"--repeats: expected an integer >= 1, got {args.repeats}")
+        mt = profile_copy_cost(args.profile) if args.profile else 0.0
+        out = measure_loop_overhead(args.overrides, mt, args.repeats)
+    except (*known_errors(), TierError, HydraException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.output}: loop {out['loop_s_per_layer_step'] * 1e6:.1f} us/layer-step, "

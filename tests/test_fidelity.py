@@ -156,3 +156,34 @@ def test_engine_phases_are_instrumentation_only(tmp_path):
     assert ph["layer_steps"] == len(p.steps) * 3 and ph["expert_runs"] == sum(len(u) for u in p.uses)
     parts = sum(v for k, v in ph.items() if k not in ("layer_steps", "expert_runs"))
     assert 0 < parts <= b.total_s
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model-preset", "nope"], "error: --model-preset: unknown preset 'nope'; expected one of ["),
+    (["--trace", "/nonexist.parquet"], "error: /nonexist.parquet: no such trace file"),
+    (["--model-preset", "olmoe-1b-7b", "--repeats", "0"], "error: --repeats: expected an integer >= 1, got 0"),
+])
+def test_profile_bad_input_is_a_one_line_error(tmp_path, capsys, args, msg):
+    from executor.profile import main
+
+    assert main([*args, "--tier-dir", str(tmp_path / "tier"), "-o", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(msg) and err.count("\n") == 1, err
+    assert not (tmp_path / "tier").exists() and not (tmp_path / "p.json").exists()
+
+
+def test_loop_bad_profile_is_a_one_line_error(tmp_path, capsys):
+    from executor.profile import main
+
+    bad_json, no_copy = tmp_path / "bad.json", tmp_path / "nocopy.json"
+    bad_json.write_bytes(b"\xb5not json")
+    no_copy.write_text(json.dumps({"schema": "expertflow.hwprofile/1"}))
+    out = tmp_path / "loop.json"
+    for prof, msg in ((tmp_path / "nonexist.json", "cannot read it (No such file or directory)"),
+                      (bad_json, "not valid JSON"), (no_copy, "field 'copy': expected an object")):
+        assert main(["loop", "--profile", str(prof), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --profile {prof}: {msg}") and err.count("\n") == 1, err
+    assert main(["loop", "-o", str(out), "trace.path=/nonexist.parquet"]) == 2
+    assert capsys.readouterr().err == "error: trace.path: no such trace file /nonexist.parquet\n"
+    assert not out.exists()
