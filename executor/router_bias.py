@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,10 @@ from policies.base import CacheContext
 from policies.cache import ExpertCache, partitions_for
 from policies.eviction.lru import LRU
 from traces.io import atomic_path
+
+
+class RouterBiasError(ValueError):
+    """A setting or input router-bias cannot measure with; the CLI prints it on one line and exits with code 2."""
 
 
 class BiasedRouting:
@@ -39,11 +45,11 @@ class BiasedRouting:
         self.routers = [r for _, r in find_routers(model)]
         for r in self.routers:
             if not (hasattr(r, "weight") and hasattr(r, "top_k")):
-                raise ValueError(f"router-bias: {type(r).__name__} is not a softmax-top-k router (needs .weight, .top_k)")
+                raise RouterBiasError(f"router-bias: {type(r).__name__} is not a softmax-top-k router (needs .weight, .top_k)")
             if not getattr(r, "norm_topk_prob", True):  # we renormalise the top-k weights, as Mixtral's router does
-                raise ValueError(f"router-bias: {type(r).__name__} does not renormalise its top-k weights; not supported")
+                raise RouterBiasError(f"router-bias: {type(r).__name__} does not renormalise its top-k weights; not supported")
             if slots < r.top_k:
-                raise ValueError(f"router-bias: --slots {slots} is below the router's top-k {r.top_k}")
+                raise RouterBiasError(f"router-bias: --slots {slots} is below the router's top-k {r.top_k}")
         self.bias, self._F = float(bias), F
         E = [int(r.weight.shape[0]) for r in self.routers]
         self.offsets = np.concatenate([[0], np.cumsum(E)[:-1]])
@@ -106,7 +112,7 @@ def sequences_of(trace, max_tokens: int | None) -> list[list[int]]:
     for s in dict.fromkeys(trace.seq_id.tolist()):
         ids = [int(t) for t in trace.token_id[trace.seq_id == s]]
         if min(ids) < 0:
-            raise ValueError(f"router-bias: {trace.meta.model}: sequence {s} has no token ids")
+            raise RouterBiasError(f"router-bias: {trace.meta.model}: sequence {s} has no token ids")
         if max_tokens is not None and n + len(ids) > max_tokens:
             ids = ids[: max_tokens - n]
         if len(ids) > 1:
@@ -150,16 +156,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="replay at most this many tokens")
     ap.add_argument("--out", type=Path, help="write router_bias.json here")
     args = ap.parse_args(argv)
+    from traces import TraceError
+
+    try:
+        return _run(args)
+    except (RouterBiasError, TraceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def parse_biases(text: str) -> list[float]:
+    out = []
+    for b in text.split(","):
+        try:
+            out.append(float(b))
+        except ValueError:
+            out.append(math.nan)
+        if not math.isfinite(out[-1]):
+            raise RouterBiasError(f"--bias: {b.strip()!r} is not a finite number; expected a comma list of "
+                                  "numbers, e.g. 0,0.5,1")
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Every argument and the trace are checked before the model is loaded."""
+    biases = parse_biases(args.bias)
+    if args.slots < 1:
+        raise RouterBiasError(f"--slots: expected an integer >= 1, got {args.slots}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise RouterBiasError(f"--max-tokens: expected an integer >= 2 (one prediction needs two tokens), got {args.max_tokens}")
+    if not args.model.is_dir():
+        raise RouterBiasError(f"--model {args.model}: not a model directory")
+    from traces import read_trace
+
+    seqs = sequences_of(read_trace(args.trace), args.max_tokens)
+    if not seqs:
+        raise RouterBiasError(f"--trace {args.trace}: no sequence of two or more tokens to replay")
     import torch
     from transformers import AutoModelForCausalLM
 
-    from traces import read_trace
-
-    if not args.model.is_dir():
-        ap.error(f"--model {args.model}: not a model directory")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    rows = measure(model, sequences_of(read_trace(args.trace), args.max_tokens),
-                   [float(b) for b in args.bias.split(",")], args.slots)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:  # no config / weights, or a model type transformers does not know
+        raise RouterBiasError(f"--model {args.model}: cannot load it ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from exc
+    rows = measure(model, seqs, biases, args.slots)
     print(f"{'bias':>6} {'hit rate':>9} {'perplexity':>11} {'agreement':>10}")
     for r in rows:
         print(f"{r['bias']:>6g} {r['hit_rate']:>9.3f} {r['perplexity']:>11.3f} {r['token_agreement']:>10.3f}")

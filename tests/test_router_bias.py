@@ -55,9 +55,25 @@ def test_cli_writes_results_and_rejects_bad_model(tmp_path, capsys):
                  "--slots", "2", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "router_bias.json").read_text())
     assert [r["bias"] for r in doc["rows"]] == [0.0, 2.0]
-    with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path / "nope"), "--trace", str(TEST)])
-    assert "not a model directory" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "nope"), "--trace", str(TEST)]) == 2
+    assert capsys.readouterr().err == f"error: --model {tmp_path / 'nope'}: not a model directory\n"
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--trace", "/nonexist.parquet"], "error: /nonexist.parquet: no such trace file"),
+    (["--bias", "0,x"], "error: --bias: 'x' is not a finite number; expected a comma list of numbers"),
+    (["--bias", "0,nan"], "error: --bias: 'nan' is not a finite number"),
+    (["--slots", "0"], "error: --slots: expected an integer >= 1, got 0"),
+    (["--max-tokens", "1"], "error: --max-tokens: expected an integer >= 2"),
+    (["--slots", "1"], "error: router-bias: --slots 1 is below the router's top-k 2"),  # after loading the model
+])
+def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, args, msg):
+    argv = ["--model", str(MODEL), "--trace", str(TEST), "--max-tokens", "40", "--out", str(tmp_path / "o"), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # the model's loading progress may come first
+    assert err.splitlines()[-1].startswith(msg) and err.count("error") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_unsupported_settings_are_refused(model):
