@@ -22,7 +22,6 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m sim +experiment=demo
 	$(PY) -m analysis report multirun/demo
-	@echo "report: multirun/demo/report/report.html (and report.md)"
 
 test: venv
 	$(PY) -m ruff check .
