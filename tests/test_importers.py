@@ -62,6 +62,16 @@ def test_real_raw_file_prefill_and_decode_alignment(shared_traces, tmp_path, cap
     assert (tr2.phase == 1).sum() == 77 and (tr2.phase == 0).sum() == 59
 
 
+def test_output_that_is_a_directory(tmp_path, capsys):
+    tr = random_trace(tokens=10, layers=4, experts=8, top_k=2, sequences=1)
+    np.save(tmp_path / "e.npy", tr.experts.astype(np.int32))
+    (tmp_path / "out").mkdir()
+    assert run([tmp_path / "e.npy", "--format", "npy", "-o", tmp_path / "out", *META]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out: is a directory; expected the path of a trace file" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_npy_round_trip(tmp_path):
     tr = random_trace(tokens=50, layers=4, experts=8, top_k=2, sequences=2)
     np.save(tmp_path / "e.npy", tr.experts.astype(np.int32))

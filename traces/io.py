@@ -86,6 +86,8 @@ def trace_to_table(trace: Trace) -> pa.Table:
 
 def write_trace(trace: Trace, path: str | Path) -> Path:
     """Validate and write ``trace`` to ``path`` atomically. Returns the path."""
+    if Path(path).is_dir():
+        raise TraceError(f"{path}: is a directory; expected the path of a trace file to write (e.g. OUT.parquet)")
     check_trace(trace, where=str(path))
     with atomic_path(path) as tmp:
         pq.write_table(trace_to_table(trace), tmp, compression="zstd")
