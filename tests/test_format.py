@@ -94,6 +94,28 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_atomic_path_writes_a_temp_file_and_renames_it_only_on_success(tmp_path):
+    from traces.io import atomic_path
+
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == tmp_path
+        tmp.write_text("half")
+        assert not target.exists()  # nothing at the target while the block runs
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []  # no target, no temp file left
+    with atomic_path(target) as tmp:
+        assert tmp != target
+        tmp.write_text("whole")
+        assert not target.exists()
+    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_path(target) as tmp:
+        tmp.write_text("new")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]  # an old file is kept whole
+
+
 def _with_sidecar(tmp_path, tokens=20):
     from traces.sidecar import write_hidden
 
