@@ -31,15 +31,24 @@ def test_routing_is_what_the_router_computed(arch, tmp_path):
         np.testing.assert_allclose(w.float().numpy(), tr.weights[:, layer], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_after_interruption_gives_the_same_trace(tmp_path):
+def test_resume_after_interruption_gives_the_same_trace(tmp_path, monkeypatch):
+    import traces.collect as tc
+
     model = tiny_model("mixtral", seed=2)
     ids = byte_tokens(PROMPTS + ["class Cache:", "return None"], model.config.vocab_size)
     whole = collect(model, ids, tmp_path / "whole.parquet", 3, batch_size=2, hidden=True)
     with pytest.raises(RuntimeError, match="injected failure"):
         collect(model, ids, tmp_path / "r.parquet", 3, batch_size=2, hidden=True, fail_after=1)
     assert not (tmp_path / "r.parquet").exists()
-    assert len(list((tmp_path / "r.parquet.shards").glob("shard-*.parquet"))) == 1
+    shards = tmp_path / "r.parquet.shards"
+    (done,) = shards.glob("shard-*.parquet")
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (done, tc.sidecar_path(done))}
+    batches = []  # the first prompt of every batch the resumed run generates
+    real_batch = tc.collect_batch
+    monkeypatch.setattr(tc, "collect_batch", lambda *a: batches.append(a[4]) or real_batch(*a))
     resumed = collect(model, ids, tmp_path / "r.parquet", 3, batch_size=2, hidden=True)
+    assert batches == [2, 4]  # the finished batch (prompts 0-1) is not generated again ...
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (done, tc.sidecar_path(done))} == before  # nor rewritten
     for name in ("experts", "weights", "seq_id", "position", "phase", "token_id"):
         np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name), err_msg=name)
     np.testing.assert_array_equal(read_trace(tmp_path / "r.parquet").hidden_states(), whole.hidden_states())
