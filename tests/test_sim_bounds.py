@@ -89,7 +89,11 @@ def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatc
     from test_sim import run_sim
 
     import sim.bounds_cache as bc
+    import sim.run as sr
 
+    computed = []  # one entry per fresh computation of the bounds
+    real_compute = sr.compute_bounds
+    monkeypatch.setattr(sr, "compute_bounds", lambda p: computed.append(1) or real_compute(p))
     cache = tmp_path / "bounds"
     tr = random_trace(tokens=60, layers=3, experts=8, top_k=2, sequences=3, seed=2)
     keys = ("belady_hit_rate", "belady_misses_unique", "oracle_stall_s", "oracle_aggressive_stall_s",
@@ -100,16 +104,20 @@ def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatc
         return {k: res[k] for k in keys}
 
     fresh = run("bounds.cache_dir=null", "cache=lru")
-    assert not cache.exists()
-    assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 1
+    assert not cache.exists() and len(computed) == 1
+    assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 1 and len(computed) == 2
     assert run("cache=lfru", "predictor=transition") == fresh and len(list(cache.glob("*.json"))) == 1
+    assert len(computed) == 2  # read from the cache, not computed again
     other = run("cache.slots=5")
-    assert other != fresh and len(list(cache.glob("*.json"))) == 2
+    assert other != fresh and len(list(cache.glob("*.json"))) == 2 and len(computed) == 3
     (f,) = [f for f in cache.glob("*.json") if json.loads(f.read_text())["oracle_stall_s"] == fresh["oracle_stall_s"]]
+    f.write_text(json.dumps({**fresh, "oracle_stall_s": 1234.5}))  # a planted value is what a run reports
+    assert run("cache=lfu") == {**fresh, "oracle_stall_s": 1234.5} and len(computed) == 3
     f.write_text("{not json")
     assert run("cache=lru") == fresh and json.loads(f.read_text())["oracle_stall_s"] == fresh["oracle_stall_s"]
+    assert len(computed) == 4
     monkeypatch.setattr(bc, "code_digest", lambda: "edited code")
-    assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 3
+    assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 3 and len(computed) == 5
 
 
 def test_an_unwritable_bounds_cache_only_warns(tmp_path, caplog):
