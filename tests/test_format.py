@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -188,6 +190,8 @@ BAD_TABLES = [
     (lambda t: t.replace_schema_metadata({b"expertflow": b"[1, 2]"}), r"metadata is list \[1, 2\], expected a JSON object"),
     (lambda t: t.replace_schema_metadata({b"expertflow": b"\xff\xfe"}), r"metadata is not valid JSON"),
     (lambda t: t.slice(0, 0), r"no rows, expected at least one token"),
+    (lambda t: t.take([0, 1, 2, 3, 4, 6, 5, *range(7, t.num_rows)]),  # token 1's layers 1 and 2 swapped
+     r"row 5: field 'layer' = 2, expected 1 \(rows grouped by token\)"),
 ]
 
 
@@ -198,6 +202,35 @@ def test_bad_columns_and_metadata_are_named(tmp_path, mutate, message):
     pq.write_table(mutate(pq.read_table(out)), bad)
     with pytest.raises(TraceError, match=rf"bad\.parquet: .*{message}"):
         read_trace(bad)
+
+
+BAD_CONTENT = {
+    "duplicate": (lambda tr: tr.experts.__setitem__((3, 1), [5, 5]),
+                  r"token 3 layer 1: field 'experts' = \[5, 5\] repeats an expert; expected distinct experts"),
+    "nan": (lambda tr: tr.weights.__setitem__((4, 2, 1), np.nan),
+            r"token 4 layer 2 rank 1: field 'weights' is nan, expected a finite number"),
+    "phase": (lambda tr: tr.phase.__setitem__(6, 2), r"field 'phase' must be 0 \(prefill\) or 1 \(decode\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONTENT))
+def test_bad_content_is_refused_by_the_writer_and_the_reader(tmp_path, capsys, case):
+    """A repeated expert in a token's top-k, a NaN gate weight, a phase other than 0/1: the writer writes
+    nothing, and a file that has one anyway (written around the writer) is refused by the reader."""
+    from traces.__main__ import main
+    from traces.io import trace_to_table
+
+    damage, message = BAD_CONTENT[case]
+    tr = random_trace(tokens=10, layers=4, experts=8, top_k=2)
+    damage(tr)
+    with pytest.raises(TraceError, match=rf"bad\.parquet: {message}"):
+        write_trace(tr, tmp_path / "bad.parquet")
+    assert list(tmp_path.iterdir()) == []
+    pq.write_table(trace_to_table(tr), tmp_path / "bad.parquet")
+    with pytest.raises(TraceError, match=rf"bad\.parquet: {message}"):
+        read_trace(tmp_path / "bad.parquet")
+    assert main(["stats", str(tmp_path / "bad.parquet")]) == 2  # nothing written beside it either
+    assert re.search(message, capsys.readouterr().err) and [p.name for p in tmp_path.iterdir()] == ["bad.parquet"]
 
 
 def test_stats_on_an_empty_trace_is_a_one_line_error(tmp_path, capsys):
