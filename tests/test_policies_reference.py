@@ -75,15 +75,27 @@ def drive(policy, experts, num_experts, scope, capacity, popularity=None) -> tup
     return outcomes, cache
 
 
+def by_victim(policy):
+    """``policy`` made to pick victims through ``victim`` (the candidate set) instead of ``victim_skipping``:
+    ExpertCache prefers the latter when the policy's class has it, so ``victim`` would go untested."""
+    policy.__class__ = type(f"{type(policy).__name__}ByVictim", (type(policy),), {"victim_skipping": None})
+    return policy
+
+
 def check_against_reference(name, seed, scope, cap, **params):
     tr = random_trace(tokens=60, layers=3, experts=6, top_k=2, seed=seed)
     ne = tr.meta.num_experts
     pop = np.bincount(random_trace(tokens=80, layers=3, experts=6, seed=seed + 1000).flat_ids().ravel(),
                       minlength=tr.meta.total_experts).astype(float)
     capacity = [cap] * len(ne) if scope == "per_layer" else [cap]
-    got, _ = drive(make_policy(name, **params), tr.experts, ne, scope, capacity, pop)
     want = ref_replay(name, tr.experts, ne, scope, capacity, pop, **params)
+    got, cache = drive(make_policy(name, **params), tr.experts, ne, scope, capacity, pop)
     assert got == want, f"{name} seed={seed} scope={scope} cap={cap}: first difference at use {_first_diff(got, want)}"
+    if cache._skipping:  # the same run through ``victim``, hit for hit
+        plain, cache = drive(by_victim(make_policy(name, **params)), tr.experts, ne, scope, capacity, pop)
+        assert not cache._skipping
+        assert plain == want, (f"{name}.victim seed={seed} scope={scope} cap={cap}: first difference at use "
+                               f"{_first_diff(plain, want)}")
     return got
 
 
