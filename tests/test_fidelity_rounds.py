@@ -144,9 +144,33 @@ def test_compare_takes_medians_over_rounds_and_reports_the_real_spread(tmp_path)
     # ranked by median total: lfru (2.2 real, 2.5 sim) before lru; the outlier round (5.0) does not decide it
     assert v["ranking_real"] == ["lru", "lfru"][::-1] and v["same_ranking"] is True and v["rounds"] == 3
     assert v["timing_free_decisions_identical"] is True
-    assert 0 <= v["errors_within_real_spread"] <= v["time_rows"] == 8
+    assert v["ranking_sim"] == ["lfru", "lru"]
+    # the 8 time rows (total, stall, p50 = total/10, p90 = total/5 of both policies), by hand:
+    # |error| %: lru 5.71 (total, p50, p90), 37.5 (stall: 1.1 vs 0.8); lfru 13.6 (0.3 / 2.2), 0 (stall)
+    # real spread %: lru 28.6, 62.5 (stall: 0.5 / 0.8); lfru 136.4 (3.0 / 2.2), 40 (stall: 0.2 / 0.5)
+    assert v["time_rows"] == 8 and v["errors_within_real_spread"] == 8
+    assert v["median_abs_time_error_pct"] == pytest.approx((0.2 / 3.5 + 0.3 / 2.2) / 2 * 100)
+    assert v["max_abs_time_error_pct"] == pytest.approx(37.5)
+    assert v["median_real_spread_pct"] == pytest.approx((40 + 62.5) / 2)
     md = to_markdown(v)
     assert "3 round(s)" in md and "| lru | total_s | 3.5 | 3.3 | -5.7 | 28.6 |" in md
+
+
+def test_compare_counts_time_errors_beyond_the_real_spread(tmp_path):
+    """|error| against the spread: lru's stall is under-predicted by more than its rounds vary, the rest is
+    within; the simulator ranks the policies the other way round."""
+    real = {"lru": [(2.0, 1.0), (2.5, 0.5), (3.0, 0.8)], "lfru": [(2.2, 0.5)] * 3}
+    sim = {"lru": [(2.0, 0.2)] * 3, "lfru": [(2.2, 0.5)] * 3}
+    for r in range(3):
+        for pol in real:
+            write_run(tmp_path / f"round-{r}" / "executor", pol, *real[pol][r])
+            write_run(tmp_path / f"round-{r}" / "sim", pol, *sim[pol][r])
+    v = compare(tmp_path)
+    # lru: total, p50, p90 -20% within a 40% spread; stall -75% beyond 62.5%. lfru: all exact, spread 0
+    assert v["time_rows"] == 8 and v["errors_within_real_spread"] == 7
+    assert v["median_abs_time_error_pct"] == pytest.approx(10.0) and v["max_abs_time_error_pct"] == pytest.approx(75.0)
+    assert v["median_real_spread_pct"] == pytest.approx(20.0)
+    assert v["ranking_real"] == ["lfru", "lru"] and v["ranking_sim"] == ["lru", "lfru"] and v["same_ranking"] is False
 
 
 def test_compare_flags_different_decisions_in_any_round(tmp_path):
