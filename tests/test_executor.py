@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -41,24 +42,42 @@ def test_store_round_trip_and_alignment(store):
     r.close()
 
 
-def test_buffered_fallback_warns(store, tmp_path):
+def refuse_odirect(monkeypatch):
+    """Make every open with O_DIRECT fail as a filesystem without it does (EINVAL); other opens are real."""
+    import errno
+
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_buffered_fallback_warns(store, monkeypatch):
     r = ExpertReader(store, direct=False)
     assert not r.direct
     r.close()
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.statvfs(shm):
-        p = write_store(os.path.join(shm, f"ef-test-{os.getpid()}.experts"), LAYOUT)
-        try:
-            with warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                r2 = ExpertReader(p)
-            if not r2.direct:  # tmpfs refuses O_DIRECT: the warning names the file
-                assert any(str(p) in str(x.message) and "O_DIRECT" in str(x.message) for x in w)
-            buf = aligned_buffer(LAYOUT.stride_bytes)
-            assert r2.read_into(0, memoryview(buf)) == LAYOUT.stride_bytes
-            r2.close()
-        finally:
-            os.unlink(p)
+    if not hasattr(os, "O_DIRECT"):
+        pytest.fail("this platform has no O_DIRECT; the executor's tier is for Linux")
+    refuse_odirect(monkeypatch)
+    with pytest.warns(RuntimeWarning) as w:
+        r2 = ExpertReader(store)  # auto: the refusal is a warning naming the file, then buffered reads
+    (msg,) = [str(x.message) for x in w]
+    assert msg.startswith(f"{store}: the filesystem refuses O_DIRECT (Invalid argument); falling back to buffered")
+    assert not r2.direct
+    buf = aligned_buffer(LAYOUT.stride_bytes)
+    assert r2.read_into(5, memoryview(buf)) == LAYOUT.stride_bytes
+    r2.close()
+    with open(store, "rb") as f:
+        f.seek(HEADER_BYTES + 5 * LAYOUT.stride_bytes)
+        assert bytes(buf[: LAYOUT.expert_bytes]) == f.read(LAYOUT.expert_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # forced on: an error, not a warning and a fallback
+        with pytest.raises(TierError, match=rf"{re.escape(str(store))}: O_DIRECT refused \(\[Errno 22\] Invalid argument"):
+            ExpertReader(store, direct=True)
 
 
 def test_short_and_foreign_files(store, tmp_path):
