@@ -159,6 +159,97 @@ def test_executor_makes_the_simulators_decisions(tmp_path, cache):
     assert (tmp_path / "ex" / "results.json").exists() and (tmp_path / "ex" / "per_layer.parquet").exists()
 
 
+class CopiesOnlyWhenWaited:
+    """A deterministic stand-in for TransferEngine that starts no copy by itself: a copy runs (and lands at
+    once) only when the loop waits for it. So no prefetch starts before its target layer-step, and one whose
+    key that layer does not use is still queued there: the loop must cancel it. ``now`` is the layer-step
+    (counted by the fake compute's dense calls)."""
+
+    def __init__(self):
+        self.now, self.seq = -1, 0
+        self.queued: dict[int, tuple[int, int]] = {}  # key -> (priority, seq)
+        self.prefetches: list[tuple[int, int]] = []  # (target layer-step, key) of every prefetch submitted
+        self.cancelled: list[tuple[int, int]] = []  # (layer-step, key)
+        self.submitted = self.copies_started = self.bytes_started = 0
+        self.records: list = []
+        self._landed: list[int] = []
+        self.done: set[int] = set()
+
+    def submit(self, key, slot, priority):
+        self.done.discard(key)
+        self.seq += 1
+        self.submitted += 1
+        self.queued[key] = (priority, self.seq)
+        if priority:  # the loop queues a prefetch at priority 1 + target - now
+            self.prefetches.append((self.now + priority - 1, key))
+
+    def upgrade(self, key):
+        if key in self.queued:
+            self.queued[key] = (0, self.queued[key][1])
+
+    def cancel(self, key):
+        if self.queued.pop(key, None) is None:
+            return False
+        self.cancelled.append((self.now, key))
+        return True
+
+    def _land(self, key):
+        del self.queued[key]
+        self.done.add(key)
+        self.copies_started += 1
+        self.bytes_started += 1
+        self._landed.append(key)
+
+    def wait(self, key):
+        if key in self.queued:
+            self._land(key)
+        assert key in self.done, f"wait for expert {key}: no copy of it is queued"  # as TransferEngine.wait
+        return 0.0
+
+    def wait_any(self):
+        assert self.queued, "wait for any copy: none is queued"
+        self._land(min(self.queued, key=self.queued.get))  # the copy a single I/O thread would take next
+        return 0.0
+
+    def landed(self):
+        out, self._landed = self._landed, []
+        return out
+
+    def bandwidth_bytes_per_s(self):
+        return 1e9
+
+
+class CountingCompute:
+    def __init__(self, transfer):
+        self.transfer = transfer
+
+    def run_dense(self, ntok):
+        self.transfer.now += 1  # one dense call per layer-step
+
+    def run_expert(self, slot, uses):
+        pass
+
+
+def test_prefetches_still_queued_at_their_target_are_cancelled(tmp_path):
+    from executor.engine import execute
+    from sim.run import prepare
+
+    tr = random_trace(tokens=60, layers=3, experts=8, top_k=2, sequences=3, seed=3)
+    path = write_trace(tr, tmp_path / "t.parquet")
+    p = prepare(compose_cfg([f"trace.path={path}", "trace.name=t", "cache=lru", "predictor=transition",
+                             "horizon=fixed", "horizon.distance=2", "cache.fraction=0.5"]))
+    fake = CopiesOnlyWhenWaited()
+    res = execute(p.steps, p.runtime, fake, CountingCompute(fake), p.meta.num_layers, p.uses)
+    assert fake.now == len(p.steps) * 3 - 1
+    # exactly the prefetches whose key their target layer-step does not use are cancelled, at that step
+    mispredicted = [(target, k) for target, k in fake.prefetches if k not in p.uses[target]]
+    assert fake.cancelled and sorted(fake.cancelled) == sorted(mispredicted)
+    # the rest were used (waited for, landed); every copy not cancelled ran; the cancelled are not issued
+    issued = len(fake.prefetches) - len(fake.cancelled)
+    assert p.runtime.prefetch_issued == issued == p.runtime.cache.stats.prefetch_used > 0
+    assert not fake.queued and res.copies == fake.copies_started == fake.submitted - len(fake.cancelled)
+
+
 def test_profile_writes_what_the_simulator_reads(tmp_path):
     out = tmp_path / "prof.json"
     proc = subprocess.run([sys.executable, "-m", "executor", "profile", "--model-preset", "olmoe-1b-7b", "--scale", "16",
