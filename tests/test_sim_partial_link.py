@@ -4,6 +4,7 @@ profile, and bad values rejected."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,8 @@ def test_profile_fit_clamps_speedup_and_needs_the_pair(tmp_path):
         assert copy.pair_speedup == used
     with pytest.raises(HardwareConfigError, match="sharing=partial needs copy.replay.pair_speedup"):
         build_models(hw(write_profile(tmp_path, None), "partial"), META)
-    with pytest.raises(HardwareConfigError, match="auto|shared|partial|independent"):
+    with pytest.raises(HardwareConfigError, match=re.escape(
+            "hardware.bandwidth.sharing: expected auto|shared|partial|independent, got 'halfway'")):
         build_models(hw(write_profile(tmp_path, rep), "halfway"), META)
 
 
