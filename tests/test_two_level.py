@@ -87,5 +87,9 @@ def test_low_tier_goes_first():
         p.on_hit(k, now)
     # at now=10 with a window of 2 layer-steps: only 3 is high priority; 1 is used more than 2, so 2 goes
     assert p.victim(0, {1, 2, 3}, 10) == 2
-    # if every candidate is recent, the least recently touched goes
-    assert p.victim(0, {3}, 10) == 3
+    # if every candidate is recent, the least recently touched goes: 6 (last touched before 5 and 4), although
+    # it is the most used, not the lowest key, and touched at the same layer-step as 3
+    for k, now in [(6, 9), (6, 9), (6, 9), (5, 10), (4, 10)]:
+        p.on_hit(k, now)
+    assert p.victim(0, {4, 5, 6}, 10) == 6
+    assert p.victim(0, {3, 4, 5, 6}, 10) == 3  # touched at 9 before 6's touches
