@@ -118,7 +118,7 @@ GOOD = {"dataset": "d", "problem_id": 0, "layer": 0, "token_idx": 0, "experts": 
         (json.dumps({**GOOD, "experts": [1, 9]}), r"line 2: field 'experts' = \[1, 9\]: expert 9 out of range, expected 0..7"),
         (json.dumps({**GOOD, "experts": [3, 3]}), r"line 2: field 'experts' = \[3, 3\] repeats an expert"),
         (json.dumps({**GOOD, "experts": [1, 2, 3], "gating_probs": [0.3, 0.3, 0.4]}), r"line 2: field 'experts' has 3 entries, expected top_k=2"),
-        (json.dumps({**GOOD, "gating_probs": [float("nan"), 0.4]}).replace("NaN", "NaN"), r"line 2: field 'gating_probs' holds nan"),
+        (json.dumps({**GOOD, "gating_probs": [float("nan"), 0.4]}), r"line 2: field 'gating_probs' holds nan"),
         (json.dumps({k: v for k, v in GOOD.items() if k != "experts"}), r"line 2: missing field 'experts'"),
     ],
 )
@@ -186,9 +186,10 @@ def test_bad_csv(tmp_path, mutate, message):
     assert not out.exists()
 
 
-def test_npy_wrong_shape(tmp_path):
+def test_npy_wrong_shape(tmp_path, capsys):
     np.save(tmp_path / "e.npy", np.zeros((5, 3, 2), np.int32))
     assert run([tmp_path / "e.npy", "--format", "npy", "-o", tmp_path / "o.parquet", *META]) == 2
+    assert f"{tmp_path / 'e.npy'}: shape (5, 3, 2), expected (tokens, 4, 2) from the metadata" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
 
 
