@@ -35,7 +35,7 @@ def test_every_policy_config_composes_and_instantiates(group):
 @pytest.mark.parametrize("group", ["hardware", "trace", "strategy"])
 def test_other_groups_compose(group):
     for name in options(group):
-        overrides = [f"{group}={name}"]
+        overrides = [f"{group}={name}", *(["seed=7"] if group == "trace" else [])]  # not the default seed
         if name in ("file", "profiled"):
             continue  # need a user-supplied path (checked in test_sim / executor tests)
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -45,6 +45,32 @@ def test_other_groups_compose(group):
         if group == "strategy":
             # a strategy selects a cache and a predictor
             assert cfg.cache.name and cfg.predictor.name
+        if group == "trace":
+            check_trace_config(cfg, name)
+
+
+def check_trace_config(cfg, name: str) -> None:
+    """A trace config names itself and gives exactly one source that resolves: a file in the project, a
+    synthetic preset (seeded by the run's seed) or an import of files that exist."""
+    from sim.trace_source import trace_name
+    from traces.importers import FORMATS
+    from traces.presets import MODEL_PRESETS
+
+    t = cfg.trace
+    assert t.name == name and trace_name(t) == name, f"conf/trace/{name}.yaml"
+    sources = [k for k in ("path", "synth", "imported") if t.get(k)]
+    assert len(sources) == 1, f"conf/trace/{name}.yaml: sources {sources}, expected exactly one"
+    if t.get("path"):
+        for key in ("path", "train_path"):
+            if t.get(key):
+                assert (ROOT / t[key]).is_file(), f"conf/trace/{name}.yaml: {key} {t[key]} is not a file"
+    elif t.get("synth"):
+        assert t.synth.preset in MODEL_PRESETS and t.synth.tokens > 0
+        assert t.synth.seed == cfg.seed == 7, f"conf/trace/{name}.yaml: synth.seed is not the run's seed"
+    else:
+        imp = t.imported
+        assert imp.format in FORMATS and imp.model_preset in MODEL_PRESETS
+        assert imp.sources and all((ROOT / src).is_file() for src in imp.sources), imp.sources
 
 
 @pytest.mark.parametrize("experiment", ["demo", "smoke"])
