@@ -93,10 +93,11 @@ def test_prefetching_policies_keep_equivalence(tmp_path):
     assert m["prefetch_issued"] > 0
 
 
-@pytest.mark.skipif(not (REF_MODEL / "config.json").exists(), reason="reference model not built")
 def test_reference_model_generates_identically(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    if not (REF_MODEL / "config.json").is_file():  # shipped in the repository: missing is a broken checkout
+        pytest.fail(f"reference model expected at {REF_MODEL} (committed; `python -m traces train-ref` rebuilds it)")
     model = AutoModelForCausalLM.from_pretrained(REF_MODEL).eval()  # bf16, 6 layers, 8 experts top-2
     assert model.dtype == torch.bfloat16
     m = assert_equivalent(model, tmp_path, slots=4, batch=1)  # bf16 matmuls are slow on CPUs: one sequence
