@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from traces.io import atomic_path
+from traces.io import atomic_path, settings_diff
 
 from .errors import AnalysisError
 
@@ -45,11 +45,6 @@ def settings(trace: Path | None, tokens: int, scale: int, policies: list[str], b
     return {**src, "scale": int(scale), "policies": list(policies), "backend": backend, "overrides": list(overrides)}
 
 
-def _differences(stored: dict, now: dict) -> str:
-    keys = sorted(set(stored) | set(now))
-    return "; ".join(f"{k}: {stored.get(k)!r} there, {now.get(k)!r} now" for k in keys if stored.get(k) != now.get(k))
-
-
 def open_out(out: Path, want: dict, repeats: int) -> None:
     """Check that ``out`` is fresh or holds rounds of the settings ``want``, then (re)write its manifest."""
     man = out / MANIFEST
@@ -63,7 +58,7 @@ def open_out(out: Path, want: dict, repeats: int) -> None:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise AnalysisError(f"{man}: not a validate manifest ({exc}); {fix}") from exc
         if stored != want:
-            raise AnalysisError(f"{man}: {out} holds rounds run with other settings ({_differences(stored, want)}); {fix}")
+            raise AnalysisError(f"{man}: {out} holds rounds run with other settings ({'; '.join(settings_diff(stored, want))}); {fix}")
     elif any(out.glob("round-*")) or (out / "executor").is_dir() or (out / "sim").is_dir():
         raise AnalysisError(f"{out}: holds validate results without a {MANIFEST} (an older version's), so their "
                             f"settings are unknown; {fix}")

@@ -153,7 +153,7 @@ PROFILE_FIELDS = {
 }
 
 
-def load_profile(path: str | Path) -> dict:
+def load_profile(path: str | Path, sections: tuple[str, ...] = ("copy", "compute")) -> dict:
     p = Path(path)
     if not p.exists():
         raise HardwareConfigError(f"hardware.profile_path: no such profile file {p} (make one with `python -m executor profile`)")
@@ -164,8 +164,8 @@ def load_profile(path: str | Path) -> dict:
     if not isinstance(prof, dict) or prof.get("schema") != "expertflow.hwprofile/1":
         got = prof.get("schema") if isinstance(prof, dict) else type(prof).__name__
         raise HardwareConfigError(f"{p}: field 'schema': expected 'expertflow.hwprofile/1', got {got!r}")
-    for section, fields in PROFILE_FIELDS.items():
-        part = prof.get(section)
+    for section in sections:  # only what the caller's models read
+        fields, part = PROFILE_FIELDS[section], prof.get(section)
         missing = [f for f in fields if not isinstance(part, dict) or f not in part]
         if missing:
             raise HardwareConfigError(f"{p}: section '{section}' lacks field(s) {missing} (profile again with "
@@ -245,7 +245,8 @@ def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
     inter = meta.intermediate_size or max(1, meta.expert_bytes // (3 * 2 * max(meta.hidden_size, 1)))
     comp = hw.get("compute", {})
     ckind = comp.get("model", "analytic")
-    prof = load_profile(hw["profile_path"]) if (kind == "profiled" or ckind == "profiled") else None
+    used = tuple(name for name, k in (("copy", kind), ("compute", ckind)) if k == "profiled")
+    prof = load_profile(hw["profile_path"], used) if used else None
     if kind == "profiled":
         copy = profiled_copy_model(prof, str(bw.get("sharing", "auto")), channels, hw["profile_path"],
                                    str(bw.get("shared_fit", "alone_and_pair")))

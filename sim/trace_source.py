@@ -49,10 +49,11 @@ def resolve_trace(node) -> Trace:
 
 
 def trace_name(node) -> str:
-    """The name a run's results carry: ``trace.name``, except when ``trace.path`` replaces a generated or
-    imported trace (``python -m sim trace.path=X.parquet`` keeps the default group's name): then the file's."""
+    """The name a run's results carry: ``trace.name``, except for a ``trace.path`` that replaces a generated or
+    imported trace (``python -m sim trace.path=X.parquet`` keeps the default group's name) or that ``trace=file``
+    left unnamed (its default name ``file``; ``trace.path=a,b`` sweeps two traces): then the file's stem."""
     path = node.get("path")
-    if path and (node.get("synth") or node.get("imported")):
+    if path and (node.get("synth") or node.get("imported") or node.get("name") == "file"):
         return Path(str(path)).stem
     return str(node.get("name"))
 

@@ -43,12 +43,19 @@ def test_resume_after_interruption_gives_the_same_trace(tmp_path, monkeypatch):
     shards = tmp_path / "r.parquet.shards"
     (done,) = shards.glob("shard-*.parquet")
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (done, tc.sidecar_path(done))}
-    batches = []  # the first prompt of every batch the resumed run generates
+    batches, seen = [], []  # the first prompt of every batch the resumed run generates; the finished shard then
     real_batch = tc.collect_batch
-    monkeypatch.setattr(tc, "collect_batch", lambda *a: batches.append(a[4]) or real_batch(*a))
+
+    def spy(*a):
+        batches.append(a[4])
+        seen.append({p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (done, tc.sidecar_path(done))})
+        return real_batch(*a)
+
+    monkeypatch.setattr(tc, "collect_batch", spy)
     resumed = collect(model, ids, tmp_path / "r.parquet", 3, batch_size=2, hidden=True)
     assert batches == [2, 4]  # the finished batch (prompts 0-1) is not generated again ...
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (done, tc.sidecar_path(done))} == before  # nor rewritten
+    assert seen == [before, before]  # nor rewritten
+    assert not shards.exists()  # merged: the shards are gone
     for name in ("experts", "weights", "seq_id", "position", "phase", "token_id"):
         np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name), err_msg=name)
     np.testing.assert_array_equal(read_trace(tmp_path / "r.parquet").hidden_states(), whole.hidden_states())
@@ -103,40 +110,72 @@ def test_unknown_architecture_is_a_clear_error():
 
 
 def test_resume_refuses_shards_of_a_run_with_other_inputs(tmp_path):
-    """A rerun into the same -o with other prompts, generation settings, batch size or model must not reuse the
-    earlier run's shards (they were skipped by number and merged into a trace of no single run)."""
+    """A rerun into the same -o with other prompts, generation settings, batch size or model must not reuse an
+    interrupted run's shards (they were skipped by number and merged into a trace of no single run); the same
+    inputs resume it; once merged, the shards are gone and any rerun starts afresh."""
     model = tiny_model("mixtral", seed=2)
     ids = byte_tokens(PROMPTS, model.config.vocab_size)
     out = tmp_path / "c.parquet"
-    first = collect(model, ids[:2], out, 2, batch_size=4, hidden=False)
+    whole = collect(model, ids[:2], tmp_path / "whole.parquet", 2, batch_size=1, hidden=False)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        collect(model, ids[:2], out, 2, batch_size=1, hidden=False, fail_after=1)
     with pytest.raises(TraceError, match=r"c\.parquet\.shards: .*max_new_tokens \(was 2, now 4\); prompts \(was '2 prompts.*"
                                          r"now '3 prompts.*pick another -o, or delete .*c\.parquet\.shards"):
-        collect(model, ids, out, 4, batch_size=4, hidden=False)
-    with pytest.raises(TraceError, match=r"batch_size \(was 4, now 1\)"):
-        collect(model, ids[:2], out, 2, batch_size=1, hidden=False)
+        collect(model, ids, out, 4, batch_size=1, hidden=False)
+    with pytest.raises(TraceError, match=r"batch_size \(was 1, now 2\)"):
+        collect(model, ids[:2], out, 2, batch_size=2, hidden=False)
     with pytest.raises(TraceError, match=r"other settings: model weights \(was 'sha256 "):
-        collect(tiny_model("mixtral", seed=3), ids[:2], out, 2, batch_size=4, hidden=False)
-    np.testing.assert_array_equal(read_trace(out).experts, first.experts)  # the finished trace is untouched
-    again = collect(model, ids[:2], out, 2, batch_size=4, hidden=False)  # the same inputs still resume
-    np.testing.assert_array_equal(again.experts, first.experts)
+        collect(tiny_model("mixtral", seed=3), ids[:2], out, 2, batch_size=1, hidden=False)
+    again = collect(model, ids[:2], out, 2, batch_size=1, hidden=False)  # the same inputs resume
+    np.testing.assert_array_equal(again.experts, whole.experts)
+    assert not (tmp_path / "c.parquet.shards").exists()
+    other = collect(model, ids, out, 4, batch_size=1, hidden=False)  # after a finished run: a new one
+    fresh = collect(model, ids, tmp_path / "fresh.parquet", 4, batch_size=1, hidden=False)
+    np.testing.assert_array_equal(read_trace(out).experts, fresh.experts)
+    assert other.num_tokens == fresh.num_tokens > whole.num_tokens
+
+
+def test_stopped_before_any_shard_starts_afresh(tmp_path):
+    """Interrupted before its first shard (only the manifest written), a run leaves nothing to resume: a rerun
+    with other settings is not refused."""
+    model = tiny_model("mixtral", seed=2)
+    ids = byte_tokens(PROMPTS, model.config.vocab_size)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        collect(model, ids, tmp_path / "c.parquet", 2, batch_size=2, hidden=False, fail_after=0)
+    assert [p.name for p in (tmp_path / "c.parquet.shards").iterdir()] == ["manifest.json"]
+    tr = collect(model, ids, tmp_path / "c.parquet", 3, batch_size=2, hidden=False)
+    np.testing.assert_array_equal(tr.experts, collect(model, ids, tmp_path / "f.parquet", 3, 2, False).experts)
 
 
 def test_shards_without_a_manifest_are_not_resumed(tmp_path):
     model = tiny_model("mixtral", seed=2)
     ids = byte_tokens(PROMPTS, model.config.vocab_size)
-    collect(model, ids, tmp_path / "c.parquet", 2, batch_size=2, hidden=False)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        collect(model, ids, tmp_path / "c.parquet", 2, batch_size=2, hidden=False, fail_after=1)
     (tmp_path / "c.parquet.shards" / "manifest.json").unlink()
     with pytest.raises(TraceError, match=r"shards without a manifest\.json .*delete .*c\.parquet\.shards"):
         collect(model, ids, tmp_path / "c.parquet", 2, batch_size=2, hidden=False)
 
 
-def test_cli_rerun_with_other_settings_is_a_one_line_error(tmp_path, capsys):
+def test_cli_rerun_with_other_settings_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import traces.collect as tc
     from traces.__main__ import main
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\nworld\n")
-    args = ["collect", "--tiny-arch", "mixtral", "--prompts", str(prompts), "-o", str(tmp_path / "o.parquet")]
-    assert main([*args, "--max-new-tokens", "2"]) == 0
+    args = ["collect", "--tiny-arch", "mixtral", "--prompts", str(prompts), "--batch-size", "1",
+            "-o", str(tmp_path / "o.parquet")]
+    real_batch, calls = tc.collect_batch, []
+
+    def dies_on_the_second_batch(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_batch(*a)
+
+    monkeypatch.setattr(tc, "collect_batch", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--max-new-tokens", "2"])
     capsys.readouterr()
     assert main([*args, "--max-new-tokens", "3"]) == 2
     err = capsys.readouterr().err

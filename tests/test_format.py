@@ -126,6 +126,16 @@ def _with_sidecar(tmp_path, tokens=20):
     return out, side
 
 
+def test_selection_of_a_selection_reads_its_own_hidden_rows(tmp_path):
+    """The split then ``max_tokens``: the rows of the sidecar are those of the tokens finally selected."""
+    from traces.sidecar import write_hidden
+
+    out = write_trace(random_trace(tokens=20, layers=4), tmp_path / "h.parquet")
+    write_hidden(out, np.arange(20, dtype=np.float32)[:, None, None] * np.ones((20, 4, 8), np.float32))
+    sub = read_trace(out).select(np.arange(20) >= 7).select(np.arange(13) < 3)
+    assert sub.hidden_states()[:, 0, 0].tolist() == [7.0, 8.0, 9.0]
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_sidecar_is_a_trace_error_naming_it(tmp_path, damage):
     out, side = _with_sidecar(tmp_path)

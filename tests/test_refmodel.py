@@ -145,3 +145,27 @@ def test_atomic_dir_keeps_the_old_directory_on_failure(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "w").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "w").read_text() == "new"
+
+
+def test_atomic_dir_never_deletes_the_only_copy(tmp_path, monkeypatch):
+    """If the swap and the put-back both fail, the old directory (moved aside) is the only copy: kept."""
+    import os
+
+    from traces.io import atomic_dir
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "w").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(1)
+        if len(calls) > 1:  # the move aside works; the swap and the put-back fail
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="disk gone"), atomic_dir(target) as tmp:
+        (tmp / "w").write_text("new")
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert (kept / "w").read_text() == "old" and not target.exists()

@@ -242,4 +242,5 @@ def test_trace_name_follows_trace_path(tmp_path):
     assert trace_name(_compose([]).trace) == "mixtral-synth"
     assert trace_name(_compose(["trace.path=/data/my-run.parquet"]).trace) == "my-run"
     assert trace_name(_compose(["trace=file", "trace.path=/data/x.parquet", "trace.name=mine"]).trace) == "mine"
+    assert trace_name(_compose(["trace=file", "trace.path=/data/x.parquet"]).trace) == "x"  # unnamed: the file's
     assert trace_name(_compose(["trace=reference-moe"]).trace) == "reference-moe"

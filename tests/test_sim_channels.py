@@ -148,6 +148,21 @@ def test_profile_without_what_the_models_read(tmp_path, profile, msg):
         build_models(hw, MODEL_PRESETS["mixtral-8x7b"].meta())
 
 
+def test_profile_needs_only_the_sections_its_models_read(tmp_path):
+    """Profiled copies with analytic compute read only the profile's ``copy`` section."""
+    import json
+
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps({"schema": "expertflow.hwprofile/1", "copy": {
+        "bandwidth_bytes_per_s": 1e9, "latency_s": 1e-5, "bytes": [1e6, 2e6], "seconds": [1e-3, 2e-3]}}))
+    hw = {"bandwidth": {"model": "profiled", "sharing": "independent"},
+          "compute": {"model": "analytic", "tflops": 1, "mem_gbps": 1}, "profile_path": str(path)}
+    copy, compute = build_models(hw, MODEL_PRESETS["mixtral-8x7b"].meta())
+    assert copy.kind == "profiled" and compute.kind == "analytic"
+    with pytest.raises(HardwareConfigError, match="section 'compute' lacks"):
+        build_models({**hw, "compute": {"model": "profiled"}}, MODEL_PRESETS["mixtral-8x7b"].meta())
+
+
 @pytest.mark.parametrize("policy", [
     ["cache=lru", "predictor=none"],
     ["cache=lru", "predictor=transition", "horizon=fixed", "horizon.distance=2"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,7 @@ def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int,
             write_trace(tr, shard(n, stack))
     merged = {k: merge_shards([shard(n, k) for n in range(len(batches))], stack_path(out, k), hidden, hidden_dtype)
               for k in groups}
+    shutil.rmtree(shard_dir)  # merged: nothing left to resume, and a rerun with other inputs starts afresh
     return merged.get("", merged.get("decoder"))
 
 

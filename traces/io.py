@@ -37,6 +37,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def settings_diff(stored: dict, now: dict) -> list[str]:
+    """The settings that differ between a stored manifest and a new run, as ``key (was X, now Y)``, by key
+    (what a resumable job names when it refuses outputs of other settings)."""
+    return [f"{k} (was {stored.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(stored) | set(now))
+            if stored.get(k) != now.get(k)]
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory next to ``path``; swap it in for ``path`` only if the block succeeds. A directory
@@ -60,9 +67,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 os.replace(old, path)
             raise
     finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old.exists() and path.exists():  # else the old copy is the only one: leave it for the user
+            shutil.rmtree(old)
 
 
 def trace_to_table(trace: Trace) -> pa.Table:

@@ -141,10 +141,6 @@ def build_reference(cfg: RefConfig, out_dir: Path) -> dict:
             "loss_curve_every_25": losses[::25], "tokens": stats, "seconds": time.perf_counter() - t0}
     with atomic_path(out_dir / "training.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
-    for p in out_dir.glob("*.shards"):
-        for f in p.iterdir():
-            f.unlink()
-        p.rmdir()
     return info
 
 

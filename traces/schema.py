@@ -177,7 +177,8 @@ class Trace:
             self.token_id[idx],
             self.path,
         )
-        sub._parent_index = idx  # rows of the parent's hidden-state sidecar
+        parent = getattr(self, "_parent_index", None)  # a selection of a selection: rows of the first parent
+        sub._parent_index = idx if parent is None else parent[idx]  # rows of the hidden-state sidecar
         return sub
 
     def hidden_states(self):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path
+from .io import atomic_path, settings_diff
 from .schema import SCHEMA_VERSION, TraceError
 
 MANIFEST = "manifest.json"
@@ -65,8 +65,9 @@ def check_manifest(shard_dir: Path, settings: dict) -> None:
     one, stop on a mismatch naming every setting that differs."""
     path = shard_dir / MANIFEST
     restart = f"pick another -o, or delete {shard_dir} to start over"
-    if not path.exists():
-        if any(shard_dir.glob("shard-*")):
+    shards = any(shard_dir.glob("shard-*"))
+    if not path.exists() or not shards:  # nothing to resume (a fresh directory, or stopped before a shard)
+        if shards:
             raise TraceError(f"{shard_dir}: shards without a {MANIFEST} (an older collector's?), so it is unknown "
                              f"which run they belong to; {restart}")
         with atomic_path(path) as tmp:
@@ -78,7 +79,6 @@ def check_manifest(shard_dir: Path, settings: dict) -> None:
             raise TypeError("'settings' is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TraceError(f"{path}: unreadable manifest ({exc}), expected JSON with a 'settings' object; {restart}") from exc
-    diff = [f"{k} (was {old.get(k)!r}, now {settings.get(k)!r})" for k in sorted(set(old) | set(settings))
-            if old.get(k) != settings.get(k)]
+    diff = settings_diff(old, settings)
     if diff:
         raise TraceError(f"{shard_dir}: its shards are from a run with other settings: {'; '.join(diff)}; {restart}")
