@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sim.hardware import load_profile
 from sim.outputs import write_outputs
-from sim.run import Prepared, bounds, prepare, results_dict
+from sim.run import Prepared, bounds, min_replay, prepare, results_dict
 
 from .compute import LayerCompute
 from .engine import execute
@@ -70,17 +70,8 @@ def models_this_run(hw, expert_bytes: int, tier: str) -> bool:
 
 def belady_bounds(p: Prepared) -> dict:
     """Belady's MIN at the run's capacity, on demand: the time-free half of :func:`sim.run.bounds`."""
-    from policies.cache import ExpertCache
-    from policies.eviction.belady import Belady
-    from policies.horizons.fixed import FixedHorizon
-    from policies.predictors.none import NoPredictor
-    from policies.runtime import PolicyRuntime
-    from sim.bounds import ondemand_replay
-
-    cache = ExpertCache(Belady(), p.cctx)
-    hits, requests = ondemand_replay(p.steps, PolicyRuntime(cache, NoPredictor(), FixedHorizon(0), p.rcfg,
-                                                            p.test.experts, p.test.token_id))
-    return {"belady_hit_rate": hits / requests, "belady_misses_unique": cache.stats.inserts}
+    rate, cache, _ = min_replay(p)
+    return {"belady_hit_rate": rate, "belady_misses_unique": cache.stats.inserts}
 
 
 ODIRECT = {"auto": None, "on": True, "off": False}

@@ -174,24 +174,31 @@ def bounds(p: Prepared) -> dict:
     return cached_bounds(p, lambda: compute_bounds(p), project_path(str(cache_dir)) if cache_dir else None)
 
 
-def compute_bounds(p: Prepared) -> dict:
-    """:func:`bounds`, always computed."""
+def min_replay(p: Prepared) -> tuple[float, ExpertCache, list[list[int]]]:
+    """Belady's MIN, on demand, at the run's capacity (timing-free): its hit rate, its cache (``stats.inserts``
+    are the loads MIN needs; ``load_log`` lists them) and each layer-step's compute order."""
     from policies.eviction.belady import Belady
     from policies.horizons.fixed import FixedHorizon
     from policies.predictors.none import NoPredictor
 
-    meta = p.meta
     b_cache = ExpertCache(Belady(), p.cctx)
     b_rt = PolicyRuntime(b_cache, NoPredictor(), FixedHorizon(0), p.rcfg, p.test.experts, p.test.token_id)
     b_cache.load_log = []
-    min_orders: list[list[int]] = []
-    b_hits, b_req = ondemand_replay(p.steps, b_rt, min_orders)
+    orders: list[list[int]] = []
+    hits, requests = ondemand_replay(p.steps, b_rt, orders)
+    return hits / requests, b_cache, orders
+
+
+def compute_bounds(p: Prepared) -> dict:
+    """:func:`bounds`, always computed."""
+    meta = p.meta
+    b_rate, b_cache, min_orders = min_replay(p)
     args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, p.copy_bytes,
             meta.num_layers)
     o_aggr = oracle_stall(*args, schedule="aggressive")
     o_cons = oracle_stall(*args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders)
     return {
-        "belady_hit_rate": b_hits / b_req,
+        "belady_hit_rate": b_rate,
         "belady_misses_unique": b_cache.stats.inserts,  # expert loads MIN needs at this capacity
         "oracle_stall_s": min(o_aggr, o_cons),
         "oracle_aggressive_stall_s": o_aggr,
