@@ -135,6 +135,21 @@ def test_resume_refuses_shards_of_a_run_with_other_inputs(tmp_path):
     assert other.num_tokens == fresh.num_tokens > whole.num_tokens
 
 
+def test_a_rerun_leaves_no_stale_output_beside_the_new_trace(tmp_path):
+    """A finished run's sidecar and encoder stack do not survive a rerun into the same -o that writes neither:
+    a predictor would read another model's hidden states, or an encoder trace of another run."""
+    from traces.sidecar import sidecar_path
+
+    out = tmp_path / "o.parquet"
+    sw = tiny_model("switch_transformers", seed=1)
+    collect(sw, byte_tokens(PROMPTS, sw.config.vocab_size), out, 3, batch_size=2, hidden=True)
+    assert (tmp_path / "o.encoder.parquet").exists() and sidecar_path(out).exists()
+    mx = tiny_model("mixtral", seed=3)
+    tr = collect(mx, byte_tokens(PROMPTS, mx.config.vocab_size), out, 2, batch_size=2, hidden=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.parquet"]
+    assert not read_trace(out).has_hidden_states() and tr.meta.model == "mixtral"
+
+
 def test_stopped_before_any_shard_starts_afresh(tmp_path):
     """Interrupted before its first shard (only the manifest written), a run leaves nothing to resume: a rerun
     with other settings is not refused."""

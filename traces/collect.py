@@ -16,14 +16,15 @@ Prompts are processed in batches; each batch is written as a shard (``OUT.parque
 done, a rerun skips finished shards, and the shards are merged into OUT (atomically) at the end. The shard
 directory's ``manifest.json`` records the run's inputs (model config and weights, prompts, generation
 settings, batch size, dtype, device); a rerun whose inputs differ stops with an error naming them instead of
-mixing shards of two runs.
+mixing shards of two runs. Once merged, the shards are deleted (the manifest last) and so are outputs of an
+earlier run into the same OUT that this run does not write (a hidden-state sidecar, an encoder stack), so
+nothing stale sits beside the new trace.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,16 @@ def collect(model, prompts_ids: list[list[int]], out: Path, max_new_tokens: int,
             write_trace(tr, shard(n, stack))
     merged = {k: merge_shards([shard(n, k) for n in range(len(batches))], stack_path(out, k), hidden, hidden_dtype)
               for k in groups}
-    shutil.rmtree(shard_dir)  # merged: nothing left to resume, and a rerun with other inputs starts afresh
+    stale = [sidecar_path(stack_path(out, k)) for k in groups if not hidden]
+    if "encoder" not in groups:
+        stale += [stack_path(out, "encoder"), sidecar_path(stack_path(out, "encoder"))]
+    for f in stale:  # an earlier run's outputs this run does not replace
+        f.unlink(missing_ok=True)
+    # merged: nothing left to resume, so a rerun starts afresh; the manifest goes last, so an interrupted
+    # deletion still leaves shards of a known run
+    for f in sorted(shard_dir.iterdir(), key=lambda f: f.name == "manifest.json"):
+        f.unlink()
+    shard_dir.rmdir()
     return merged.get("", merged.get("decoder"))
 
 

@@ -48,7 +48,8 @@ def settings_diff(stored: dict, now: dict) -> list[str]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory next to ``path``; swap it in for ``path`` only if the block succeeds. A directory
     cannot be renamed over a non-empty one, so the old one is moved aside first (and put back if the swap
-    fails): at no point is there a half-written ``path``."""
+    fails; if even that fails, the old copy stays at its hidden name, which the error gives): at no point is
+    there a half-written ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -64,7 +65,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
         except BaseException:
             if old.exists():
-                os.replace(old, path)
+                try:
+                    os.replace(old, path)
+                except OSError as exc:
+                    raise OSError(f"{path}: the swap failed and so did putting the old copy back; it is kept at "
+                                  f"{old}") from exc
             raise
     finally:
         if tmp.exists():
