@@ -227,7 +227,7 @@ class CountingCompute:
         self.transfer.now += 1  # one dense call per layer-step
 
     def run_expert(self, slot, uses):
-        pass
+        pass  # experts take no time in this fake: only the dense part of a layer-step moves the clock
 
 
 def test_prefetches_still_queued_at_their_target_are_cancelled(tmp_path):
