@@ -154,6 +154,22 @@ def test_token_idx_with_gaps_is_a_key_and_duplicates_stop(tmp_path):
         import_speculative_moe([src], get_preset("mixtral-8x7b").meta())
 
 
+def test_a_one_based_gapless_token_idx_is_a_counter_too(tmp_path):
+    """Counting from 1 instead of 0 changes nothing: gapless in every layer, with counts differing by layer,
+    token_idx is matched by order (--align order) or the sequence refused (strict), never by key."""
+    from traces.importers import import_speculative_moe
+    from traces.presets import get_preset
+
+    rows = [{**GOOD, "layer": layer, "token_idx": t, "experts": [t % 8, (t + layer % 7 + 1) % 8]}
+            for layer in range(32) for t in range(1, 5 if layer == 3 else 6)]  # layer 3 lacks a record
+    src = tmp_path / "one.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TraceError, match="--align order"):
+        import_speculative_moe([src], get_preset("mixtral-8x7b").meta())
+    tr, rep = import_speculative_moe([src], get_preset("mixtral-8x7b").meta(), align="order")
+    assert tr.num_tokens == 4 and rep["seq 0 decode records per layer"][3] == 4
+
+
 def test_empty_input_and_missing_metadata(tmp_path, capsys):
     src = tmp_path / "empty.jsonl"
     src.write_text("")

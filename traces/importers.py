@@ -8,9 +8,9 @@ Formats:
   dropped every record whose two weights were exactly [0.5, 0.5], so layers miss a few tokens each.
   Alignment rule (recorded in the trace metadata ``extra.import.alignment``): prefill records are matched
   across layers by their key; a token missing in any layer is dropped (reported). Decode records carry no
-  reliable key: those of the ``token_pos`` variant sit at position 0, and ``token_idx``, where it runs 0..n-1
-  without a gap in every layer (as in the shared Mixtral file, whose layers hold 1-3 fewer records than
-  others), counts a layer's records rather than naming the step. With ``--align strict`` (default) such
+  reliable key: those of the ``token_pos`` variant sit at position 0, and ``token_idx``, where it runs without
+  a gap from the same first value in every layer (as in the shared Mixtral file, 0..n-1, whose layers hold 1-3
+  fewer records than others), counts a layer's records rather than naming the step. With ``--align strict`` (default) such
   records are kept only if every layer has the same number of them, else dropped and reported; ``--align
   order`` matches them by order anyway, which can slip by as many positions as a layer misses (the report
   lists each sequence's records per layer). ``token_idx`` values with a gap are step keys, matched by key.

@@ -83,7 +83,9 @@ def _place_token_idx(idx_lists: dict, table: dict, decode_lists: dict, L: int) -
             for a, b in zip(recs, recs[1:]):
                 if a[0] == b[0]:
                     raise TraceError(f"{b[1]}: duplicate record for layer {layer} of token_idx {b[0]} (first: {a[1]})")
-        contiguous = all([r[0] for r in recs] == list(range(len(recs))) for recs in per_layer.values())
+        starts = {recs[0][0] for recs in per_layer.values()}  # a counter may start at 0 or 1: the same in every layer
+        contiguous = len(starts) == 1 and all([r[0] for r in recs] == list(range(recs[0][0], recs[0][0] + len(recs)))
+                                              for recs in per_layer.values())
         if contiguous and len(per_layer) == L and s in decode_lists:
             raise TraceError(f"{next(iter(per_layer.values()))[0][1]}: sequence {s} mixes token_idx and token_pos records")
         if contiguous and len(per_layer) == L:
