@@ -14,6 +14,7 @@ events: the simulator spends most of its time here otherwise. :func:`make_channe
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -231,9 +232,12 @@ class CopyChannels(_CopyQueue):
             else:
                 yield self.env.timeout(dt) | wake
             moved = (self.env.now - t0) * rate
+            # done: nothing left, or so little that finishing it could not move the clock (rounding in ``moved``
+            # leaves such a residue on copies of hundreds of MB; waiting on it would loop forever at one time)
+            done_below = max(1e-6, 4 * math.ulp(self.env.now) * rate)
             for key in list(active):
                 active[key][0] -= moved
-                if active[key][0] <= 1e-6:
+                if active[key][0] <= done_below:
                     _, prio, start = active.pop(key)
                     self._land(key, prio, start)
             for key in list(setup):  # its latency is over (to float rounding of the timeout): onto the link

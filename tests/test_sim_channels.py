@@ -90,6 +90,33 @@ def test_shared_link_splits_bandwidth():
     assert dict(landed2) == {1: pytest.approx(1.5), 2: pytest.approx(2.0)}
 
 
+def test_shared_link_lands_big_copies_late_in_a_run():
+    """Copies of hundreds of MB sharing a link, late in a run: rounding leaves a residue of bytes too small to
+    move the clock, which must count as landed (it used to spin forever at one simulated time)."""
+    import signal
+
+    def stuck(*_):
+        raise TimeoutError("the shared link made no progress")
+
+    env = simpy.Environment(initial_time=987.654321)
+    landed = []
+    chan = CopyChannels(env, CopyModel("shared_link", 25e9, latency_s=1e-5, channels=2), 352_321_536,
+                        lambda k: landed.append((k, env.now)))
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(20)
+    try:
+        for k in range(6):
+            chan.submit(k, 0)
+            chan.wait_key(k) if k % 3 == 2 else env.run(until=env.now + 0.003)
+        env.run()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert [k for k, _ in landed] == list(range(6))
+    per_copy_s = (352_321_536 + 1e-5 * 25e9) / 25e9
+    assert landed[-1][1] - 987.654321 == pytest.approx(6 * per_copy_s, rel=0.05)  # the link stays busy
+
+
 def test_profiled_model_interpolates_and_extrapolates(tmp_path):
     prof = {
         "schema": "expertflow.hwprofile/1",
