@@ -73,9 +73,11 @@ def measure_loop_overhead(overrides: list[str], main_thread_copy_s: float = 0.0,
     from sim.run import prepare
 
     from .engine import execute
+    from .run import check_executor_config
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
+    check_executor_config(cfg.executor)  # unused by the loop, but a bad value is an error wherever it is given
     per_ls, copies, experts = [], [], []
     for _ in range(repeats):
         p = prepare(cfg)  # fresh policy state each time

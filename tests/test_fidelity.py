@@ -186,4 +186,6 @@ def test_loop_bad_profile_is_a_one_line_error(tmp_path, capsys):
         assert err.startswith(f"error: --profile {prof}: {msg}") and err.count("\n") == 1, err
     assert main(["loop", "-o", str(out), "trace.path=/nonexist.parquet"]) == 2
     assert capsys.readouterr().err == "error: trace.path: no such trace file /nonexist.parquet\n"
+    assert main(["loop", "-o", str(out), "executor.odirect=maybe"]) == 2
+    assert capsys.readouterr().err.startswith("error: executor.odirect: expected one of")
     assert not out.exists()
