@@ -9,7 +9,7 @@ import torch
 from traces import TraceError, read_trace
 from traces.collect import byte_tokens, collect, find_routers, tiny_model
 
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "gpt_oss"]
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "gpt_oss", "jetmoe"]
 PROMPTS = ["def add(a, b):", "import numpy as np", "x = 1"]
 
 
@@ -22,11 +22,18 @@ def test_routing_is_what_the_router_computed(arch, tmp_path):
     assert tr.num_tokens == sum(len(x) for x in ids) + 3 * len(ids)
     assert (tr.phase == 0).sum() == sum(len(x) for x in ids)
     assert tr.meta.num_layers == 2 and tr.meta.top_k == 2 and tr.meta.expert_bytes > 0
+    if arch == "jetmoe":  # 2 MoE FFN layers (its attention routers are not recorded); 3 float32 64x128 matrices
+        assert tr.meta.expert_bytes == 3 * 64 * 128 * 4 and tr.meta.shared_experts == 0
     np.testing.assert_array_equal(tr.token_id[tr.phase == 0], np.concatenate(ids))
     hidden = tr.hidden_states()
     for layer, (_, router) in enumerate(find_routers(model)):
         with torch.no_grad():
-            _, w, idx = router(torch.from_numpy(np.asarray(hidden[:, layer], dtype=np.float32)))
+            h = torch.from_numpy(np.asarray(hidden[:, layer], dtype=np.float32))
+            if arch == "jetmoe":  # its gating returns the choice in dispatch order: recompute it from the logits
+                top, idx = router.layer(h).float().topk(router.top_k, dim=1)
+                w = torch.softmax(top, dim=1)
+            else:
+                _, w, idx = router(h)
         np.testing.assert_array_equal(idx.numpy(), tr.experts[:, layer])
         np.testing.assert_allclose(w.float().numpy(), tr.weights[:, layer], rtol=1e-5, atol=1e-6)
 

@@ -294,3 +294,33 @@ def test_bad_sources_are_one_line_errors_naming_the_source(tmp_path, capsys, cas
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "o.parquet" not in err and re.search(message, err), err
     assert not out.exists()
+
+
+def test_preset_with_fewer_layers_recorded_and_layer_ids(tmp_path, capsys):
+    """Loggers often record a subset of a model's layers: --num-layers below the preset's works (the layers
+    unnamed), --layer-ids names them (layer_names) and implies their number; bad ids are one-line errors."""
+    tr = random_trace(tokens=20, layers=3, experts=64, top_k=8, sequences=1)
+    np.save(tmp_path / "e.npy", tr.experts.astype(np.int32))
+    base = [tmp_path / "e.npy", "--format", "npy", "--model-preset", "olmoe-1b-7b"]
+    out = tmp_path / "o.parquet"
+    assert run([*base, "--num-layers", "3", "-o", out]) == 0
+    got = read_trace(out)
+    assert got.meta.num_layers == 3 and got.meta.num_experts == [64] * 3 and got.meta.layer_names == []
+    np.testing.assert_array_equal(got.experts, tr.experts)
+    assert run([*base, "--layer-ids", "0,7,15", "-o", out]) == 0
+    assert read_trace(out).meta.layer_names == ["0", "7", "15"] and read_trace(out).meta.num_layers == 3
+    for extra, message in [
+        (["--num-layers", "20"], "--num-layers 20: the preset olmoe-1b-7b has 16 MoE layers"),
+        (["--layer-ids", "0,7,16"], "layer 16 is outside the model's layers 0..15"),
+        (["--layer-ids", "7,0,1"], "expected distinct non-negative layer ids in increasing (model) order"),
+        (["--layer-ids", "0,7", "--num-layers", "3"], "--layer-ids 0,7 names 2 layer(s), but --num-layers is 3"),
+        (["--layer-ids", "x"], "--layer-ids 'x': expected comma-separated layer ids"),
+    ]:
+        assert run([*base, *extra, "-o", tmp_path / "bad.parquet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad.parquet").exists()
+    # without a preset, --layer-ids gives the number of layers
+    assert run([tmp_path / "e.npy", "--format", "npy", *META[2:], "--layer-ids", "1,2,5", "--num-experts", "64",
+                "--top-k", "8", "-o", out]) == 0
+    assert read_trace(out).meta.layer_names == ["1", "2", "5"]

@@ -2,14 +2,16 @@
 
 Routers are found generically: in transformers (5.x) every MoE block of the decoder-only MoE families calls
 a router module (``*TopKRouter`` / ``*TopkRouter``) that returns ``(router_logits, top_k_weights,
-top_k_indices)``. A forward hook on each records, per token, the experts and gate weights exactly as the
+top_k_indices)``; JetMoE's ``*TopKGating`` returns its choice sorted by expert (the dispatch order), from which
+each token's top-k in rank order is put back exactly. JetMoE's mixture-of-attention routers (inside its
+attention blocks) route attention heads, not MoE FFN experts, and are not recorded. A forward hook on each records, per token, the experts and gate weights exactly as the
 router returned them (DeepSeek-V3's include its routed scaling factor), and the router's input, i.e. the
 normed hidden state entering the MoE block (the sidecar, with ``--hidden-states``). Switch Transformers'
 ``*Top1Router`` returns a capacity-masked dispatch mask instead: we record its choice (the arg-max of its
 logits) and the probability it scales the expert output by. Encoder-decoder models get two traces: the
 decoder stack's in OUT (one token per generation step) and the encoder stack's in ``OUT.encoder.parquet`` (the
 prompt tokens); ``layer_names`` say which stack each layer is in. Tested on tiny configs of mixtral,
-qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, olmoe, phimoe, gpt_oss and switch_transformers. A model
+qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, olmoe, phimoe, gpt_oss, jetmoe and switch_transformers. A model
 without such routers (a dense model) stops with an error naming its model type.
 
 Prompts are processed in batches; each batch is written as a shard (``OUT.parquet.shards/``) as soon as it is
@@ -43,6 +45,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num
 TINY_OVERRIDES = {  # MLA models: rotary dims follow qk_rope_head_dim; no grouped KV heads
     "deepseek_v2": {"num_key_value_heads": 4},
     "deepseek_v3": {"head_dim": 8, "num_key_value_heads": 4},
+    # fields JetMoE does not have, which model_meta would read: its experts are intermediate_size wide, and it
+    # has no shared expert
+    "jetmoe": {"moe_intermediate_size": None, "n_shared_experts": None, "shared_expert_intermediate_size": None},
 }
 
 
@@ -69,9 +74,15 @@ def tiny_model(arch: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+ROUTER_SUFFIXES = ("topkrouter", "top1router", "topkgating")
+
+
 def find_routers(model) -> list[tuple[str, object]]:
+    """The MoE FFN routers, in module order; routers inside attention blocks (JetMoE's mixture of attention
+    heads) are not MoE FFN layers."""
     routers = [(n, m) for n, m in model.named_modules()
-               if type(m).__name__.lower().endswith(("topkrouter", "top1router"))]
+               if type(m).__name__.lower().endswith(ROUTER_SUFFIXES)
+               and not any("attn" in part or "attention" in part for part in n.split("."))]
     if not routers:
         raise TraceError(f"no MoE router found in model type {model.config.model_type!r}: nothing to record")
     return routers
@@ -82,7 +93,25 @@ def router_choice(module, out) -> tuple:
     if type(module).__name__.endswith("Top1Router"):  # Switch: (dispatch mask, top probability, logits)
         logits = out[2].reshape(-1, out[2].shape[-1])
         return out[1].reshape(-1, 1), logits.argmax(-1, keepdim=True)
+    if type(module).__name__.endswith("TopKGating"):
+        return gating_choice(module, out)
     return out[1], out[2]
+
+
+def gating_choice(module, out) -> tuple:
+    """JetMoE's gating returns ``(index_sorted_experts, batch_index, batch_gates, expert_size, logits)``: the
+    flat (token, rank) slots sorted by expert, their gates in that order, and how many slots each expert got.
+    Scattering the experts and gates back to their slots gives each token's top-k in rank order."""
+    import torch
+
+    slots, _, gates, sizes, logits = out
+    n, k = logits.shape[0], module.top_k
+    experts = torch.repeat_interleave(torch.arange(len(sizes), device=slots.device),
+                                      torch.as_tensor(sizes, device=slots.device))
+    idx = torch.empty(n * k, dtype=torch.long, device=slots.device)
+    w = torch.empty(n * k, dtype=gates.dtype, device=slots.device)
+    idx[slots], w[slots] = experts, gates
+    return w.view(n, k), idx.view(n, k)
 
 
 def stacks(routers: list[tuple[str, object]]) -> dict[str, list[tuple[str, object]]]:
@@ -96,8 +125,9 @@ def stacks(routers: list[tuple[str, object]]) -> dict[str, list[tuple[str, objec
 
 def expert_bytes_of(router_parent) -> int:
     experts = getattr(router_parent, "experts", None)
-    if experts is None:
-        return 0
+    if experts is None:  # JetMoE: every expert's matrices stacked in *ParallelExperts modules
+        parts = [m for m in router_parent.children() if type(m).__name__.endswith("ParallelExperts")]
+        return int(sum(p.numel() * p.element_size() for m in parts for p in m.parameters()) // parts[0].num_experts) if parts else 0
     if hasattr(experts, "values") or isinstance(experts, list) or type(experts).__name__ == "ModuleList":
         first = next(iter(experts.values() if hasattr(experts, "values") else experts))
         return int(sum(p.numel() * p.element_size() for p in first.parameters()))

@@ -18,6 +18,13 @@ Formats:
   ``--enable-return-routed-experts``), optional ``--weights`` of the same shape, optional ``--seq-ids``.
 - ``long-csv``: one row per (seq, token, layer, rank, expert, weight), header
   ``seq,token,layer,rank,expert,weight`` (optional ``phase`` 0/1 or prefill/decode, ``token_id``); any order.
+- ``vllm-jsonl``: the logs of common vLLM routing-logging patches, a meta line then one ``route`` row per
+  (token, layer), one file per layer or all layers in one; passes, vLLM's warm-up rows, per-layer file
+  alignment and ``--batch-order``: see ``traces/import_vllm.py`` and docs/traces.md.
+
+Metadata: ``--model-preset`` or all of the shape flags. A trace may record fewer layers than the model has
+(``--num-layers N`` with a preset of more); ``--layer-ids 0,7,15`` names which model layers they are (stored
+in the trace's ``layer_names``; vllm-jsonl takes them from its meta line).
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .import_vllm import import_vllm
 from .io import check_trace, write_trace
-from .presets import get_preset
+from .presets import get_preset, select_layers
 from .schema import PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
 from .sources import INT32, check_expert_range, load_npy, text_lines
 from .speculative_moe import import_speculative_moe, read_jsonl  # noqa: F401 - re-exported
 
-FORMATS = ("speculative-moe-jsonl", "npy", "long-csv")
+FORMATS = ("speculative-moe-jsonl", "npy", "long-csv", "vllm-jsonl")
 
 
 def import_npy(path: Path, meta: TraceMeta, weights: Path | None, seq_ids: Path | None) -> Trace:
@@ -143,13 +151,17 @@ def import_long_csv(path: Path, meta: TraceMeta) -> Trace:
 
 
 def import_trace(sources: list[Path], fmt: str, meta: TraceMeta, align: str = "strict", weights: Path | None = None,
-                 seq_ids: Path | None = None) -> Trace:
+                 seq_ids: Path | None = None, batch_order: int | None = None) -> Trace:
     """Python entry point: import ``sources`` of format ``fmt`` with the given metadata. The result passes the
     trace checks with the sources named, so a content problem is never blamed on the output file."""
     if fmt not in FORMATS:
         raise TraceError(f"--format: expected one of {FORMATS}, got {fmt!r}")
+    if batch_order is not None and fmt != "vllm-jsonl":
+        raise TraceError(f"--batch-order: only for --format vllm-jsonl, not {fmt}")
     if fmt == "speculative-moe-jsonl":
         trace = import_speculative_moe(sources, meta, align)[0]
+    elif fmt == "vllm-jsonl":
+        trace = import_vllm(sources, meta, batch_order)
     elif len(sources) != 1:
         raise TraceError(f"--format {fmt}: expected one source file, got {len(sources)}")
     elif fmt == "npy":
@@ -160,17 +172,42 @@ def import_trace(sources: list[Path], fmt: str, meta: TraceMeta, align: str = "s
     return trace
 
 
+def parse_layer_ids(text: str | None, num_layers: int | None) -> list[int] | None:
+    """``--layer-ids 0,7,15``: which model layers the trace's layers are (distinct, increasing)."""
+    if text is None:
+        return None
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise TraceError(f"--layer-ids {text!r}: expected comma-separated layer ids, e.g. 0,7,15") from None
+    if min(ids) < 0 or ids != sorted(set(ids)):
+        raise TraceError(f"--layer-ids {text}: expected distinct non-negative layer ids in increasing (model) order")
+    if num_layers is not None and num_layers != len(ids):
+        raise TraceError(f"--layer-ids {text} names {len(ids)} layer(s), but --num-layers is {num_layers}")
+    return ids
+
+
 def build_meta(args: argparse.Namespace, fmt: str) -> TraceMeta:
     meta = get_preset(args.model_preset).meta(source=f"import:{fmt}") if args.model_preset else None
-    fields = {"model": args.model, "num_layers": args.num_layers, "top_k": args.top_k,
+    layer_ids = parse_layer_ids(getattr(args, "layer_ids", None), args.num_layers)
+    num_layers = len(layer_ids) if layer_ids else args.num_layers
+    fields = {"model": args.model, "top_k": args.top_k,
               "expert_bytes": args.expert_bytes, "hidden_size": args.hidden_size, "dtype": args.dtype}
     if meta is None:
-        missing = [f"--{k.replace('_', '-')}" for k in ("model", "num_layers", "num_experts", "top_k", "expert_bytes", "hidden_size")
-                   if getattr(args, k) is None]
+        missing = [f"--{k.replace('_', '-')}" for k in ("model", "num_experts", "top_k", "expert_bytes", "hidden_size")
+                   if getattr(args, k) is None] + ([] if num_layers else ["--num-layers"])
         if missing:
             raise TraceError(f"metadata: give --model-preset or all of {missing}")
-        meta = TraceMeta(model=args.model, num_layers=args.num_layers, num_experts=[args.num_experts] * args.num_layers,
-                         top_k=args.top_k, expert_bytes=args.expert_bytes, hidden_size=args.hidden_size, source=f"import:{fmt}")
+        meta = TraceMeta(model=args.model, num_layers=num_layers, num_experts=[args.num_experts] * num_layers,
+                         top_k=args.top_k, expert_bytes=args.expert_bytes, hidden_size=args.hidden_size,
+                         source=f"import:{fmt}", layer_names=[str(x) for x in layer_ids or []])
+    elif layer_ids:
+        meta = select_layers(meta, layer_ids, f"--layer-ids (--model-preset {args.model_preset})")
+    elif num_layers is not None and num_layers != meta.num_layers:  # a subset of the model's layers, unnamed
+        if not 1 <= num_layers <= meta.num_layers:
+            raise TraceError(f"--num-layers {num_layers}: the preset {args.model_preset} has {meta.num_layers} MoE "
+                             f"layers; a trace of it records 1..{meta.num_layers} of them")
+        meta.num_layers, meta.num_experts = num_layers, meta.num_experts[:num_layers]
     for k, v in fields.items():
         if v is not None:
             setattr(meta, k, v)
@@ -188,7 +225,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--model-preset", help="fill the metadata from a model preset (see traces/presets.py)")
     p.add_argument("--model")
-    p.add_argument("--num-layers", type=int)
+    p.add_argument("--num-layers", type=int, help="MoE layers in the trace (may be fewer than the preset's)")
+    p.add_argument("--layer-ids", help="which model layers the trace's layers are, e.g. 0,7,15 (stored as layer_names)")
     p.add_argument("--num-experts", type=int, help="routed experts per layer")
     p.add_argument("--top-k", type=int)
     p.add_argument("--expert-bytes", type=int)
@@ -199,22 +237,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--align", choices=("strict", "order"), default="strict",
                    help="speculative-moe-jsonl: unkeyed decode records with differing counts per layer are dropped "
                         "(strict) or matched by order (may slip)")
+    p.add_argument("--batch-order", type=int, metavar="B",
+                   help="vllm-jsonl without request ids: row i of each decode pass of B rows is sequence i (stops "
+                        "where the pass size changes; reported)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     meta = build_meta(args, args.format)
-    trace = import_trace(args.sources, args.format, meta, args.align, args.weights, args.seq_ids)
+    trace = import_trace(args.sources, args.format, meta, args.align, args.weights, args.seq_ids, args.batch_order)
     report = trace.meta.extra.get("import")
     write_trace(trace, args.output)
     n_seq = len(np.unique(trace.seq_id))
-    print(f"wrote {args.output}: {trace.num_tokens} tokens in {n_seq} sequence(s), {meta.num_layers} layers, "
-          f"top-{meta.top_k} of {meta.num_experts[0]} experts "
+    print(f"wrote {args.output}: {trace.num_tokens} tokens in {n_seq} sequence(s), {trace.meta.num_layers} layers, "
+          f"top-{trace.meta.top_k} of {trace.meta.num_experts[0]} experts "
           f"({int((trace.phase == PHASE_PREFILL).sum())} prefill, {int((trace.phase == PHASE_DECODE).sum())} decode)")
-    if report:
+    if report and args.format == "vllm-jsonl":
+        print_vllm_report(report)
+    elif report:
         print(f"gap report: dropped {report['dropped']}; records missing per layer {report['missing_records_per_layer']}",
               file=sys.stderr)
         for k, v in report.items():
             if k.endswith("per layer"):
                 print(f"  {k}: {v}", file=sys.stderr)
     return 0
+
+
+def print_vllm_report(rep: dict) -> None:
+    """What the vllm-jsonl importer did, in a few lines on stderr (the whole report is in the trace metadata)."""
+    wu = rep["warmup"]
+    print(f"read {rep['rows_per_layer']} rows per layer (layers {rep['layers_logged']}) in {rep['passes']} pass(es); "
+          f"pass boundaries: {rep['pass_boundaries']}", file=sys.stderr)
+    print(f"warm-up ({wu['detection']}): dropped {wu['rows_dropped_per_layer']} rows per layer, "
+          f"{wu['whole_passes_dropped']} whole pass(es)", file=sys.stderr)
+    print(f"sequences: {rep['mode']}", file=sys.stderr)
+    bo = rep.get("batch_order")
+    if bo:
+        where = (f"stopped at pass {bo['stopped_at_pass']} ({bo['stopped_at_line']}): {bo['stopped_because']}"
+                 if bo["stopped_at_pass"] else "ran to the end of the log")
+        print(f"batch order: {bo['decode_passes_mapped']} decode passes of {bo['batch']} rows mapped from pass "
+              f"{bo['first_decode_pass']}; {where}; dropped {bo['prefill_rows_dropped']} prefill rows before it and "
+              f"{bo['rows_dropped_after_stop']} rows after the stop", file=sys.stderr)

@@ -3,6 +3,7 @@ to size the synthetic generator and the simulator's compute model."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .schema import TraceError, TraceMeta
@@ -57,3 +58,15 @@ def get_preset(name: str) -> ModelShape:
         return MODEL_PRESETS[name]
     except KeyError:
         raise TraceError(f"--model-preset: unknown preset {name!r}; expected one of {sorted(MODEL_PRESETS)}") from None
+
+
+def select_layers(meta: TraceMeta, layer_ids: list[int], where: str) -> TraceMeta:
+    """A whole model's metadata restricted to the model layers ``layer_ids`` (distinct, increasing), which
+    ``layer_names`` then name: loggers often record a subset of a model's layers."""
+    bad = [x for x in layer_ids if not 0 <= x < meta.num_layers]
+    if bad:
+        raise TraceError(f"{where}: layer {bad[0]} is outside the model's layers 0..{meta.num_layers - 1} ({meta.model})")
+    if list(layer_ids) != sorted(set(layer_ids)):
+        raise TraceError(f"{where}: layers {list(layer_ids)}: expected distinct layer ids in increasing (model) order")
+    return dataclasses.replace(meta, num_layers=len(layer_ids), num_experts=[meta.num_experts[x] for x in layer_ids],
+                               layer_names=[str(x) for x in layer_ids])

@@ -69,6 +69,11 @@ class TraceMeta:
             raise bad("expert_bytes", "a positive integer", self.expert_bytes)
         if not isinstance(self.hidden_size, int) or self.hidden_size < 0:
             raise bad("hidden_size", "a non-negative integer", self.hidden_size)
+        # JSON can carry a lone surrogate ("\udcff"), which no UTF-8 output (a table, a plot, a report) can hold
+        for name in ("model", "dtype", "source", "model_path", "layer_names"):
+            value = getattr(self, name)
+            if any(not _is_utf8(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)):
+                raise bad(name, "text that can be written as UTF-8 (no lone surrogates)", value)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -111,6 +116,14 @@ class TraceMeta:
     @property
     def total_experts(self) -> int:
         return int(sum(self.num_experts))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(value: object) -> bool:

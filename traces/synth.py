@@ -75,7 +75,9 @@ class SynthConfig:
             raise bad("top_k", f"an integer in 1..num_experts ({self.num_experts})")
         if self.num_experts > np.iinfo(np.int16).max:
             raise bad("num_experts", "at most 32767 (int16 ids)")
-        if self.tokens < 1 or not 1 <= self.sequences <= self.tokens:
+        if self.tokens < 1:
+            raise bad("tokens", "a positive number of tokens")
+        if not 1 <= self.sequences <= self.tokens:
             raise bad("sequences", f"1..tokens ({self.tokens}) with tokens >= 1")
         loc = self.per_layer("locality")
         if ((loc < 0) | (loc > 1)).any():
