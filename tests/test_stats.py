@@ -193,3 +193,19 @@ def test_golden_hit_rates_on_real_mixtral(shared_traces):
     np.testing.assert_allclose(100 * rates["lru"], [49.6, 61.2, 71.3, 80.9], atol=2.0)
     np.testing.assert_allclose(100 * rates["lfu"], [51.1, 62.7, 72.8, 82.4], atol=2.0)
     np.testing.assert_allclose(100 * rates["belady"], [60.5, 73.9, 82.9, 89.4], atol=2.0)
+
+
+def test_json_reports_popularity_per_layer_and_overall(tmp_path, capsys):
+    """Per layer and overall: the top expert's share over the uniform share, and the share of the n most used
+    experts for each capacity n (counts worked by hand)."""
+    ex = np.array([[[0], [2]], [[0], [3]], [[0], [2]], [[1], [3]]])  # [T=4, L=2, K=1]
+    path = write_trace(make_trace(ex, num_experts=4), tmp_path / "p.parquet")
+    assert main(["stats", str(path), "--json", "--capacities", "1,2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_over_uniform"]["per_layer"] == [3.0, 2.0]  # shares 3/4 and 1/2, uniform 1/4
+    assert out["max_over_uniform"]["mean"] == 2.5
+    assert [row["max_over_uniform"] for row in out["per_layer"]] == [3.0, 2.0]
+    assert [row["top_share"] for row in out["per_layer"]] == [{"1": 0.75, "2": 1.0}, {"1": 0.5, "2": 1.0}]
+    assert out["top_share"] == {"1": 0.625, "2": 1.0}
+    assert out["cache_semantics"] == "continuous"
+
