@@ -209,3 +209,22 @@ def test_json_reports_popularity_per_layer_and_overall(tmp_path, capsys):
     assert out["top_share"] == {"1": 0.625, "2": 1.0}
     assert out["cache_semantics"] == "continuous"
 
+
+def test_calibration_reads_the_stats_json(tmp_path, capsys):
+    """The calibration's statistics are the ``traces stats --json`` numbers: measuring the printed JSON and
+    measuring the trace give the same values, averaged over the target's layers."""
+    from traces.calibration import measure, measure_trace
+
+    tr = random_trace(tokens=150, layers=4, experts=8, top_k=2, sequences=3, seed=2)
+    path = write_trace(tr, tmp_path / "r.parquet")
+    target = {"capacities": [2, 4], "layers": [0, 2], "overlap": 30.0, "lru": [0, 0], "lfu": [0, 0],
+              "top_share": {2: 40.0}}
+    assert main(["stats", str(path), "--json", "--capacities", "2,4"]) == 0
+    from_json = measure(json.loads(capsys.readouterr().out), target)
+    direct = measure_trace(tr, target)
+    for key in ("overlap", "overlap_per_layer", "lru", "lfu", "max_over_uniform_per_layer"):
+        np.testing.assert_allclose(from_json[key], direct[key], atol=1e-4)
+    assert from_json["top_share"][2] == pytest.approx(direct["top_share"][2], abs=1e-4)
+    rates = hit_rates(tr, [2, 4], ("lru",))["lru"]
+    np.testing.assert_allclose(direct["lru"], 100 * rates[:, [0, 2]].mean(axis=1), atol=1e-4)
+    np.testing.assert_allclose(direct["overlap_per_layer"], 100 * adjacent_overlap(tr)[[0, 2]], atol=1e-4)
