@@ -155,6 +155,7 @@ def test_cli_json_table_and_plot(tmp_path, capsys):
     assert main(["stats", str(path)]) == 0
     text = capsys.readouterr().out
     assert "overall hit rate" in text and "Belady@3" in text
+    assert "source: tests.random_trace" in text and out["source"] == "tests.random_trace"
     png = tmp_path / "r.stats.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["stats", str(path), "--plot", str(tmp_path / "p.png")]) == 0
