@@ -28,7 +28,7 @@ from traces.io import atomic_path
 
 from . import claims, paper_figs
 from .errors import AnalysisError
-from .report import _md_table
+from .report import _md_table, trace_sources
 from .runs import load_runs, relative_to_ondemand
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,13 +148,16 @@ def write_paper(df: pd.DataFrame, recall: pd.DataFrame | None, out_dir: Path, gr
         claims.scheduler_claim(df[df.sweep == "sched"]),
     ]
     figs = paper_figs.all_figures(df, recall, out_dir)
+    sources = trace_sources(df)
     doc = {"schema": "expertflow.paper/1", "grid": grid_name, "runs": int(len(df)),
-           "traces": sorted(df.trace_name.unique().tolist()), "claims": [c.to_json() for c in results]}
+           "traces": sorted(df.trace_name.unique().tolist()), "trace_sources": sources,
+           "claims": [c.to_json() for c in results]}
     with atomic_path(out_dir / "paper.json") as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=False, default=float))
     md = ["# The ExpertFlow claims, tested", "",
           f"Grid `{grid_name}`: {len(df)} simulator runs on {', '.join(doc['traces'])}; regenerate with "
           f"`python -m analysis paper{' --quick' if grid_name == 'quick' else ''}`.", "",
+          "Traces:", *[f"- {tr}: {src}" for tr, src in sources.items()], "",
           "| # | claim | held | headline |", "|---|---|---|---|"]
     md += [f"| {i} | {c.claim} | {c.verdict()} | {c.headline} |" for i, c in enumerate(results, 1)]
     for i, c in enumerate(results, 1):

@@ -31,14 +31,25 @@ HEADLINE = {
 }
 
 
-def headline(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per trace (at the reference hardware): the headline columns, one row per policy and cache size."""
+def headline(df: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Per trace (at the reference hardware): {heading: (trace name, the headline columns, one row per policy
+    and cache size)}."""
     hw = reference_hardware(df)
     out = {}
     for tr, t in df[df.hardware == hw].groupby("trace_name"):
         t = t.assign(tpot_ms=t.tpot_s * 1e3)
         cols = [c for c in HEADLINE if c in t]
-        out[f"{tr} on {hw}"] = t[cols].rename(columns=HEADLINE).sort_values(["cache", "stall s"])
+        out[f"{tr} on {hw}"] = (tr, t[cols].rename(columns=HEADLINE).sort_values(["cache", "stall s"]))
+    return out
+
+
+def trace_sources(df: pd.DataFrame) -> dict[str, str]:
+    """Per trace name: where its routing comes from (results.json ``run.trace_source``; a synthetic preset says
+    whose statistics it matches), the distinct values joined by '; '."""
+    out = {}
+    for tr, t in df.groupby("trace_name"):
+        found = sorted({str(s) for s in t.get("trace_source", pd.Series(dtype=object)).dropna() if str(s)})
+        out[tr] = "; ".join(found) or "not recorded (results written before run.trace_source existed)"
     return out
 
 
@@ -92,6 +103,7 @@ def write_report(root: Path, out_dir: Path) -> dict[str, Path]:
         df.to_csv(tmp, index=False)
     figs = all_figures(df, root, out_dir)
     heads = headline(df)
+    sources = trace_sources(df)
     best = best_policies(df)
     intro = summary_lines(df, figs)
 
@@ -100,8 +112,8 @@ def write_report(root: Path, out_dir: Path) -> dict[str, Path]:
            "schedule on the same hardware, Belady the MIN hit rate at the same capacity (see README, *Outputs*).", ""]
     if not best.empty:
         md += ["## Best deployable policy per trace, hardware and cache size", "", _md_table(best), ""]
-    for name, t in heads.items():
-        md += [f"## {name}", "", _md_table(t), ""]
+    for name, (tr, t) in heads.items():
+        md += [f"## {name}", "", _md_table(t), "", f"Trace {tr}: {sources[tr]}.", ""]
     md += ["## Figures", ""]
     md += [f"![{k}]({Path(v).name})" for k, v in figs.items() if not isinstance(v, str)]
     with atomic_path(out_dir / "report.md") as tmp:
@@ -111,8 +123,9 @@ def write_report(root: Path, out_dir: Path) -> dict[str, Path]:
     body += [f"<li>{html.escape(line[2:])}</li>" for line in intro] + ["</ul>"]
     if not best.empty:
         body += ["<h2>Best deployable policy per trace, hardware and cache size</h2>", _fmt(best).to_html(index=False)]
-    for name, t in heads.items():
-        body += [f"<h2>{html.escape(name)}</h2>", _fmt(t).to_html(index=False)]
+    for name, (tr, t) in heads.items():
+        body += [f"<h2>{html.escape(name)}</h2>", _fmt(t).to_html(index=False),
+                 f"<p>Trace {html.escape(str(tr))}: {html.escape(sources[tr])}.</p>"]
     body.append("<h2>Figures</h2>")
     for k, v in figs.items():
         if not isinstance(v, str):

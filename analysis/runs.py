@@ -13,7 +13,7 @@ from .errors import AnalysisError
 
 REQUIRED = ("run", "stall_s", "total_s", "hit_rate", "belady_hit_rate", "oracle_stall_s", "bytes_moved")
 RUN_FIELDS = (
-    "driver", "trace_name", "model", "policy", "cache", "predictor", "horizon", "horizon_distance", "scheduler",
+    "driver", "trace_name", "trace_source", "model", "policy", "cache", "predictor", "horizon", "horizon_distance", "scheduler",
     "hardware", "bandwidth_gbps", "capacity_fraction", "capacity_slots_per_layer", "batch_size", "seed",
     "expert_bytes", "scope",
 )

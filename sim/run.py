@@ -302,6 +302,7 @@ def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
         "driver": "sim",
         "trace": str(cfg.trace.get("path") or ""),
         "trace_name": trace_name(cfg.trace),
+        "trace_source": meta.source,  # what the routing is (e.g. a synthetic preset: whose statistics it matches)
         "model": meta.model,
         "cache": str(cfg.cache.name),
         "predictor": str(cfg.predictor.name),

@@ -143,3 +143,37 @@ def test_null_bounds_are_reported_as_missing(tmp_path):
     assert df.oracle_stall_s.isna().all() and df.oracle_gap_s.isna().all() and df.belady_hit_rate.isna().all()
     assert sorted(df.stall_vs_ondemand) == [0.5, 1.0]
     assert "| lru+transition | 50% | 0.5 |  | 1 |  |" in (root / "report" / "report.md").read_text()
+
+
+def test_report_prints_each_traces_source(sweep):
+    """results.json's ``run.trace_source`` (a synthetic preset's origin) appears under the trace's table; a
+    result without one says so."""
+    for p in sweep.glob("*/results.json"):
+        res = json.loads(p.read_text())
+        if res["run"]["trace_name"] == "A":
+            res["run"]["trace_source"] = "synthetic: X shape, routing statistics borrowed from Y"
+            p.write_text(json.dumps(res))
+    assert main(["report", str(sweep)]) == 0
+    md = (sweep / "report" / "report.md").read_text()
+    assert "Trace A: synthetic: X shape, routing statistics borrowed from Y." in md
+    assert "Trace B: not recorded" in md
+    assert "Trace A: synthetic: X shape" in (sweep / "report" / "report.html").read_text()
+    df = pd.read_parquet(sweep / "report" / "runs.parquet")
+    assert set(df[df.trace_name == "A"].trace_source) == {"synthetic: X shape, routing statistics borrowed from Y"}
+
+
+def test_a_synthetic_runs_results_name_whose_statistics_it_borrows(tmp_path):
+    """A sim run on the DeepSeek-V2-Lite preset records in results.json that its routing is Qwen3-30B-A3B's
+    statistics, and the report prints that next to the trace."""
+    from traces.synth import SYNTH_PRESETS
+
+    run_dir = tmp_path / "runs" / "one"
+    sim = subprocess.run([sys.executable, "-m", "sim", "trace=deepseek-synth", "trace.synth.tokens=48",
+                          f"+trace.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    source = json.loads((run_dir / "results.json").read_text())["run"]["trace_source"]
+    assert source == SYNTH_PRESETS["deepseek-v2-lite"].source
+    assert "borrowed from Qwen3-30B-A3B" in source and "no published DeepSeek-V2-Lite" in source
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    assert f"Trace deepseek-synth: {source}." in (tmp_path / "runs" / "report" / "report.md").read_text()

@@ -90,6 +90,9 @@ def test_quick_paper_end_to_end(tmp_path):
         assert (out / f"{fig}.png").stat().st_size > 10_000
     md = (out / "paper.md").read_text()
     assert "## 5. Token scheduling" in md and "claim5_scheduling.png" in md
+    # where each trace's routing comes from (run.trace_source), listed under the grid line
+    assert set(doc["trace_sources"]) == set(doc["traces"]) and all(doc["trace_sources"].values())
+    assert all(f"- {tr}: {src}" in md for tr, src in doc["trace_sources"].items())
     # a second run reuses every finished sweep
     mtime = (runs / "stall-reference-moe" / ".done").stat().st_mtime
     assert main(["paper", "--quick", "--runs", str(runs), "--out", str(out)]) == 0

@@ -155,6 +155,7 @@ def test_cli_json_table_and_plot(tmp_path, capsys):
     assert main(["stats", str(path)]) == 0
     text = capsys.readouterr().out
     assert "overall hit rate" in text and "Belady@3" in text
+    assert "source: tests.random_trace" in text and out["source"] == "tests.random_trace"
     png = tmp_path / "r.stats.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["stats", str(path), "--plot", str(tmp_path / "p.png")]) == 0
@@ -193,3 +194,38 @@ def test_golden_hit_rates_on_real_mixtral(shared_traces):
     np.testing.assert_allclose(100 * rates["lru"], [49.6, 61.2, 71.3, 80.9], atol=2.0)
     np.testing.assert_allclose(100 * rates["lfu"], [51.1, 62.7, 72.8, 82.4], atol=2.0)
     np.testing.assert_allclose(100 * rates["belady"], [60.5, 73.9, 82.9, 89.4], atol=2.0)
+
+
+def test_json_reports_popularity_per_layer_and_overall(tmp_path, capsys):
+    """Per layer and overall: the top expert's share over the uniform share, and the share of the n most used
+    experts for each capacity n (counts worked by hand)."""
+    ex = np.array([[[0], [2]], [[0], [3]], [[0], [2]], [[1], [3]]])  # [T=4, L=2, K=1]
+    path = write_trace(make_trace(ex, num_experts=4), tmp_path / "p.parquet")
+    assert main(["stats", str(path), "--json", "--capacities", "1,2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_over_uniform"]["per_layer"] == [3.0, 2.0]  # shares 3/4 and 1/2, uniform 1/4
+    assert out["max_over_uniform"]["mean"] == 2.5
+    assert [row["max_over_uniform"] for row in out["per_layer"]] == [3.0, 2.0]
+    assert [row["top_share"] for row in out["per_layer"]] == [{"1": 0.75, "2": 1.0}, {"1": 0.5, "2": 1.0}]
+    assert out["top_share"] == {"1": 0.625, "2": 1.0}
+    assert out["cache_semantics"] == "continuous"
+
+
+def test_calibration_reads_the_stats_json(tmp_path, capsys):
+    """The calibration's statistics are the ``traces stats --json`` numbers: measuring the printed JSON and
+    measuring the trace give the same values, averaged over the target's layers."""
+    from traces.calibration import measure, measure_trace
+
+    tr = random_trace(tokens=150, layers=4, experts=8, top_k=2, sequences=3, seed=2)
+    path = write_trace(tr, tmp_path / "r.parquet")
+    target = {"capacities": [2, 4], "layers": [0, 2], "overlap": 30.0, "lru": [0, 0], "lfu": [0, 0],
+              "top_share": {2: 40.0}}
+    assert main(["stats", str(path), "--json", "--capacities", "2,4"]) == 0
+    from_json = measure(json.loads(capsys.readouterr().out), target)
+    direct = measure_trace(tr, target)
+    for key in ("overlap", "overlap_per_layer", "lru", "lfu", "max_over_uniform_per_layer"):
+        np.testing.assert_allclose(from_json[key], direct[key], atol=1e-4)
+    assert from_json["top_share"][2] == pytest.approx(direct["top_share"][2], abs=1e-4)
+    rates = hit_rates(tr, [2, 4], ("lru",))["lru"]
+    np.testing.assert_allclose(direct["lru"], 100 * rates[:, [0, 2]].mean(axis=1), atol=1e-4)
+    np.testing.assert_allclose(direct["overlap_per_layer"], 100 * adjacent_overlap(tr)[[0, 2]], atol=1e-4)

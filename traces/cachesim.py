@@ -142,12 +142,15 @@ def _evict(resident, candidates, n_evict, policy, last_used, count, next_at, T, 
 
 
 def hit_rates(
-    trace: Trace, capacities: Sequence[int], policies: Sequence[str] = POLICIES
+    trace: Trace, capacities: Sequence[int], policies: Sequence[str] = POLICIES, moe_trace_semantics: bool = False
 ) -> dict[str, np.ndarray]:
-    """Per-layer hit rates: {policy: float [C, L]} for the given slots-per-layer capacities."""
+    """Per-layer hit rates: {policy: float [C, L]} for the given slots-per-layer capacities.
+    ``moe_trace_semantics``: caches emptied at each sequence start and Belady may evict the current token's
+    experts (the published Qwen3 numbers' setting, see :func:`simulate_hits`); default: the reference semantics."""
     accesses = trace.num_tokens * trace.meta.top_k
+    variant = dict(seq_id=trace.seq_id, protect_current=False) if moe_trace_semantics else {}
     out = {}
     for policy in policies:
         nu = trace.next_use() if policy == "belady" else None
-        out[policy] = simulate_hits(trace.experts, capacities, policy, nu) / max(accesses, 1)
+        out[policy] = simulate_hits(trace.experts, capacities, policy, nu, **variant) / max(accesses, 1)
     return out

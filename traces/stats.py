@@ -2,9 +2,12 @@
 
 ``python -m traces stats TRACE [--json] [--plot OUT.png]``
 
-All statistics are per layer and overall. Adjacent-token overlap and reuse distance are measured within a
-sequence (pairs spanning two sequences are skipped); cache hit rates use the reference simulation in
-:mod:`traces.cachesim` (continuous stream over all sequences, see there).
+All statistics are per layer and overall (the mean over layers). Adjacent-token overlap and reuse distance are
+measured within a sequence (pairs spanning two sequences are skipped); cache hit rates use the reference
+simulation in :mod:`traces.cachesim` (continuous stream over all sequences, see there). Popularity is the most
+used expert's share over the uniform share (``max_over_uniform``: ``per_layer`` and ``mean``/``min``/``max``)
+and the share the ``n`` most used experts take (``top_share``, n = each capacity). The synthetic presets'
+calibration (:mod:`traces.calibration`) reads its statistics from this JSON.
 """
 
 from __future__ import annotations
@@ -36,15 +39,29 @@ def default_capacities(num_experts: int) -> list[int]:
     return sorted(c for c in caps if 1 <= c < num_experts)
 
 
+def selection_shares(trace: Trace) -> list[np.ndarray]:
+    """Per layer: each expert's share of the layer's selections, most used first."""
+    return [
+        np.sort(np.bincount(trace.experts[:, layer].ravel(), minlength=E) / max(trace.experts[:, layer].size, 1))[::-1]
+        for layer, E in enumerate(trace.meta.num_experts)
+    ]
+
+
 def popularity(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     """Per layer: (max share / uniform share, entropy of the selection shares / log(E))."""
     max_ratio, entropy = [], []
-    for layer, E in enumerate(trace.meta.num_experts):
-        share = np.bincount(trace.experts[:, layer].ravel(), minlength=E) / max(trace.experts[:, layer].size, 1)
-        max_ratio.append(share.max() * E)
+    for share, E in zip(selection_shares(trace), trace.meta.num_experts):
+        max_ratio.append(share[0] * E)
         nz = share[share > 0]
         entropy.append(float(-(nz * np.log(nz)).sum() / np.log(E)) if E > 1 else 1.0)
     return np.asarray(max_ratio), np.asarray(entropy)
+
+
+def top_shares(trace: Trace, tops: list[int]) -> np.ndarray:
+    """float [len(tops), L]: share of each layer's selections taken by its ``n`` most used experts, for each n
+    in ``tops`` (the hit rate of a cache pinning, in hindsight, the n most popular experts of every layer)."""
+    shares = selection_shares(trace)
+    return np.asarray([[share[:n].sum() for share in shares] for n in tops]).reshape(len(tops), len(shares))
 
 
 def adjacent_overlap(trace: Trace) -> np.ndarray:
@@ -110,13 +127,20 @@ def cross_layer_recall(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return recall, base
 
 
-def compute_stats(trace: Trace, capacities: list[int] | None = None) -> dict:
-    """Every statistic as one JSON-ready dict (see the module docstring and ``--json``)."""
+def compute_stats(
+    trace: Trace, capacities: list[int] | None = None, policies: tuple[str, ...] = POLICIES,
+    moe_trace_semantics: bool = False,
+) -> dict:
+    """Every statistic as one JSON-ready dict (see the module docstring and ``--json``). Overall values are
+    means over layers (every layer has the same number of accesses). ``policies``: the cache policies to
+    simulate; ``moe_trace_semantics``: the cache variant of :func:`traces.cachesim.hit_rates` (published
+    Qwen3 numbers only)."""
     meta = trace.meta
     L, K, T = meta.num_layers, meta.top_k, trace.num_tokens
     caps = capacities or default_capacities(min(meta.num_experts))
-    rates = hit_rates(trace, caps)  # {policy: [C, L]}, equal accesses per layer
+    rates = hit_rates(trace, caps, policies, moe_trace_semantics)  # {policy: [C, L]}, equal accesses per layer
     max_ratio, entropy = popularity(trace)
+    tops = top_shares(trace, caps)  # [C, L]
     overlap = adjacent_overlap(trace)
     dists = reuse_distances(trace)
     recall, base = cross_layer_recall(trace) if L > 1 else (np.array([]), np.array([]))
@@ -128,6 +152,7 @@ def compute_stats(trace: Trace, capacities: list[int] | None = None) -> dict:
             "num_experts": meta.num_experts[layer],
             "adjacent_overlap": _num(overlap[layer]),
             "max_over_uniform": _num(max_ratio[layer]),
+            "top_share": {str(c): _num(tops[i, layer]) for i, c in enumerate(caps)},
             "normalised_entropy": _num(entropy[layer]),
             "reuse_distance": summarise_distances(dists[layer], uses),
             "cross_layer_recall": _num(recall[layer]) if layer < L - 1 else None,
@@ -144,13 +169,17 @@ def compute_stats(trace: Trace, capacities: list[int] | None = None) -> dict:
         "num_tokens": T,
         "num_sequences": int(np.unique(trace.seq_id).size),
         "adjacent_overlap": _num(np.nanmean(overlap)),
-        "max_over_uniform": {"mean": _num(max_ratio.mean()), "min": _num(max_ratio.min()), "max": _num(max_ratio.max())},
+        # popularity: the most used expert's share of a layer's selections over the uniform share 1/E
+        "max_over_uniform": {"mean": _num(max_ratio.mean()), "min": _num(max_ratio.min()), "max": _num(max_ratio.max()),
+                             "per_layer": [_num(x) for x in max_ratio]},
+        "top_share": {str(c): _num(tops[i].mean()) for i, c in enumerate(caps)},
         "normalised_entropy": _num(entropy.mean()),
         "reuse_distance": summarise_distances(np.concatenate(dists), uses * L),
         "cross_layer_recall": _num(recall.mean()) if recall.size else None,
         "cross_layer_baseline_recall": _num(base.mean()) if base.size else None,
         "cross_layer_fit": "in-sample",
         "capacities": caps,
+        "cache_semantics": "moe-trace" if moe_trace_semantics else "continuous",
         "hit_rate": {p: {str(c): _num(r[i].mean()) for i, c in enumerate(caps)} for p, r in rates.items()},
         "per_layer": per_layer,
     }
@@ -167,28 +196,30 @@ def _pct(x: float | None) -> str:
 
 def format_table(stats: dict, name: str) -> str:
     """Readable per-layer and overall tables."""
-    caps = stats["capacities"]
+    caps, policies = stats["capacities"], list(stats["hit_rate"])
     shown = [c for c in caps if c in PUBLISHED_CAPACITIES.get(stats["num_experts"], [])] or caps[:: max(1, len(caps) // 4)][:4]
     lines = [
         f"{name}: {stats['model']}, {stats['num_tokens']} tokens in {stats['num_sequences']} sequence(s), "
         f"{stats['num_layers']} layers, top-{stats['top_k']} of {stats['num_experts']} experts",
+        f"source: {stats['source'] or '(not recorded)'}",
         f"adjacent overlap {_pct(stats['adjacent_overlap'])}%  max/uniform share {stats['max_over_uniform']['mean']:.2f}"
         f"  entropy {stats['normalised_entropy']:.3f}  reuse distance p50 {stats['reuse_distance']['quantiles']['p50']:.0f}"
         f"  cross-layer recall {_pct(stats['cross_layer_recall'])}% (popularity baseline"
         f" {_pct(stats['cross_layer_baseline_recall'])}%, in-sample)",
         "",
-        "layer overlap% max/unif entropy reuse_p50 xlayer%  " + "  ".join(f"{LABELS[p]}@{c}" for p in POLICIES for c in shown),
+        "layer overlap% max/unif entropy reuse_p50 xlayer%  " + "  ".join(f"{LABELS[p]}@{c}" for p in policies for c in shown),
     ]
     for row in stats["per_layer"]:
-        hits = "  ".join(f"{_pct(row['hit_rate'][p][str(c)]):>{len(p) + len(str(c)) + 1}}" for p in POLICIES for c in shown)
+        hits = "  ".join(f"{_pct(row['hit_rate'][p][str(c)]):>{len(p) + len(str(c)) + 1}}" for p in policies for c in shown)
         p50 = row["reuse_distance"]["quantiles"]["p50"]
         lines.append(
             f"{row['layer']:5d} {_pct(row['adjacent_overlap']):>8} {row['max_over_uniform']:9.2f} "
             f"{row['normalised_entropy']:7.3f} {p50:9.0f} {_pct(row['cross_layer_recall']):>7}  {hits}"
         )
-    lines += ["", "overall hit rate (% of accesses, per-layer caches)", "slots/layer    LRU    LFU  Belady"]
+    lines += ["", "overall hit rate (% of accesses, per-layer caches)",
+              "slots/layer  " + "  ".join(f"{LABELS[p]:>5}" for p in policies)]
     for c in caps:
-        lines.append(f"{c:11d}  " + "  ".join(f"{_pct(stats['hit_rate'][p][str(c)]):>5}" for p in POLICIES))
+        lines.append(f"{c:11d}  " + "  ".join(f"{_pct(stats['hit_rate'][p][str(c)]):>5}" for p in policies))
     return "\n".join(lines)
 
 
@@ -201,7 +232,7 @@ def plot_hit_rates(stats: dict, name: str, out: Path) -> Path:
 
     caps = stats["capacities"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, marker in zip(POLICIES, "osD"):
+    for policy, marker in zip(stats["hit_rate"], "osD"):
         ax.plot(caps, [100 * stats["hit_rate"][policy][str(c)] for c in caps], marker=marker, label=LABELS[policy])
     ax.set_xlabel(f"cache slots per layer (experts, of {stats['num_experts']})")
     ax.set_ylabel("hit rate (% of expert accesses)")

@@ -17,7 +17,8 @@ permutation per layer, so layer l's experts make specific layer-(l+1) experts li
 structure that a predictor can learn by id). Gate weights are the softmax of the chosen scores.
 
 Vectorised over tokens: the carried-over noise is a forward fill, so the only Python loop is over layers
-(each layer needs the previous layer's choices). Calibrated presets live in :data:`SYNTH_PRESETS`.
+(each layer needs the previous layer's choices). Model presets live in :data:`SYNTH_PRESETS`; each says in
+its ``source`` (copied into the trace's metadata) whose routing statistics its knobs were fitted to.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class SynthConfig:
     hidden_size: int = 0  # model hidden size (metadata only)
     intermediate_size: int = 0  # expert FFN width (metadata only)
     shared_experts: int = 0  # always-active shared experts per layer (metadata only)
+    source: str = "synthetic: knobs set by hand"  # the trace metadata's `source`: what the knobs were fitted to
 
     def per_layer(self, name: str) -> np.ndarray:
         """A knob as float [num_layers], checking list lengths."""
@@ -89,40 +91,91 @@ class SynthConfig:
             raise bad("drift_locality", "a probability in [0, 1]")
 
 
+def layer_profile(num_layers: int, anchors: dict[int, float]) -> list[float]:
+    """One value per layer, linear between the anchor layers (where a knob was fitted) and constant beyond
+    the first and last anchor."""
+    at = sorted(anchors)
+    return [round(float(v), 4) for v in np.interp(np.arange(num_layers), at, [anchors[a] for a in at])]
+
+
+@dataclass(frozen=True)
+class SynthPreset:
+    """A model's synthetic routing: generator knobs and what they were fitted to."""
+
+    knobs: dict  # SynthConfig fields: skew, locality, cross_layer, drift, drift_locality
+    source: str  # the trace metadata's `source`: the shape's model and whose routing statistics the knobs match
+
+
 # Knobs per model, found by traces.calibration (`python -m traces.calibration`: a coordinate search that
-# minimises the squared error to the published statistics in shared/traces/README.md, on a seed-0 trace of
-# the size in calibration.TARGETS, default 2,000 tokens in 4 sequences). Values not searched say so.
-SYNTH_PRESETS: dict[str, dict] = {
+# minimises the squared error to the target statistics in calibration.TARGETS, each with its source, on a
+# seed-0 trace of the size the targets were measured on). Values not searched say so. Only mixtral-8x7b,
+# qwen3-30b-a3b and qwen1.5-moe-a2.7b are fitted to per-token statistics of their own model; the others borrow
+# another model's knobs for what their model has no published data on, and their `source` says whose.
+SYNTH_PRESETS: dict[str, SynthPreset] = {
     # Real Mixtral decode: overlap 0.376, LRU 49.6/61.2/71.3/80.9, Belady 60.5/73.9/82.9/89.4 at 3-6 of 8,
     # top expert 1.08-1.78x uniform share.
     # Search over (skew, locality) at cross_layer 1.0, which gives the in-sample cross-layer recall of the
     # real decode trace (0.44 synthetic vs 0.46 real, traces.stats.cross_layer_recall).
-    "mixtral-8x7b": dict(skew=0.35, locality=0.27, cross_layer=1.0),
+    "mixtral-8x7b": SynthPreset(
+        dict(skew=0.35, locality=0.27, cross_layer=1.0),
+        "synthetic: Mixtral-8x7B shape, fitted to real Mixtral-8x7B decode routing (speculative-moe traces: "
+        "adjacent-token overlap, LRU/Belady hit rates, cross-layer recall)",
+    ),
     # Qwen3-30B-A3B: overlap 0.427 (layer 0: 0.079), LRU 42.4/64.7/81.0/91.8, Belady 60.8/78.4/88.8/92.9
     # at 8/16/32/64 of 128, top-16 experts take 54-62% of selections; measured by moe-trace on 25 prompts
     # (3,225 tokens) with caches reset per prompt and an oracle that may drop current experts, so the search
     # used that setting (traces.calibration.TARGETS). The fit put almost all locality into the slow drift.
     # Layer 0 (overlap 0.079, random 0.0625) is set by hand, not searched: no drift or locality, skew 0.4
-    # (measured overlap 0.08).
-    "qwen3-30b-a3b": dict(skew=[0.4] + [1.35] * 47, locality=[0.0] + [0.0125] * 47, cross_layer=1.0,
-                          drift=[0.0] + [1.5625] * 47, drift_locality=0.998),
-    # No published traces: the Qwen3 knobs (same class of fine-grained top-k routing).
-    "deepseek-v2-lite": dict(skew=[0.4] + [1.35] * 25, locality=[0.0] + [0.0125] * 25, cross_layer=1.0,
-                             drift=[0.0] + [1.5625] * 25, drift_locality=0.998),
-    "qwen1.5-moe-a2.7b": dict(skew=[0.4] + [1.35] * 23, locality=[0.0] + [0.0125] * 23, cross_layer=1.0,
-                              drift=[0.0] + [1.5625] * 23, drift_locality=0.998),
+    # (measured overlap 0.08). cross_layer 1.0 is Mixtral's, not searched (no published cross-layer figure).
+    "qwen3-30b-a3b": SynthPreset(
+        dict(skew=[0.4] + [1.35] * 47, locality=[0.0] + [0.0125] * 47, cross_layer=1.0,
+             drift=[0.0] + [1.5625] * 47, drift_locality=0.998),
+        "synthetic: Qwen3-30B-A3B shape, fitted to published Qwen3-30B-A3B routing statistics (moe-trace: "
+        "adjacent-token overlap, LRU/Belady hit rates, top-16 share); cross-layer bonus borrowed from Mixtral-8x7B",
+    ),
+    # No published per-token routing: the Qwen3-30B-A3B knobs (same class of fine-grained top-k routing).
+    "deepseek-v2-lite": SynthPreset(
+        dict(skew=[0.4] + [1.35] * 25, locality=[0.0] + [0.0125] * 25, cross_layer=1.0,
+             drift=[0.0] + [1.5625] * 25, drift_locality=0.998),
+        "synthetic: DeepSeek-V2-Lite shape, routing statistics borrowed from Qwen3-30B-A3B "
+        "(no published DeepSeek-V2-Lite traces)",
+    ),
+    # Real Qwen1.5-MoE-A2.7B decode (vLLM, 25 GSM8K questions, issue 19; TARGETS has the figures): overlap
+    # 8.3-13.2% per layer (random 6.7%), top expert 1.47-2.09x uniform, LRU 18.2/30.8/56.6/81.0 and LFU
+    # 20.5/34.4/60.6/82.2 at 8/15/30/45 of 60. Searched: skew, drift, and locality at each measured layer
+    # (0, 8, 12, 18, 23), interpolated linearly over the layers between them (layer_profile). cross_layer 1.0
+    # and drift_locality 0.998 not searched (no cross-layer figure was measured).
+    "qwen1.5-moe-a2.7b": SynthPreset(
+        dict(skew=0.225, locality=layer_profile(24, {0: 0.0, 8: 0.075, 12: 0.05, 18: 0.05, 23: 0.075}),
+             cross_layer=1.0, drift=0.4, drift_locality=0.998),
+        "synthetic: Qwen1.5-MoE-A2.7B shape, fitted to real Qwen1.5-MoE-A2.7B decode routing (vLLM, 25 GSM8K "
+        "questions, layers 0/8/12/18/23: adjacent-token overlap, popularity, LRU/LFU hit rates); cross-layer "
+        "bonus borrowed from Mixtral-8x7B",
+    ),
     # OLMoE counts: top expert 2.5-7.8x uniform, top 8 of 64 take 20-51% (skew fitted to those counts).
     # Locality and cross-layer borrowed from Mixtral (the one model with real per-token data); skew searched.
-    "olmoe-1b-7b": dict(skew=0.7, locality=0.27, cross_layer=1.0),
+    "olmoe-1b-7b": SynthPreset(
+        dict(skew=0.7, locality=0.27, cross_layer=1.0),
+        "synthetic: OLMoE-1B-7B shape, popularity fitted to OLMoE-1B-7B expert counts; temporal locality and "
+        "cross-layer bonus borrowed from Mixtral-8x7B (no usable per-token OLMoE-1B-7B traces: the one log at "
+        "hand is layer 0 only, in batch order)",
+    ),
     # Switch-base-128 counts: top expert 6-31x uniform (skew fitted to those counts); top-1 routing.
-    "switch-base-128": dict(skew=0.8, locality=0.27, cross_layer=1.0),
+    "switch-base-128": SynthPreset(
+        dict(skew=0.8, locality=0.27, cross_layer=1.0),
+        "synthetic: Switch-base-128 shape, popularity fitted to Switch-base-128 expert counts; temporal locality "
+        "and cross-layer bonus borrowed from Mixtral-8x7B (no published per-token Switch-base-128 traces)",
+    ),
 }
+# Fields that change the routing statistics: overriding one makes a preset's trace no longer match its fit.
+ROUTING_FIELDS = ("skew", "locality", "cross_layer", "drift", "drift_locality", "num_layers", "num_experts", "top_k")
 
 
 def preset_config(name: str, **overrides) -> SynthConfig:
-    """The calibrated config of a model preset (shape from traces.presets), with some fields overridden."""
+    """The config of a model preset (shape from traces.presets, knobs and source from SYNTH_PRESETS), with some
+    fields overridden (None = keep); overriding a routing knob is recorded in the trace's source."""
     shape = get_preset(name)
-    knobs = SYNTH_PRESETS.get(name, {})
+    preset = SYNTH_PRESETS.get(name, SynthPreset({}, f"synthetic: {name} shape, default knobs (fitted to nothing)"))
     cfg = SynthConfig(
         model=shape.name,
         num_layers=shape.num_layers,
@@ -132,9 +185,14 @@ def preset_config(name: str, **overrides) -> SynthConfig:
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         shared_experts=shape.shared_experts,
-        **knobs,
+        source=preset.source,
+        **preset.knobs,
     )
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    changed = sorted(k for k in overrides if k in ROUTING_FIELDS and overrides[k] != getattr(cfg, k))
+    if changed:
+        overrides.setdefault("source", f"{preset.source}; overridden: {', '.join(changed)} (no longer the fit)")
+    return dataclasses.replace(cfg, **overrides)
 
 
 def _sequence_starts(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -204,7 +262,7 @@ def generate(cfg: SynthConfig) -> Trace:
         hidden_size=int(cfg.hidden_size),
         intermediate_size=int(cfg.intermediate_size),
         shared_experts=int(cfg.shared_experts),
-        source="traces.synth",
+        source=cfg.source,
         extra={"synth": knobs},
     )
     return Trace(
@@ -224,8 +282,13 @@ def _floats(text: str) -> float | list[float]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``synth`` subcommand."""
-    p = subparsers.add_parser("synth", help="generate a synthetic routing trace (calibrated model presets)")
-    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), help="model shape and calibrated knobs")
+    presets = "\n".join(f"  {name}: {SYNTH_PRESETS[name].source}" for name in sorted(SYNTH_PRESETS))
+    p = subparsers.add_parser(
+        "synth", help="generate a synthetic routing trace (model presets; each says what it was fitted to)",
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets (written into the trace's metadata `source`):\n{presets}",
+    )
+    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), help="model shape and its fitted or borrowed knobs")
     p.add_argument("--tokens", type=int, default=1000, help="total tokens (default 1000)")
     p.add_argument("--sequences", type=int, default=1, help="sequences the tokens are split into (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -261,4 +324,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["SYNTH_PRESETS", "SynthConfig", "generate", "preset_config", "register"]
+__all__ = ["SYNTH_PRESETS", "SynthConfig", "SynthPreset", "generate", "layer_profile", "preset_config", "register"]
