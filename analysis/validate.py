@@ -112,7 +112,7 @@ def run_all(out: Path, trace_args: list[str], scale: int, extra: list[str], poli
             _run(policy_commands(rd, name, scale, extra, backend, tier_dir=tier)["loop"])
             loop = json.loads((rd / "loop" / f"{name}.json").read_text())
             # the decision loop before the layer's copies go out, the copies' main-thread cost on the experts
-            # computed while they are in flight (see sim/hardware.py)
+            # computed while they are in flight (see replay/hardware.py)
             cmds = policy_commands(rd, name, scale, extra, backend, loop["decide_overhead_s"], tier,
                                    loop["expert_overhead_s"])
             for driver in ("executor", "sim"):
@@ -237,14 +237,12 @@ def _main(args: argparse.Namespace) -> int:
     else:
         trace_over = ["trace=deepseek-synth", f"trace.synth.tokens={args.tokens}"]
         prof = ["--model-preset", "deepseek-v2-lite"]
-    if args.backend == "cuda":  # stop before any work on a machine without a GPU
-        from executor.cuda_backend import require_cuda
-        from executor.tier import TierError
-
-        try:
-            require_cuda()
-        except TierError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+    if args.backend == "cuda":  # stop before any work on a machine without a GPU (the executor says why)
+        check = subprocess.run([sys.executable, "-m", "executor", "check", "--backend", "cuda"], capture_output=True,
+                               text=True)
+        if check.returncode:
+            print(check.stderr.strip() or f"error: python -m executor check --backend cuda failed ({check.returncode})",
+                  file=sys.stderr)
             return 2
     trace = args.trace.resolve() if args.trace else None
     vout.open_out(out, vout.settings(trace, args.tokens, args.scale, chosen, args.backend, args.overrides), args.repeats)

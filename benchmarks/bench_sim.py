@@ -22,10 +22,10 @@ from policies.horizons.fixed import FixedHorizon
 from policies.predictors.transition import TransitionPredictor
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from policies.schedulers.fifo import FIFOScheduler
+from replay.hardware import ComputeModel, CopyModel
+from replay.prepare import step_keys
+from replay.trace_source import synth_from_settings
 from sim.engine import replay
-from sim.hardware import ComputeModel, CopyModel
-from sim.run import step_keys
-from sim.trace_source import synth_from_settings
 from traces import split_by_sequence
 
 

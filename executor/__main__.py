@@ -14,12 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 log = logging.getLogger("executor")
-SUBCOMMANDS = {"profile": ".profile", "model": ".model_cli", "router-bias": ".router_bias"}
+SUBCOMMANDS = {"profile": ".profile", "model": ".model_cli", "router-bias": ".router_bias", "check": ".check"}
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> float | None:
-    from sim.__main__ import known_errors
+    from replay.errors import known_errors
 
     from .run import execute_config
     from .tier import TierError

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .cuda_backend import CudaOps, CudaTransferEngine, GpuLayerCompute, load_host, require_cuda
+from .measure import fit_alpha_beta, measure_compute
 from .tier import ExpertReader, StoreLayout
 
 
@@ -28,8 +29,6 @@ def time_copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -
 
 
 def profile_cuda(path: Path, layout: StoreLayout, repeats: int = 15, copy_streams: int = 2) -> dict:
-    from .profile import fit_alpha_beta, measure_compute  # lazy: profile.py may import this module
-
     require_cuda()
     reader = ExpertReader(path, direct=False)
     try:

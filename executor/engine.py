@@ -12,7 +12,7 @@ import time
 
 from policies.base import Step
 from policies.runtime import PolicyRuntime
-from sim.engine import LayerStats, ReplayResult
+from replay.results import LayerStats, ReplayResult
 
 from .compute import LayerCompute
 from .transfer import TransferEngine

@@ -70,7 +70,7 @@ def measure_loop_overhead(overrides: list[str], main_thread_copy_s: float = 0.0,
     per layer-step); the simulator adds them where they occur."""
     from hydra import compose, initialize_config_dir
 
-    from sim.run import prepare
+    from replay.prepare import prepare
 
     from .engine import execute
     from .run import check_executor_config
@@ -122,7 +122,7 @@ def loop_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from hydra.errors import HydraException
 
-    from sim.__main__ import known_errors
+    from replay.errors import known_errors
 
     try:
         if args.repeats < 1:

@@ -2,7 +2,7 @@
 ``executor.scale``, experts in a packed file on disk, ``sum(cache capacity)`` RAM slots, real compute.
 Writes ``results.json`` with the simulator's keys (``run.driver = "executor"``), measured.
 
-The bounds are the simulator's, on a model of the hardware. Belady's hit rate does not depend on time, so it is
+The bounds are the core's (:mod:`replay.bounds`), on a model of the hardware. Belady's hit rate does not depend on time, so it is
 always reported. The perfect-foresight stalls are only honest on a model of what this run read and computed: a
 profile (``hardware=profiled``, copies and compute) of this tier taken at this run's expert size. Otherwise the
 configured preset models full-size experts on another machine (a "lower bound" 44x the measured stall was
@@ -15,9 +15,11 @@ import os
 import time
 from pathlib import Path
 
-from sim.hardware import load_profile
-from sim.outputs import write_outputs
-from sim.run import Prepared, bounds, min_replay, prepare, results_dict
+from replay.bounds import belady_bounds, bounds
+from replay.hardware import load_profile
+from replay.outputs import write_outputs
+from replay.prepare import prepare
+from replay.results import results_dict
 
 from .compute import LayerCompute
 from .engine import execute
@@ -66,12 +68,6 @@ def models_this_run(hw, expert_bytes: int, tier: str) -> bool:
         return False
     prof = load_profile(hw.profile_path)
     return prof.get("expert_bytes") == expert_bytes and prof.get("tier") == tier
-
-
-def belady_bounds(p: Prepared) -> dict:
-    """Belady's MIN at the run's capacity, on demand: the time-free half of :func:`sim.run.bounds`."""
-    rate, cache, _ = min_replay(p)
-    return {"belady_hit_rate": rate, "belady_misses_unique": cache.stats.inserts}
 
 
 ODIRECT = {"auto": None, "on": True, "off": False}

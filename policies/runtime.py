@@ -123,7 +123,8 @@ class PolicyRuntime:
         (one that defines ``predict_steps``, see :class:`~policies.base.Predictor`) the runtime then scores a
         block of steps per numpy call and builds no Observation; decisions are the same."""
         stateless = getattr(type(self.predictor), "predict_steps", None) is not None
-        self._table = PrefetchTable(self, steps) if stateless and not self.silent else None
+        self._table = PrefetchTable(self.predictor, self.experts, self.offsets, self.cfg.num_layers, self.limit,
+                                    self.cfg.min_score, steps) if stateless and not self.silent else None
 
     def observation(self, step: int, layer: int, tokens: np.ndarray) -> Observation:
         hid = None

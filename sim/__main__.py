@@ -20,18 +20,10 @@ from omegaconf import DictConfig
 log = logging.getLogger("sim")
 
 
-def known_errors() -> tuple[type[Exception], ...]:
-    from policies.base import PolicyConfigError
-    from traces import TraceError
-
-    from .hardware import HardwareConfigError
-    from .run import SimConfigError
-
-    return (PolicyConfigError, TraceError, HardwareConfigError, SimConfigError)
-
-
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from replay.errors import known_errors
+
     from .run import simulate
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -9,87 +9,19 @@ the stall.
 
 from __future__ import annotations
 
-import gc
 import heapq
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
-import numpy as np
 import simpy
 
 from policies.base import Step
 from policies.runtime import PolicyRuntime
+from replay.channels import CopyChannels, make_channels
+from replay.hardware import ComputeModel, CopyModel
+from replay.prepare import gc_paused
+from replay.results import LayerStats, LayerTally, ReplayResult
 
-from .channels import CopyChannels, make_channels
 from .fused import expert_times_s, fused_applies, hits_compute_s, replay_fused, wait_ready
-from .hardware import ComputeModel, CopyModel
-
-
-@dataclass
-class LayerStats:
-    requests: np.ndarray  # per layer: (token, expert) uses
-    hits: np.ndarray
-    late_hits: np.ndarray
-    misses: np.ndarray
-    stall_s: np.ndarray
-
-    @classmethod
-    def zeros(cls, num_layers: int) -> LayerStats:
-        return cls(*(np.zeros(num_layers, dtype=np.int64) for _ in range(4)), np.zeros(num_layers))
-
-    def accumulator(self) -> LayerTally:
-        """A faster recorder for the simulator's loop (plain Python lists); merge it back with :meth:`absorb`."""
-        return LayerTally(len(self.requests))
-
-    def absorb(self, tally: LayerTally) -> None:
-        for arr, vals in ((self.requests, tally.requests), (self.hits, tally.hits), (self.late_hits, tally.late),
-                          (self.misses, tally.misses)):
-            arr += np.asarray(vals, dtype=np.int64)
-        self.stall_s += np.asarray(tally.stall_s, dtype=float)
-
-    def record(self, layer: int, plan, stall_s: float) -> int:
-        """Add one layer-step's outcomes; returns its demand loads (distinct experts that missed)."""
-        self.stall_s[layer] += stall_s
-        counters = {"hit": self.hits, "late": self.late_hits, "miss": self.misses}
-        loads = 0
-        for k in plan.needed:
-            u = plan.uses[k]
-            self.requests[layer] += u
-            counters[plan.outcome[k]][layer] += u
-            loads += plan.outcome[k] == "miss"
-        return loads
-
-
-class LayerTally:
-    """Per-layer sums in plain Python lists, which the simulator's loop adds to from the use counts each
-    :class:`~policies.runtime.LayerPlan` carries (the sums :meth:`LayerStats.record` makes, without a loop over
-    keys or numpy scalar updates); :meth:`LayerStats.absorb` merges them."""
-
-    def __init__(self, num_layers: int):
-        self.requests = [0] * num_layers
-        self.hits = [0] * num_layers
-        self.late = [0] * num_layers
-        self.misses = [0] * num_layers
-        self.stall_s = [0.0] * num_layers
-
-
-@dataclass
-class ReplayResult:
-    total_s: float  # simulated time of the whole replay
-    stall_s: float  # time the compute stream waited for copies
-    compute_s: float  # time the compute stream was busy
-    step_s: list[float]  # duration of each step
-    step_phase: list[int]  # phase of each step
-    step_tokens: list[int]  # tokens in each step
-    bytes_moved: int  # bytes of every copy started (a started copy always completes), preload included
-    copies: int  # copies started, preload included
-    demand_loads: int  # distinct experts per layer-step that had to be loaded on demand (misses)
-    layers: LayerStats
-    wall_s: float  # host time the replay took
-    events: list = field(default_factory=list)  # compute spans for the Chrome trace (if logged)
-    copy_records: list | None = None
-    preload_copies: int = 0  # pinned experts (static policies) loaded before the replay: counted, not timed
 
 
 def replay(
@@ -110,22 +42,6 @@ def replay(
     :mod:`sim.fused`'s would apply (identical results too)."""
     with gc_paused():
         return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused)
-
-
-@contextmanager
-def gc_paused():
-    """Pause the cyclic GC for a block that allocates containers by the hundred thousand (the replay loop,
-    the per-layer-step keys), none of them in reference cycles, so refcounting frees them. With the GC on,
-    its collections run every few hundred allocations and keep re-traversing the long-lived ones: 15% or more
-    of a replay, and most of building the keys. Resumed after (gc.freeze/unfreeze instead would leave the
-    next collections miscalibrated)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused) -> ReplayResult:

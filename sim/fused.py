@@ -20,8 +20,7 @@ import heapq
 import time
 
 from policies.runtime import PolicyRuntime
-
-from .channels import SerialChannel
+from replay.serial_channel import SerialChannel
 
 
 def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
@@ -75,7 +74,7 @@ def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
 
 def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, num_layers: int, uses, tally, result):
     """Replay ``steps`` (``uses[i]``: key -> tokens at layer-step i, required) into ``tally`` (an empty
-    :class:`~sim.engine.LayerTally`); ``result`` builds the :class:`~sim.engine.ReplayResult` from the totals
+    :class:`~replay.results.LayerTally`); ``result`` builds the :class:`~replay.results.ReplayResult` from the totals
     (the engine's, passed in so there is one)."""
     wall0 = time.perf_counter()
     rt = runtime

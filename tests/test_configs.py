@@ -52,7 +52,7 @@ def test_other_groups_compose(group):
 def check_trace_config(cfg, name: str) -> None:
     """A trace config names itself and gives exactly one source that resolves: a file in the project, a
     synthetic preset (seeded by the run's seed) or an import of files that exist."""
-    from sim.trace_source import trace_name
+    from replay.trace_source import trace_name
     from traces.importers import FORMATS
     from traces.presets import MODEL_PRESETS
 

@@ -236,7 +236,9 @@ def test_replay_loop_drives_the_cuda_engine_unchanged(tmp_path, cache, predictor
     resident expert's slot holds that expert's weights."""
     from executor.engine import execute
     from executor.tier import scaled_layout
-    from sim.run import prepare, results_dict, simulate
+    from replay.prepare import prepare
+    from replay.results import results_dict
+    from sim.run import simulate
 
     ov = [*small_case(tmp_path, cache), f"predictor={predictor}"]
     p = prepare(compose_cfg(ov))

@@ -232,7 +232,7 @@ class CountingCompute:
 
 def test_prefetches_still_queued_at_their_target_are_cancelled(tmp_path):
     from executor.engine import execute
-    from sim.run import prepare
+    from replay.prepare import prepare
 
     tr = random_trace(tokens=60, layers=3, experts=8, top_k=2, sequences=3, seed=3)
     path = write_trace(tr, tmp_path / "t.parquet")

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from analysis.validate import POLICIES, policy_commands, profile_command
 from executor.profile import InstantTransfer, NullCompute, measure_loop_overhead
-from sim.hardware import HardwareConfigError, build_models
+from replay.hardware import HardwareConfigError, build_models
 from traces import write_trace
 
 HAS_CUDA = torch.cuda.is_available()
@@ -139,7 +139,7 @@ def test_loop_cli_writes_the_overhead(tmp_path):
 def test_engine_phases_are_instrumentation_only(tmp_path):
     """The same replay with and without ``phases``: identical decisions; the phases add up to the loop."""
     from executor.engine import execute
-    from sim.run import prepare
+    from replay.prepare import prepare
 
     trace, prof = small_trace(tmp_path), fake_profile(tmp_path)
     ov = [f"trace.path={trace}", "hardware=profiled", f"hardware.profile_path={prof}", "cache=lru",

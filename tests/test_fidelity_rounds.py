@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from analysis.validate import compare, round_order, to_markdown
 from executor.profile import tier_concurrency
 from executor.transfer import CopyRecord
-from sim.hardware import SHARED_BELOW, HardwareConfigError, build_models
+from replay.hardware import SHARED_BELOW, HardwareConfigError, build_models
 
 META = random_trace(tokens=10, layers=2, experts=4, top_k=2, sequences=1, seed=0).meta
 

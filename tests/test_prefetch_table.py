@@ -13,7 +13,7 @@ from policies.base import FutureIndex, Observation, PredictorContext, top_scores
 from policies.predictors.oracle import OraclePredictor
 from policies.predictors.transition import TransitionPredictor
 from policies.runtime import PolicyRuntime
-from sim.run import prepare
+from replay.prepare import prepare
 from traces import write_trace
 
 

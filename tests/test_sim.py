@@ -210,7 +210,7 @@ def _compose(overrides: list[str]):
 
 def test_seed_drives_the_synthetic_trace(tmp_path):
     """``seed`` reaches the synthetic generator (unless ``trace.synth.seed`` is set): another seed, another trace."""
-    from sim.trace_source import resolve_trace
+    from replay.trace_source import resolve_trace
 
     base = ["trace=deepseek-synth", "trace.synth.tokens=60", f"+trace.cache_dir={tmp_path}"]
     traces = {s: resolve_trace(_compose([*base, f"seed={s}"]).trace) for s in (0, 1)}
@@ -223,7 +223,7 @@ def test_seed_drives_the_synthetic_trace(tmp_path):
 
 def test_trace_cache_is_keyed_by_the_generator_code(tmp_path, monkeypatch):
     """Editing ``traces/`` (its digest) makes a new cached trace instead of reusing the old one."""
-    import sim.trace_source as ts
+    import replay.trace_source as ts
 
     node = _compose(["trace=deepseek-synth", "trace.synth.tokens=30", f"+trace.cache_dir={tmp_path}"]).trace
     ts.resolve_trace(node)
@@ -237,7 +237,7 @@ def test_trace_cache_is_keyed_by_the_generator_code(tmp_path, monkeypatch):
 
 def test_trace_name_follows_trace_path(tmp_path):
     """A file replayed through the default (synthetic) group is named after the file, not the group."""
-    from sim.trace_source import trace_name
+    from replay.trace_source import trace_name
 
     assert trace_name(_compose([]).trace) == "mixtral-synth"
     assert trace_name(_compose(["trace.path=/data/my-run.parquet"]).trace) == "my-run"

@@ -7,8 +7,9 @@ import pytest
 from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
 
-from sim.bounds import ondemand_replay, oracle_stall
-from sim.run import prepare
+from policies.ondemand import ondemand_replay
+from replay.oracle import oracle_stall
+from replay.prepare import prepare
 from traces import write_trace
 
 
@@ -69,7 +70,7 @@ def plain_victim(self, part):
 def test_heap_victims_equal_the_plain_farthest_rule(tmp_path, monkeypatch, scope, batch, slots, experts, seed):
     """The bounds' victims come from a lazy heap of next uses; scanning every candidate gives the same stalls
     for both schedules (and MIN's loads, which use the same heap through the Belady policy)."""
-    import sim.bounds as bounds
+    import replay.oracle as bounds
 
     if scope == "global":
         slots *= 4
@@ -88,8 +89,8 @@ def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatc
 
     from test_sim import run_sim
 
-    import sim.bounds_cache as bc
-    import sim.run as sr
+    import replay.bounds as sr
+    import replay.bounds_cache as bc
 
     computed = []  # one entry per fresh computation of the bounds
     real_compute = sr.compute_bounds

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import simpy
 
-from sim.channels import CopyChannels
-from sim.hardware import CopyModel, HardwareConfigError, build_models
+from replay.channels import CopyChannels
+from replay.hardware import CopyModel, HardwareConfigError, build_models
 from traces.presets import MODEL_PRESETS
 
 
@@ -203,8 +203,8 @@ def test_direct_serial_channel_equals_simpy(tmp_path, policy, hw):
     from conftest import ROOT, random_trace
     from hydra import compose, initialize_config_dir
 
+    from replay.prepare import prepare
     from sim.engine import replay
-    from sim.run import prepare
     from traces import write_trace
 
     path = write_trace(random_trace(tokens=60, layers=4, experts=8, top_k=2, sequences=4, seed=3), tmp_path / "t.parquet")
@@ -230,7 +230,7 @@ def _channel_ops(seed: int, serial: bool):
     """A random sequence of driver operations on one channel; returns everything observable."""
     import random
 
-    from sim.channels import SerialChannel
+    from replay.serial_channel import SerialChannel
 
     rng = random.Random(seed)
     landed = []
@@ -275,7 +275,7 @@ def test_serial_channel_fuzzed_against_simpy(block):
 @pytest.mark.parametrize("serial", [True, False], ids=["direct", "simpy"])
 def test_resubmitted_copy_queues_behind_later_ones(serial):
     """A cancelled then resubmitted prefetch goes to the back of its priority, not to its old place."""
-    from sim.channels import SerialChannel
+    from replay.serial_channel import SerialChannel
 
     model = CopyModel("constant", 1000.0)
     ch = SerialChannel(model, 1000, lambda k: None, log=True) if serial else \

@@ -11,7 +11,7 @@ from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
 
 import sim.engine as engine
-from sim.run import prepare
+from replay.prepare import prepare
 from traces import write_trace
 
 ACCEPTED = {

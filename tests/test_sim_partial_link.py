@@ -13,8 +13,8 @@ import simpy
 from conftest import ROOT, random_trace, write_profile
 from hydra import compose, initialize_config_dir
 
-from sim.channels import CopyChannels
-from sim.hardware import CopyModel, HardwareConfigError, build_models
+from replay.channels import CopyChannels
+from replay.hardware import CopyModel, HardwareConfigError, build_models
 from sim.run import simulate
 from traces import write_trace
 

@@ -8,7 +8,7 @@ from conftest import random_trace
 
 from policies.base import FutureIndex
 from policies.schedulers.fifo import FIFOScheduler
-from sim.run import step_keys
+from replay.prepare import step_keys
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
 

@@ -197,16 +197,52 @@ class Trace:
     def hidden_states(self):
         """The input hidden state of every MoE layer, float tensor [T, L, H], loaded lazily from the sidecar
         ``<trace>.hidden.safetensors``. Raises TraceError if the trace has none."""
-        from .sidecar import load_hidden
-
         if self._hidden is None:
             self._hidden = load_hidden(self)
         return self._hidden
 
     def has_hidden_states(self) -> bool:
-        from .sidecar import sidecar_path
-
         return self.path is not None and sidecar_path(self.path).exists()
+
+
+SIDECAR_SUFFIX = ".hidden.safetensors"
+
+
+def sidecar_path(trace_path: str | Path) -> Path:
+    """The hidden-state sidecar of the trace file ``trace_path`` (see :mod:`traces.sidecar`)."""
+    p = Path(trace_path)
+    return p.with_name(p.name.removesuffix(".parquet") + SIDECAR_SUFFIX)
+
+
+def load_hidden(trace: Trace) -> np.ndarray:
+    """The sidecar's hidden states of ``trace``'s tokens (rows of its parent file's sidecar for a selection)."""
+    if trace.path is None:
+        raise TraceError("trace was not loaded from a file, so it has no hidden-state sidecar")
+    path = sidecar_path(trace.path)
+    if not path.exists():
+        raise TraceError(f"{trace.path}: no hidden-state sidecar at {path} (record with --hidden-states)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if "hidden" not in f.keys():
+                raise TraceError(f"{path}: no tensor 'hidden' (has {sorted(f.keys())}), expected hidden [tokens, layers, hidden]")
+            hidden = f.get_tensor("hidden")
+    except TraceError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for corrupt or short files
+        raise TraceError(f"{path}: not a readable safetensors file ({exc})") from exc
+    L = trace.meta.num_layers
+    idx = getattr(trace, "_parent_index", None)
+    if hidden.ndim != 3 or hidden.shape[1] != L:
+        raise TraceError(f"{path}: hidden has shape {hidden.shape}, expected (tokens, {L}, hidden)")
+    if idx is None and hidden.shape[0] != trace.num_tokens:
+        raise TraceError(f"{path}: hidden has {hidden.shape[0]} tokens, expected {trace.num_tokens} like {trace.path}")
+    # a selected trace reads rows of its parent file's sidecar: the sidecar must hold every one of them
+    if idx is not None and idx.size and hidden.shape[0] <= idx.max():
+        raise TraceError(f"{path}: hidden has {hidden.shape[0]} tokens, expected one per token of {trace.path} "
+                         f"(token {int(idx.max())} is selected)")
+    return hidden if idx is None else hidden[idx]
 
 
 def next_use_of(keys_by_time: np.ndarray, horizon: int) -> np.ndarray:

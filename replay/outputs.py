@@ -9,7 +9,7 @@ import pandas as pd
 
 from traces.io import atomic_path
 
-from .engine import ReplayResult
+from .results import ReplayResult
 
 
 def write_json(path: Path, obj) -> None:

@@ -1,7 +1,7 @@
 """The bounds of a run (MIN's hit rate and loads, the perfect-foresight stalls) depend on the replayed steps,
 the cache's partitions and capacity and the hardware models, not on the policy under test, so the runs of a
 sweep share them: they are cached under ``bounds.cache_dir`` (default ``.cache/bounds``), one JSON file per
-digest of those inputs *and of the simulator's and policies' source code*, so editing either recomputes them.
+digest of those inputs *and of the source code of the core (``replay``) and of the policies*, so editing either recomputes them.
 A cached file gives the very numbers a fresh computation gives (JSON round-trips floats exactly)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def code_digest(packages: tuple[str, ...] = ("sim", "policies")) -> str:
+def code_digest(packages: tuple[str, ...] = ("replay", "policies")) -> str:
     """Digest of every source file of ``packages`` (by default what the bounds can depend on)."""
     h = hashlib.sha256()
     for pkg in packages:
@@ -53,7 +53,7 @@ def _feed(h, obj) -> None:
 
 
 def bounds_digest(p) -> str:
-    """Digest of everything :func:`sim.run.bounds` reads from a prepared run, and of the code."""
+    """Digest of everything :func:`replay.bounds.bounds` reads from a prepared run, and of the code."""
     h = hashlib.sha256(code_digest().encode())
     _feed(h, p.test.experts)
     _feed(h, [np.asarray(st.tokens, dtype=np.int64) for st in p.steps])

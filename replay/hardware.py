@@ -4,7 +4,7 @@ Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbyt
 - ``constant``: bytes / bandwidth.
 - ``alpha_beta``: latency + bytes / bandwidth (small per-expert copies fall well below link peak).
 - ``shared_link``: alpha_beta per copy, but concurrent copies share the link's bandwidth equally
-  (processor sharing, the latency included; see :class:`sim.channels.CopyChannels`).
+  (processor sharing, the latency included; see :class:`replay.channels.CopyChannels`).
 - ``partial_link``: a partially shared link. Each copy first pays its latency alone (hand-offs, not link
   time), then ``n`` copies on the link move ``bandwidth x s(n)`` bytes/s together, split equally, with
   ``s(1) = 1``, ``s(2) = pair_speedup`` (1: one shared link, 2: independent channels; see

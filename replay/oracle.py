@@ -1,8 +1,5 @@
-"""Bounds every result is compared with.
+"""The perfect-foresight schedules every result is compared with (:mod:`replay.bounds` runs them).
 
-- :func:`ondemand_replay`: a timing-free on-demand replay through the shared runtime (no prefetch). With the
-  Belady policy it gives MIN's hit rate at the same capacity (``belady_hit_rate``) and MIN's sequence of
-  loads and evictions.
 - :func:`oracle_stall`: the stall of integrated prefetch-and-cache schedules with perfect foresight, after
   Cao, Felten, Karlin and Li (1995), on the same hardware and compute models as the run:
 
@@ -28,29 +25,9 @@ import numpy as np
 import simpy
 
 from policies.base import FarthestNextUse, FutureIndex, Step
-from policies.runtime import PolicyRuntime
 
 from .channels import CopyChannels, make_channels
 from .hardware import ComputeModel, CopyModel
-
-
-def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | None = None) -> tuple[int, int]:
-    """Replay without time or prefetch; returns (hits, requests). The runtime's horizon must be 0. If
-    ``orders`` is a list, the compute order of every layer-step is appended to it."""
-    L = runtime.cfg.num_layers
-    max_ls = len(steps) * L - 1
-    for si, step in enumerate(steps):
-        for layer in range(L):
-            plan = runtime.begin_layer(si, layer, step.tokens, max_ls)
-            for k in plan.demand:
-                runtime.cache.complete(k)
-            if orders is not None:
-                orders.append(plan.order)
-            for k in plan.order:
-                for s in runtime.release(k):
-                    runtime.cache.complete(s)
-    st = runtime.cache.stats
-    return st.hits, st.hits + st.misses + st.late_hits
 
 
 class _OracleState:
@@ -178,7 +155,7 @@ def oracle_stall(
     compute order per layer-step, which the schedule then follows (so it only ever moves MIN's loads
     earlier); ``window`` bounds
     how far ahead ``aggressive`` looks (default: 4 steps' worth of layers). The copies run on the direct
-    :class:`~sim.channels.SerialChannel` where it applies (``simpy_channels`` forces SimPy's: same result);
+    :class:`~replay.serial_channel.SerialChannel` where it applies (``simpy_channels`` forces SimPy's: same result);
     ``resume_scan=False`` rescans the aggressive window from ``now`` every time (same result, slower)."""
     L = num_layers
     st = _OracleState(future, partition_of, capacity, copy_model.channels)

@@ -1,0 +1,33 @@
+"""On-demand replay without time: the shared runtime driven layer-step by layer-step with every copy landing at
+once (no prefetch). Timing never changes an on-demand cache's decisions (each demand copy lands within its
+layer-step, before the next one looks), so this gives the hits the timed drivers get, faster. With the Belady
+policy it is MIN at the run's capacity (``replay.bounds``); ``traces stats`` draws its hit-rate curves with it."""
+
+from __future__ import annotations
+
+from .base import Step
+from .runtime import PolicyRuntime
+
+
+def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | None = None,
+                    layer_hits: list[int] | None = None) -> tuple[int, int]:
+    """Replay ``steps`` on demand; returns (hits, requests), requests counted as (token, expert) uses. The
+    runtime's predictor must never predict (or its horizon be 0). If ``orders`` is a list, the compute order of
+    every layer-step is appended to it; ``layer_hits`` (one int per layer) gets each layer's hits added."""
+    L = runtime.cfg.num_layers
+    max_ls = len(steps) * L - 1
+    cache = runtime.cache
+    for si, step in enumerate(steps):
+        for layer in range(L):
+            plan = runtime.begin_layer(si, layer, step.tokens, max_ls)
+            for k in plan.demand:
+                cache.complete(k)
+            if orders is not None:
+                orders.append(plan.order)
+            if layer_hits is not None:
+                layer_hits[layer] += plan.use_counts[0]
+            for k in plan.order:
+                for s in runtime.release(k):
+                    cache.complete(s)
+    st = cache.stats
+    return st.hits, st.hits + st.misses + st.late_hits

@@ -1,0 +1,60 @@
+"""The bounds every run is compared with, on the run's own access stream, capacity and models: Belady's MIN
+(an on-demand replay with the Belady policy: its hit rate and the loads it needs) and the perfect-foresight
+prefetch schedules of :mod:`replay.oracle`. A sweep's runs share them through :mod:`replay.bounds_cache`."""
+
+from __future__ import annotations
+
+from policies.cache import ExpertCache
+from policies.ondemand import ondemand_replay
+from policies.runtime import PolicyRuntime
+
+from .oracle import oracle_stall
+from .prepare import Prepared
+
+
+def bounds(p: Prepared) -> dict:
+    """Belady's MIN and the perfect-foresight oracle on the same access stream, capacity and models; shared
+    by the runs of a sweep through ``bounds.cache_dir`` (see :mod:`replay.bounds_cache`)."""
+    from .bounds_cache import cached_bounds
+    from .trace_source import project_path
+
+    cache_dir = (p.cfg.get("bounds") or {}).get("cache_dir")
+    return cached_bounds(p, lambda: compute_bounds(p), project_path(str(cache_dir)) if cache_dir else None)
+
+
+def min_replay(p: Prepared) -> tuple[float, ExpertCache, list[list[int]]]:
+    """Belady's MIN, on demand, at the run's capacity (timing-free): its hit rate, its cache (``stats.inserts``
+    are the loads MIN needs; ``load_log`` lists them) and each layer-step's compute order."""
+    from policies.eviction.belady import Belady
+    from policies.horizons.fixed import FixedHorizon
+    from policies.predictors.none import NoPredictor
+
+    b_cache = ExpertCache(Belady(), p.cctx)
+    b_rt = PolicyRuntime(b_cache, NoPredictor(), FixedHorizon(0), p.rcfg, p.test.experts, p.test.token_id)
+    b_cache.load_log = []
+    orders: list[list[int]] = []
+    hits, requests = ondemand_replay(p.steps, b_rt, orders)
+    return hits / requests, b_cache, orders
+
+
+def belady_bounds(p: Prepared) -> dict:
+    """The time-free half of :func:`bounds`: MIN's hit rate and loads at the run's capacity."""
+    rate, cache, _ = min_replay(p)
+    return {"belady_hit_rate": rate, "belady_misses_unique": cache.stats.inserts}
+
+
+def compute_bounds(p: Prepared) -> dict:
+    """:func:`bounds`, always computed."""
+    meta = p.meta
+    b_rate, b_cache, min_orders = min_replay(p)
+    args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, p.copy_bytes,
+            meta.num_layers)
+    o_aggr = oracle_stall(*args, schedule="aggressive")
+    o_cons = oracle_stall(*args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders)
+    return {
+        "belady_hit_rate": b_rate,
+        "belady_misses_unique": b_cache.stats.inserts,  # expert loads MIN needs at this capacity
+        "oracle_stall_s": min(o_aggr, o_cons),
+        "oracle_aggressive_stall_s": o_aggr,
+        "oracle_conservative_stall_s": o_cons,
+    }

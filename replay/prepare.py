@@ -1,0 +1,185 @@
+"""A configured run made ready to replay, for either driver: validate the config, load and split the trace, plan
+the steps, key every layer-step, build the policies, the runtime and the hardware models (:func:`prepare`)."""
+
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import repeat
+
+import numpy as np
+
+from policies.base import FutureIndex, steps_by_size
+from policies.cache import ExpertCache, capacities_for, partitions_for
+from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
+from traces import Trace, TraceError, split_by_sequence
+
+from .errors import RunConfigError
+from .hardware import build_models
+from .trace_source import resolve_trace
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic GC for a block that allocates containers by the hundred thousand (the replay loop,
+    the per-layer-step keys), none of them in reference cycles, so refcounting frees them. With the GC on,
+    its collections run every few hundred allocations and keep re-traversing the long-lived ones: 15% or more
+    of a replay, and most of building the keys. Resumed after (gc.freeze/unfreeze instead would leave the
+    next collections miscalibrated)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def instantiate(node, what: str):
+    """Instantiate ``node.policy`` with hydra, turning failures into a clear configuration error."""
+    from hydra.utils import instantiate as hy_instantiate
+
+    try:
+        return hy_instantiate(node["policy"])
+    except Exception as exc:
+        raise RunConfigError(f"{what}.policy: cannot instantiate {node['policy'].get('_target_')!r}: {exc}") from exc
+
+
+def step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
+    """Per layer-step of the replay: the distinct keys (first-seen order) and their use counts.
+
+    Steps with the same number of tokens are keyed in one numpy call. When each row's keys are distinct
+    (one token per step: a token's top-k experts are distinct), the use counts are ``dict.fromkeys(row, 1)``
+    and the distinct keys are the row itself (a view), so nothing runs per key in Python; other rows count
+    their keys one by one."""
+    with gc_paused():  # hundreds of thousands of small lists and dicts
+        return _step_keys(trace, steps, offsets)
+
+
+def _step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
+    L = trace.meta.num_layers
+    K = trace.experts.shape[2]
+    needed: list = [None] * (len(steps) * L)
+    uses: list = [None] * (len(steps) * L)
+    off = np.asarray(offsets, dtype=np.int64)[:L]
+    for ntok, idx, tokens in steps_by_size(steps):
+        # [steps, L, ntok * K]: per layer, token by token, each token's experts in trace order
+        keys = trace.experts[tokens].astype(np.int64).transpose(0, 2, 1, 3).reshape(len(idx), L, ntok * K)
+        rows = (keys + off[None, :, None]).reshape(len(idx) * L, ntok * K)
+        rows.flags.writeable = False  # its rows are handed out as views
+        srt = np.sort(rows, axis=1)
+        distinct = (srt[:, 1:] != srt[:, :-1]).all(axis=1) if rows.shape[1] > 1 else np.ones(len(rows), bool)
+        pos = (np.asarray(idx, dtype=np.int64)[:, None] * L + np.arange(L)).ravel().tolist()
+        lists = rows.tolist()
+        if distinct.all():  # the common case, in C: one dict and one view per row
+            for p, u, view in zip(pos, map(dict.fromkeys, lists, repeat(1)), rows):
+                uses[p] = u
+                needed[p] = view
+            continue
+        for p, row, once, view in zip(pos, lists, distinct.tolist(), rows):
+            if once:
+                uses[p] = dict.fromkeys(row, 1)
+                needed[p] = view
+            else:
+                u: dict[int, int] = {}
+                for k in row:
+                    u[k] = u.get(k, 0) + 1
+                uses[p] = u
+                needed[p] = np.fromiter(u.keys(), dtype=np.int64, count=len(u))
+    return needed, uses
+
+
+@dataclass
+class Prepared:
+    """Everything a driver (simulator or executor) needs for one configured run."""
+
+    cfg: object
+    meta: object  # traces.TraceMeta of the replayed trace
+    train: Trace
+    test: Trace
+    steps: list
+    uses: list[dict[int, int]]  # per layer-step: key -> tokens using it
+    future: FutureIndex
+    scope: str
+    partition_of: np.ndarray
+    capacity: list[int]
+    cctx: object
+    rcfg: RuntimeConfig
+    runtime: PolicyRuntime
+    copy_model: object
+    compute: object
+    plan_wall_s: float
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes of one expert copy: the trace's, or the scaled size a measured profile was taken at."""
+        return self.copy_model.expert_bytes or self.meta.expert_bytes
+
+
+def prepare(cfg) -> Prepared:
+    """Validate the config, load the trace, build the policies and models. Raises before any replay work."""
+    if int(cfg.batch_size) < 1:
+        raise RunConfigError(f"batch_size: expected >= 1, got {cfg.batch_size}")
+    full = resolve_trace(cfg.trace)
+    meta = full.meta
+    copy_model, compute = build_models(_plain(cfg.hardware), meta)
+    scope = str(cfg.cache.get("scope", "per_layer"))
+    partition_of = partitions_for(meta.num_experts, scope)
+    capacity = capacities_for(meta.num_experts, scope, cfg.cache.get("slots"), cfg.cache.get("fraction"))
+    frac = cfg.split.test_fraction
+    if cfg.trace.get("train_path"):  # a separate training split (e.g. the reference model's): replay all of path
+        train, test = resolve_trace({"path": cfg.trace.train_path, "name": "train"}), full
+    else:
+        train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac else (full, full)
+    if cfg.get("max_tokens"):
+        test = test.select(np.arange(test.num_tokens) < int(cfg.max_tokens))
+    if test.num_tokens == 0:
+        raise TraceError(f"{cfg.trace.get('path') or cfg.trace.name}: no tokens to replay after the split")
+
+    eviction = instantiate(cfg.cache, "cache")
+    predictor = instantiate(cfg.predictor, "predictor")
+    horizon = instantiate(cfg.horizon, "horizon")
+    scheduler = instantiate(cfg.scheduler, "scheduler")
+    routes = None
+    if getattr(scheduler, "needs_routes", False):
+        routes = predicted_routes(test, str(cfg.scheduler.policy.get("route_source", "last_token")))
+    t_plan = time.perf_counter()
+    steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), routes)
+    plan_wall_s = time.perf_counter() - t_plan
+    needed, uses = step_keys(test, steps, meta.layer_offsets)
+    future = FutureIndex(needed)
+    popularity = np.bincount(train.flat_ids().ravel(), minlength=meta.total_experts).astype(float)
+    cctx, pctx, hctx = contexts(
+        meta.num_experts, partition_of, capacity, meta.top_k, meta.expert_bytes, int(cfg.batch_size), future,
+        train=train, popularity=popularity, model_path=meta.model_path,
+    )
+    rcfg = RuntimeConfig(
+        meta.num_layers, meta.num_experts, meta.expert_bytes,
+        min_score=float(cfg.predictor.get("min_score", 0.05)), max_per_layer=cfg.predictor.get("max_per_layer"),
+    )
+    predictor.reset(pctx)
+    horizon.reset(hctx)
+    hidden = test.hidden_states() if getattr(predictor, "needs_hidden", False) else None
+    runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden,
+                            test.seq_id)
+    return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
+                    runtime, copy_model, compute, plan_wall_s)
+
+
+def predicted_routes(trace: Trace, source: str) -> np.ndarray:
+    """Routes a scheduler may plan with: the true ones (``oracle``), or each token's predecessor's in its
+    sequence (``last_token``; -1 for a sequence's first token)."""
+    if source == "oracle":
+        return trace.experts.astype(np.int64)
+    routes = np.full(trace.experts.shape, -1, dtype=np.int64)
+    same = trace.seq_id[1:] == trace.seq_id[:-1]
+    routes[1:][same] = trace.experts[:-1][same]
+    return routes
+
+
+def _plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node
