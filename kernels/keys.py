@@ -1,0 +1,86 @@
+"""The replay's access stream as flat arrays: per layer-step, its distinct expert keys and their use counts.
+
+Layout (shared by every kernel; "CSR", compressed rows): layer-step ``i = step * L + layer`` owns
+``keys[ptr[i]:ptr[i + 1]]``, its distinct keys in first-seen order (token by token in the step's order, each
+token's experts in trace order), and ``counts`` over the same range, how many of the step's tokens use each.
+This is what ``sim.run.step_keys`` builds as a list of arrays and a list of dicts, without a Python object
+per layer-step. The future (which layer-steps use each key, for Belady and the bounds) is the same data
+grouped by key: ``at[fptr[key]:fptr[key + 1]]`` ascending.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import jit
+
+
+@jit
+def _keys_kernel(experts, offsets, step_ptr, step_tokens, num_keys):
+    T, L, K = experts.shape
+    S = len(step_ptr) - 1
+    ptr = np.zeros(S * L + 1, dtype=np.int64)
+    keys = np.empty(len(step_tokens) * L * K, dtype=np.int64)
+    counts = np.empty(len(step_tokens) * L * K, dtype=np.int64)
+    mark = np.full(num_keys, -1, dtype=np.int64)  # layer-step that last saw the key
+    pos = np.zeros(num_keys, dtype=np.int64)  # its position in keys then
+    n = 0
+    for s in range(S):
+        for layer in range(L):
+            i = s * L + layer
+            off = offsets[layer]
+            for j in range(step_ptr[s], step_ptr[s + 1]):
+                tok = step_tokens[j]
+                for r in range(K):
+                    key = np.int64(experts[tok, layer, r]) + off
+                    if mark[key] != i:
+                        mark[key] = i
+                        pos[key] = n
+                        keys[n] = key
+                        counts[n] = 1
+                        n += 1
+                    else:
+                        counts[pos[key]] += 1
+            ptr[i + 1] = n
+    return ptr, keys[:n].copy(), counts[:n].copy()
+
+
+def layer_step_keys(experts: np.ndarray, offsets: np.ndarray, step_ptr: np.ndarray, step_tokens: np.ndarray,
+                    num_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ptr, keys, counts) of the module docstring for ``experts`` int [T, L, K] replayed in steps: step ``s``
+    computes the trace tokens ``step_tokens[step_ptr[s]:step_ptr[s + 1]]``. ``offsets[layer]`` turns an expert
+    into its key; ``num_keys`` bounds the keys."""
+    return _keys_kernel(np.ascontiguousarray(experts), np.asarray(offsets, dtype=np.int64),
+                        np.asarray(step_ptr, dtype=np.int64), np.asarray(step_tokens, dtype=np.int64), int(num_keys))
+
+
+def steps_csr(steps) -> tuple[np.ndarray, np.ndarray]:
+    """``(step_ptr, step_tokens)`` of a list of scheduler steps (``policies.base.Step``)."""
+    sizes = np.fromiter((len(s.tokens) for s in steps), dtype=np.int64, count=len(steps))
+    ptr = np.zeros(len(steps) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=ptr[1:])
+    tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in steps]) if steps else np.zeros(0, np.int64)
+    return ptr, tokens
+
+
+def future_index(ptr: np.ndarray, keys: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fptr, at): the layer-steps using each key, ascending (a stable sort of the stream by key)."""
+    steps = np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
+    order = np.argsort(keys, kind="stable")
+    fptr = np.zeros(num_keys + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=num_keys), out=fptr[1:])
+    return fptr, steps[order]
+
+
+@jit
+def next_use(fptr, at, key, now, horizon):
+    """First layer-step >= ``now`` that uses ``key`` (``horizon`` if none): ``FutureIndex.next_use``."""
+    lo = fptr[key]
+    hi = fptr[key + 1]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if at[mid] < now:
+            lo = mid + 1
+        else:
+            hi = mid
+    return at[lo] if lo < fptr[key + 1] else horizon
