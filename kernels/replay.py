@@ -253,7 +253,8 @@ def replay_ondemand(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_la
     S, L = len(step_ntok), int(num_layers)
     if len(ptr) - 1 != S * L:
         raise ValueError(f"replay_ondemand: {len(ptr) - 1} layer-steps in the stream, expected {S} x {L}")
-    ch = kch.new_channel(len(cache.part_of), len(keys) + 1, copy_s)
+    # heap rows: on demand, only the misses of the current layer-step wait in the queue
+    ch = kch.new_channel(len(cache.part_of), int(np.diff(ptr).max(initial=0)) + 1, copy_s)
     step_s = np.zeros(S)
     late_l, miss_l, stall_l = np.zeros(L, np.int64), np.zeros(L, np.int64), np.zeros(L)
     out_f, out_i = np.zeros(3), np.zeros(2, np.int64)

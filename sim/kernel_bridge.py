@@ -114,3 +114,54 @@ def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute,
         bytes_moved=(res.copies + pinned) * expert_bytes, copies=res.copies + pinned, preload_copies=pinned,
         demand_loads=res.demand_loads, layers=layers, wall_s=time.perf_counter() - wall0,
     )
+
+
+# ---------------------------------------------------------------------------------------------- the bounds
+def bounds_unsupported(p) -> str | None:
+    """Why :func:`compute_bounds_kernel` cannot compute this prepared run's bounds exactly, or None."""
+    if not kernels.available():
+        return kernels.unavailable_reason()
+    if not serial_channel_applies(p.copy_model):
+        return f"copy model {p.copy_model.kind!r} with {p.copy_model.channels} channel(s) is not one serial channel"
+    return None
+
+
+def min_replay_kernel(p, ptr=None, keys=None, counts=None):
+    """``sim.run.min_replay`` compiled: MIN's hit rate, its kernel cache (stats in ``ctr``, the load log in
+    ``log``) and every layer-step's compute order over the stream's layout."""
+    from kernels.decide import decide
+
+    if ptr is None:
+        ptr, keys, counts = stream(p.steps, p.runtime)
+    num_keys = len(p.partition_of)
+    fptr, fat = future_index(ptr, keys, num_keys)
+    cache = kc.new_cache("belady", p.partition_of, p.capacity, ptr, keys, fptr, fat, num_layers=p.meta.num_layers,
+                         log_loads=True)
+    _, orders = decide(ptr, keys, counts, p.meta.num_layers, cache, record_orders=True)
+    c = cache.ctr
+    return c[kc.HITS] / (c[kc.HITS] + c[kc.MISSES] + c[kc.LATE]), cache, orders
+
+
+def compute_bounds_kernel(p) -> dict:
+    """``sim.run.compute_bounds`` compiled (see :func:`bounds_unsupported`)."""
+    from kernels.oracle import oracle_stall
+
+    reason = bounds_unsupported(p)
+    if reason is not None:
+        raise ValueError(f"compute_bounds_kernel: {reason}")
+    ptr, keys, counts = stream(p.steps, p.runtime)
+    rate, cache, orders = min_replay_kernel(p, ptr, keys, counts)
+    fptr, fat = future_index(ptr, keys, len(p.partition_of))
+    dense_memo: dict[int, float] = {}
+    dense = [dense_memo.setdefault(len(s.tokens), p.compute.dense_time_s(len(s.tokens))) for s in p.steps]
+    args = (ptr, keys, counts, fptr, fat, p.partition_of, p.capacity, dense, expert_times_s(p.compute, p.steps),
+            p.meta.num_layers, p.copy_model.seconds(p.copy_bytes))
+    aggr = oracle_stall(*args, schedule="aggressive")
+    cons = oracle_stall(*args, schedule="conservative", loads=cache.log[:cache.ctr[kc.NLOG]], orders=orders)
+    return {
+        "belady_hit_rate": float(rate),
+        "belady_misses_unique": int(cache.ctr[kc.INSERTS]),
+        "oracle_stall_s": min(aggr, cons),
+        "oracle_aggressive_stall_s": aggr,
+        "oracle_conservative_stall_s": cons,
+    }
