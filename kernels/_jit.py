@@ -51,19 +51,30 @@ _CACHE_DIR = str(cache_dir()) if NUMBA is not None else ""
 
 
 def jit(fn):
-    """``numba.njit(cache=True)`` into this package's cache directory, or ``fn`` itself without numba.
+    """``numba.njit(cache=True)`` into this package's cache directory, or ``fn`` itself without numba: for the
+    kernels' entry points, which Python calls.
 
     numba reads its cache directory when a function is decorated; it is set for that moment only and put back,
     so other numba users in the process keep theirs. If caching cannot be set up (an unwritable directory
     makes numba fall back to its other locations; anything else raising here), the function compiles uncached."""
+    return _njit(fn, {})
+
+
+def helper(fn):
+    """:func:`jit` for a function only compiled code calls: without the CPython wrapper numba would otherwise
+    build for each (about a fifth of the compile time). Without numba it is ``fn``, callable as usual."""
+    return _njit(fn, {"no_cpython_wrapper": True})
+
+
+def _njit(fn, options: dict):
     if NUMBA is None:
         return fn
     config = NUMBA.config
     previous = config.CACHE_DIR
     config.CACHE_DIR = _CACHE_DIR
     try:
-        return NUMBA.njit(cache=True)(fn)
+        return NUMBA.njit(cache=True, **options)(fn)
     except Exception:
-        return NUMBA.njit(fn)
+        return NUMBA.njit(**options)(fn)
     finally:
         config.CACHE_DIR = previous

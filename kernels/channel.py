@@ -2,7 +2,7 @@
 
 The queue is a binary heap of (priority, sequence number, key) rows with lazily dropped stale rows, like the
 Python ``heapq`` list: a cancelled copy's row stays until popped, an upgraded copy gets a second row, and a
-popped row counts only if it is the key's live one (``qprio``/``qseq``). The clock follows SimPy's arithmetic
+popped row counts only if it is the key's live one (``QPRIO``/``QSEQ``). The clock follows SimPy's arithmetic
 exactly as ``SerialChannel`` does: a run until ``to`` stops at ``now + (to - now)``, a copy landing exactly
 then waits for the next run, and an idle worker looks at the queue at the next run after a submit.
 
@@ -19,17 +19,17 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cache as kc
-from ._jit import jit
+from ._jit import helper
 
+QPRIO, QSEQ, PENDING = range(3)  # kq: priority of a queued key (-1: not queued), sequence number of its live
+# heap row, queued or being copied (0/1)
 HLEN, SEQ, NQUEUED, CUR, CUR_PRIO, WAKE, COPIES = range(7)  # ci
 NOW, END, START, SECONDS = range(4)  # cf
 
 
 class Channel(NamedTuple):
     heap: np.ndarray  # int64 [rows, 3]: (priority, sequence number, key)
-    qprio: np.ndarray  # int64 [N]: priority of a queued key, -1 if not queued
-    qseq: np.ndarray  # int64 [N]: sequence number of its live heap row
-    pending: np.ndarray  # bool [N]: queued or being copied
+    kq: np.ndarray  # int64 [3, N]: per-key fields (above)
     ci: np.ndarray  # int64: HLEN, SEQ, NQUEUED, CUR (key being copied or -1), CUR_PRIO, WAKE, COPIES (started)
     cf: np.ndarray  # float64: NOW, END (when the current copy lands), START (when it started), SECONDS per copy
 
@@ -40,23 +40,23 @@ def new_channel(num_keys: int, rows: int, copy_s: float) -> Channel:
     ci = np.zeros(7, dtype=np.int64)
     ci[CUR] = -1
     ci[WAKE] = 1  # SimPy: the worker process starts at time 0 and looks at the queue
-    return Channel(np.zeros((max(rows, 1), 3), np.int64), np.full(num_keys, -1, np.int64),
-                   np.zeros(num_keys, np.int64), np.zeros(num_keys, np.bool_), ci,
-                   np.array([0.0, 0.0, 0.0, float(copy_s)]))
+    kq = np.zeros((3, num_keys), np.int64)
+    kq[QPRIO] = -1
+    return Channel(np.zeros((max(rows, 1), 3), np.int64), kq, ci, np.array([0.0, 0.0, 0.0, float(copy_s)]))
 
 
-@jit
+@helper
 def _less(h, i, j):
     return h[i, 0] < h[j, 0] or (h[i, 0] == h[j, 0] and h[i, 1] < h[j, 1])
 
 
-@jit
+@helper
 def _swap(h, i, j):
     for f in range(3):
         h[i, f], h[j, f] = h[j, f], h[i, f]
 
 
-@jit
+@helper
 def _push(ch, prio, seq, key):
     h = ch.heap
     i = ch.ci[HLEN]
@@ -74,7 +74,7 @@ def _push(ch, prio, seq, key):
         i = parent
 
 
-@jit
+@helper
 def _pop(ch):
     """Removes the smallest row; returns its (priority, sequence number, key)."""
     h = ch.heap
@@ -99,55 +99,55 @@ def _pop(ch):
     return prio, seq, key
 
 
-@jit
+@helper
 def submit(ch, key, prio):
     ch.ci[SEQ] += 1
     _push(ch, prio, ch.ci[SEQ], key)
-    if ch.qprio[key] < 0:
+    if ch.kq[QPRIO, key] < 0:
         ch.ci[NQUEUED] += 1
-    ch.qprio[key] = prio
-    ch.qseq[key] = ch.ci[SEQ]
-    ch.pending[key] = True
+    ch.kq[QPRIO, key] = prio
+    ch.kq[QSEQ, key] = ch.ci[SEQ]
+    ch.kq[PENDING, key] = 1
     if ch.ci[CUR] < 0:
         ch.ci[WAKE] = 1
 
 
-@jit
+@helper
 def cancel(ch, key):
     """Drops a queued copy; False if it is not queued (it started, or never was)."""
-    if ch.qprio[key] < 0:
+    if ch.kq[QPRIO, key] < 0:
         return False
-    ch.qprio[key] = -1
+    ch.kq[QPRIO, key] = -1
     ch.ci[NQUEUED] -= 1
-    ch.pending[key] = False
+    ch.kq[PENDING, key] = 0
     return True
 
 
-@jit
+@helper
 def upgrade(ch, key):
     """A queued copy moves to demand priority 0."""
-    if ch.qprio[key] > 0:
+    if ch.kq[QPRIO, key] > 0:
         ch.ci[SEQ] += 1
-        ch.qprio[key] = 0
-        ch.qseq[key] = ch.ci[SEQ]
+        ch.kq[QPRIO, key] = 0
+        ch.kq[QSEQ, key] = ch.ci[SEQ]
         _push(ch, 0, ch.ci[SEQ], key)
         if ch.ci[CUR] < 0:
             ch.ci[WAKE] = 1
 
 
-@jit
+@helper
 def busy(ch):
     return ch.ci[NQUEUED] > 0 or ch.ci[CUR] >= 0
 
 
-@jit
+@helper
 def serve(ch, t):
     """The worker takes the best live queued copy at time ``t``, or stays idle."""
     ch.ci[WAKE] = 0
     while ch.ci[HLEN] > 0:
         prio, seq, key = _pop(ch)
-        if ch.qprio[key] == prio and ch.qseq[key] == seq:
-            ch.qprio[key] = -1
+        if ch.kq[QPRIO, key] == prio and ch.kq[QSEQ, key] == seq:
+            ch.kq[QPRIO, key] = -1
             ch.ci[NQUEUED] -= 1
             ch.ci[CUR] = key
             ch.ci[CUR_PRIO] = prio
@@ -157,7 +157,7 @@ def serve(ch, t):
             return
 
 
-@jit
+@helper
 def land_begin(ch):
     """The current copy lands: the clock moves to its end; returns its key (run ``on_complete`` next)."""
     key = ch.ci[CUR]
@@ -166,10 +166,10 @@ def land_begin(ch):
     return key
 
 
-@jit
+@helper
 def land_end(ch, key):
     """After ``on_complete(key)``: the worker takes the next copy at the landing time, or goes idle."""
-    ch.pending[key] = False
+    ch.kq[PENDING, key] = 0
     if ch.ci[HLEN] > 0:
         serve(ch, ch.cf[END])
     else:
@@ -177,14 +177,14 @@ def land_end(ch, key):
 
 
 # ------------------------------------------------------------------ the loops, for the cache's on_complete
-@jit
+@helper
 def _land(ch, c):
     key = land_begin(ch)
     kc.complete(c, key)
     land_end(ch, key)
 
 
-@jit
+@helper
 def advance(ch, c, to):
     """Simulate the copies up to ``to`` (nothing if the clock is there already)."""
     now = ch.cf[NOW]
@@ -198,17 +198,17 @@ def advance(ch, c, to):
     ch.cf[NOW] = at
 
 
-@jit
+@helper
 def wait_key(ch, c, key):
     if ch.ci[WAKE] != 0:
         serve(ch, ch.cf[NOW])
-    while ch.pending[key]:
+    while ch.kq[PENDING, key]:
         if ch.ci[CUR] < 0:
             raise RuntimeError("copy channel: no copy in flight while waiting for an expert")
         _land(ch, c)
 
 
-@jit
+@helper
 def wait_until_landed(ch, c, key, t):
     """``advance(t)`` then ``wait_key(key)``; returns when ``key`` is usable (``t`` or its landing)."""
     if t > ch.cf[NOW]:
@@ -217,7 +217,7 @@ def wait_until_landed(ch, c, key, t):
     return ch.cf[NOW] if ch.cf[NOW] > t else t
 
 
-@jit
+@helper
 def wait_any(ch, c):
     if ch.ci[WAKE] != 0:
         serve(ch, ch.cf[NOW])

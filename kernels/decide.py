@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import cache as kc
-from ._jit import jit
-from .keys import future_index, layer_step_keys
+from ._jit import helper, jit
+from .keys import layer_step_keys, pack_future
 
 
-@jit
+@helper
 def _release_retry(c, dq, dq_state, now, started):
     """``release`` of a key already unprotected: waiting misses get slots in order while they can, then their
     copies land (all reserved first, then completed, as ``ondemand_replay`` completes the returned list)."""
@@ -78,7 +78,7 @@ def _decide_kernel(ptr, keys, counts, num_layers, c, hits_l, orders, record):
                 if record:
                     orders[o] = k
                     o += 1
-                c.prot[k] = 0  # release(k)
+                c.kf[kc.PROT, k] = 0  # release(k)
                 _release_retry(c, dq, dq_state, now, started)
 
 
@@ -112,14 +112,14 @@ def hit_curves(experts: np.ndarray, num_experts: list[int], capacities, policies
     num_keys = int(sum(num_experts))
     ptr, keys, counts = layer_step_keys(experts, offsets, np.arange(T + 1), np.arange(T), num_keys)
     part_of = np.repeat(np.arange(L, dtype=np.int64), num_experts)
-    fut = future_index(ptr, keys, num_keys) if "belady" in policies else (None, None)
+    fut = pack_future(ptr, keys, num_keys) if "belady" in policies else None
     out = {}
     for policy in policies:
         if policy == "static":
             raise ValueError("hit_curves: the static policy needs a training split's popularity (not a curve)")
         rows = []
         for cap in capacities:
-            cache = kc.new_cache(policy, part_of, [int(cap)] * L, ptr, keys, *fut, num_layers=L, **params)
+            cache = kc.new_cache(policy, part_of, [int(cap)] * L, ptr, keys, fut, num_layers=L, **params)
             rows.append(decide(ptr, keys, counts, L, cache)[0])
         out[policy] = np.array(rows, dtype=np.int64).reshape(len(rows), L)
     return out

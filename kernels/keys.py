@@ -5,14 +5,15 @@ Layout (shared by every kernel; "CSR", compressed rows): layer-step ``i = step *
 token's experts in trace order), and ``counts`` over the same range, how many of the step's tokens use each.
 This is what ``sim.run.step_keys`` builds as a list of arrays and a list of dicts, without a Python object
 per layer-step. The future (which layer-steps use each key, for Belady and the bounds) is the same data
-grouped by key: ``at[fptr[key]:fptr[key + 1]]`` ascending.
+grouped by key: ``at[fptr[key]:fptr[key + 1]]`` ascending (:func:`future_index`), which the kernels take
+packed in one array (:func:`pack_future`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._jit import jit
+from ._jit import helper, jit
 
 
 @jit
@@ -72,15 +73,23 @@ def future_index(ptr: np.ndarray, keys: np.ndarray, num_keys: int) -> tuple[np.n
     return fptr, steps[order]
 
 
-@jit
-def next_use(fptr, at, key, now, horizon):
+def pack_future(ptr: np.ndarray, keys: np.ndarray, num_keys: int) -> np.ndarray:
+    """The future in one array, as the kernels take it: ``fut[key]:fut[key + 1]`` is the range of ``fut``
+    holding ``key``'s layer-steps (``fptr`` shifted past itself, then ``at``)."""
+    fptr, at = future_index(ptr, keys, num_keys)
+    return np.concatenate([fptr + num_keys + 1, at])
+
+
+@helper
+def next_use(fut, key, now, horizon):
     """First layer-step >= ``now`` that uses ``key`` (``horizon`` if none): ``FutureIndex.next_use``."""
-    lo = fptr[key]
-    hi = fptr[key + 1]
+    lo = fut[key]
+    end = fut[key + 1]
+    hi = end
     while lo < hi:
         mid = (lo + hi) >> 1
-        if at[mid] < now:
+        if fut[mid] < now:
             lo = mid + 1
         else:
             hi = mid
-    return at[lo] if lo < fptr[key + 1] else horizon
+    return fut[lo] if lo < end else horizon

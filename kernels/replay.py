@@ -22,14 +22,14 @@ import numpy as np
 
 from . import cache as kc
 from . import channel as kch
-from ._jit import jit
+from ._jit import helper, jit
 
 TOTAL, STALL, COMPUTE = range(3)  # out_f
 DEMAND_LOADS, QUIET_USES = range(2)  # out_i
 NEUMAIER_SUM = sys.version_info >= (3, 12)  # how this Python's sum() adds floats
 
 
-@jit
+@helper
 def py_sum(values, n, neumaier):
     """Python's ``sum(values[:n])`` of a list of floats, bit for bit: the int 0 plus the first item, then
     plain additions (up to 3.11) or Neumaier's compensated ones (3.12 on)."""
@@ -53,7 +53,7 @@ def py_sum(values, n, neumaier):
     return total
 
 
-@jit
+@helper
 def _uses_time(counts, pos, n, expert_s, e1, hit_uses, neumaier, scratch):
     """``hits_compute_s``: the compute time of ``n`` resident experts (stream positions ``pos``) as one block."""
     if hit_uses == n:
@@ -63,7 +63,7 @@ def _uses_time(counts, pos, n, expert_s, e1, hit_uses, neumaier, scratch):
     return py_sum(scratch, n, neumaier)
 
 
-@jit
+@helper
 def _retry_deferred(c, dq, dq_state, is_def, now, started):
     """``PolicyRuntime.retry_deferred``: slots for waiting demands, in order, while they can be had; returns
     how many started (their keys in ``started``)."""
@@ -80,12 +80,12 @@ def _retry_deferred(c, dq, dq_state, is_def, now, started):
     return n
 
 
-@jit
+@helper
 def _wait_ready(ch, c, key, t, dq, dq_state, is_def, now, started):
     """``sim.fused.wait_ready``: run the channel until ``key`` is usable (a deferred key first gets a slot)."""
     kch.advance(ch, c, t)
-    while c.inflight[key] or is_def[key]:
-        if not ch.pending[key]:
+    while c.kf[kc.INFLIGHT, key] or is_def[key]:
+        if not ch.kq[kch.PENDING, key]:
             n = _retry_deferred(c, dq, dq_state, is_def, now, started)
             for i in range(n):
                 kch.submit(ch, started[i], 0)
@@ -114,7 +114,7 @@ def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_lay
     scratch = np.empty(width, np.float64)
     dq = np.empty(width, np.int64)  # deferred demands of the current layer: dq[head:tail]
     dq_state = np.zeros(2, np.int64)
-    is_def = np.zeros(len(c.part_of), np.bool_)
+    is_def = np.zeros(c.kf.shape[1], np.bool_)
     e1 = expert_s[1] if len(expert_s) > 1 else 0.0
     t = 0.0
     stall_total = 0.0
@@ -137,7 +137,7 @@ def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_lay
             quiet = True
             for j in range(a, b):
                 k = keys[j]
-                if not c.resident[k] or c.inflight[k] or c.pf_unused[k]:
+                if not c.kf[kc.RESIDENT, k] or c.kf[kc.INFLIGHT, k] or c.kf[kc.PF_UNUSED, k]:
                     quiet = False
                     break
             if quiet:  # every expert resident: they compute back to back, nothing to copy
@@ -194,7 +194,7 @@ def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_lay
             for i in range(n):
                 j = order[i]
                 k = keys[j]
-                if c.inflight[k] or is_def[k]:
+                if c.kf[kc.INFLIGHT, k] or is_def[k]:
                     before = t
                     if dq_state[1] > dq_state[0]:
                         t = _wait_ready(ch, c, k, t, dq, dq_state, is_def, now, started)
@@ -205,7 +205,7 @@ def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_lay
                 t += et
                 compute_total += et
                 if dq_state[1] > dq_state[0]:  # release(k): unprotect it, waiting demands retry
-                    c.prot[k] = 0
+                    c.kf[kc.PROT, k] = 0
                     ns = _retry_deferred(c, dq, dq_state, is_def, now, started)
                     if ns:
                         kch.advance(ch, c, t)
@@ -254,7 +254,7 @@ def replay_ondemand(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_la
     if len(ptr) - 1 != S * L:
         raise ValueError(f"replay_ondemand: {len(ptr) - 1} layer-steps in the stream, expected {S} x {L}")
     # heap rows: on demand, only the misses of the current layer-step wait in the queue
-    ch = kch.new_channel(len(cache.part_of), int(np.diff(ptr).max(initial=0)) + 1, copy_s)
+    ch = kch.new_channel(cache.kf.shape[1], int(np.diff(ptr).max(initial=0)) + 1, copy_s)
     step_s = np.zeros(S)
     late_l, miss_l, stall_l = np.zeros(L, np.int64), np.zeros(L, np.int64), np.zeros(L)
     out_f, out_i = np.zeros(3), np.zeros(2, np.int64)

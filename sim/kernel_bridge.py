@@ -14,7 +14,7 @@ import numpy as np
 
 import kernels
 from kernels import cache as kc
-from kernels.keys import future_index, layer_step_keys, steps_csr
+from kernels.keys import layer_step_keys, pack_future, steps_csr
 from kernels.replay import replay_ondemand
 from policies.cache import CacheStats, ExpertCache
 from policies.eviction.belady import Belady
@@ -77,8 +77,8 @@ def kernel_cache(cache: ExpertCache, num_layers: int, ptr, keys, log_loads: bool
     """A kernel cache equal to a fresh :class:`ExpertCache` (same partitions, slots, policy, pinned keys)."""
     spec = dict(eviction_spec(cache.policy))
     policy = spec.pop("policy")
-    fptr, fat = future_index(ptr, keys, len(cache.partition_of)) if policy == "belady" else (None, None)
-    return kc.new_cache(policy, cache.partition_of, cache.capacity, ptr, keys, fptr, fat, num_layers=num_layers,
+    fut = pack_future(ptr, keys, len(cache.partition_of)) if policy == "belady" else None
+    return kc.new_cache(policy, cache.partition_of, cache.capacity, ptr, keys, fut, num_layers=num_layers,
                         log_loads=log_loads, **spec)
 
 
@@ -104,9 +104,9 @@ def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute,
     res = replay_ondemand(ptr, keys, counts, ntok, dense, expert_times_s(compute, steps), num_layers,
                           runtime.experts.shape[2], cache, copy_model.seconds(expert_bytes))
     stats = runtime.cache.stats
-    for name, value in zip(kc.STATS_FIELDS, cache.ctr[:len(kc.STATS_FIELDS)].tolist()):
+    for name, value in cache.stats.items():
         setattr(stats, name, value)
-    pinned = int(cache.pinned.sum())
+    pinned = int(cache.kf[kc.PINNED].sum())
     layers = LayerStats(res.requests, res.hits, res.late_hits, res.misses, res.layer_stall_s)
     return ReplayResult(
         total_s=res.total_s, stall_s=res.stall_s, compute_s=res.compute_s, step_s=res.step_s.tolist(),
@@ -134,8 +134,8 @@ def min_replay_kernel(p, ptr=None, keys=None, counts=None):
     if ptr is None:
         ptr, keys, counts = stream(p.steps, p.runtime)
     num_keys = len(p.partition_of)
-    fptr, fat = future_index(ptr, keys, num_keys)
-    cache = kc.new_cache("belady", p.partition_of, p.capacity, ptr, keys, fptr, fat, num_layers=p.meta.num_layers,
+    cache = kc.new_cache("belady", p.partition_of, p.capacity, ptr, keys, pack_future(ptr, keys, num_keys),
+                         num_layers=p.meta.num_layers,
                          log_loads=True)
     _, orders = decide(ptr, keys, counts, p.meta.num_layers, cache, record_orders=True)
     c = cache.ctr
@@ -151,10 +151,10 @@ def compute_bounds_kernel(p) -> dict:
         raise ValueError(f"compute_bounds_kernel: {reason}")
     ptr, keys, counts = stream(p.steps, p.runtime)
     rate, cache, orders = min_replay_kernel(p, ptr, keys, counts)
-    fptr, fat = future_index(ptr, keys, len(p.partition_of))
+    fut = pack_future(ptr, keys, len(p.partition_of))
     dense_memo: dict[int, float] = {}
     dense = [dense_memo.setdefault(len(s.tokens), p.compute.dense_time_s(len(s.tokens))) for s in p.steps]
-    args = (ptr, keys, counts, fptr, fat, p.partition_of, p.capacity, dense, expert_times_s(p.compute, p.steps),
+    args = (ptr, keys, counts, fut, p.partition_of, p.capacity, dense, expert_times_s(p.compute, p.steps),
             p.meta.num_layers, p.copy_model.seconds(p.copy_bytes))
     aggr = oracle_stall(*args, schedule="aggressive")
     cons = oracle_stall(*args, schedule="conservative", loads=cache.log[:cache.ctr[kc.NLOG]], orders=orders)
