@@ -50,20 +50,30 @@ def cache_dir() -> Path:
 _CACHE_DIR = str(cache_dir()) if NUMBA is not None else ""
 
 
-def jit(fn):
+def jit(fn=None, *, nrt: bool = True):
     """``numba.njit(cache=True)`` into this package's cache directory, or ``fn`` itself without numba: for the
-    kernels' entry points, which Python calls.
+    kernels' entry points, which Python calls. ``nrt=False`` (``@jit(nrt=False)``) compiles without numba's
+    reference counting, so no call passes the state's arrays through atomic increments: for a kernel that
+    allocates nothing (its caller passes every array).
 
     numba reads its cache directory when a function is decorated; it is set for that moment only and put back,
     so other numba users in the process keep theirs. If caching cannot be set up (an unwritable directory
     makes numba fall back to its other locations; anything else raising here), the function compiles uncached."""
-    return _njit(fn, {})
+    if fn is None:
+        return lambda f: _njit(f, {} if nrt else {"_nrt": False})
+    return _njit(fn, {} if nrt else {"_nrt": False})
 
 
 def helper(fn):
     """:func:`jit` for a function only compiled code calls: without the CPython wrapper numba would otherwise
     build for each (about a fifth of the compile time). Without numba it is ``fn``, callable as usual."""
-    return _njit(fn, {"no_cpython_wrapper": True})
+    return _njit(fn, {"no_cpython_wrapper": True, "_nrt": False})
+
+
+def inline(fn):
+    """:func:`helper` inlined into its callers by numba (a tiny function called per key in the hot loops: a call
+    would copy the state's array descriptors for each)."""
+    return _njit(fn, {"no_cpython_wrapper": True, "_nrt": False, "inline": "always"})
 
 
 def _njit(fn, options: dict):

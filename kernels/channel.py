@@ -2,7 +2,7 @@
 
 The queue is a binary heap of (priority, sequence number, key) rows with lazily dropped stale rows, like the
 Python ``heapq`` list: a cancelled copy's row stays until popped, an upgraded copy gets a second row, and a
-popped row counts only if it is the key's live one (``QPRIO``/``QSEQ``). The clock follows SimPy's arithmetic
+popped row counts only if it is the key's live one (QPRIO/QSEQ). The clock follows SimPy's arithmetic
 exactly as ``SerialChannel`` does: a run until ``to`` stops at ``now + (to - now)``, a copy landing exactly
 then waits for the next run, and an idle worker looks at the queue at the next run after a submit.
 
@@ -19,149 +19,160 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cache as kc
-from ._jit import helper
+from ._jit import helper, inline
 
-QPRIO, QSEQ, PENDING = range(3)  # kq: priority of a queued key (-1: not queued), sequence number of its live
-# heap row, queued or being copied (0/1)
-HLEN, SEQ, NQUEUED, CUR, CUR_PRIO, WAKE, COPIES = range(7)  # ci
-NOW, END, START, SECONDS = range(4)  # cf
+# q rows. By key: QPRIO (priority of a queued key, -1 if not queued), QSEQ (sequence number of its live heap
+# row), PENDING (queued or being copied, 0/1); by heap row: H_PRIO, H_SEQ, H_KEY; CI: integer scalars
+QPRIO, QSEQ, PENDING, H_PRIO, H_SEQ, H_KEY, CI = range(7)
+HLEN, SEQ, NQUEUED, CUR, CUR_PRIO, WAKE, COPIES = range(7)  # CI: heap rows, sequence counter, keys queued, key
+# being copied (-1: idle), its priority, whether the idle worker looks at the queue at the next run, copies started
+NOW, END, START, SECONDS = range(4)  # cf: clock, when the current copy lands, when it started, seconds per copy
 
 
 class Channel(NamedTuple):
-    heap: np.ndarray  # int64 [rows, 3]: (priority, sequence number, key)
-    kq: np.ndarray  # int64 [3, N]: per-key fields (above)
-    ci: np.ndarray  # int64: HLEN, SEQ, NQUEUED, CUR (key being copied or -1), CUR_PRIO, WAKE, COPIES (started)
-    cf: np.ndarray  # float64: NOW, END (when the current copy lands), START (when it started), SECONDS per copy
+    q: np.ndarray  # int64 [7, width]: the rows above
+    cf: np.ndarray  # float64 [4]
 
 
 def new_channel(num_keys: int, rows: int, copy_s: float) -> Channel:
     """An idle channel for keys below ``num_keys``, room for ``rows`` heap rows (every submit and upgrade
     pushes one), each copy taking ``copy_s`` (``CopyModel.seconds(expert_bytes)``)."""
-    ci = np.zeros(7, dtype=np.int64)
-    ci[CUR] = -1
-    ci[WAKE] = 1  # SimPy: the worker process starts at time 0 and looks at the queue
-    kq = np.zeros((3, num_keys), np.int64)
-    kq[QPRIO] = -1
-    return Channel(np.zeros((max(rows, 1), 3), np.int64), kq, ci, np.array([0.0, 0.0, 0.0, float(copy_s)]))
+    q = np.zeros((7, max(num_keys, rows, 7)), np.int64)
+    q[QPRIO] = -1
+    q[CI, CUR] = -1
+    q[CI, WAKE] = 1  # SimPy: the worker process starts at time 0 and looks at the queue
+    return Channel(q, np.array([0.0, 0.0, 0.0, float(copy_s)]))
+
+
+@inline
+def _less(q, i, j):
+    return q[H_PRIO, i] < q[H_PRIO, j] or (q[H_PRIO, i] == q[H_PRIO, j] and q[H_SEQ, i] < q[H_SEQ, j])
+
+
+@inline
+def _swap(q, i, j):
+    for r in range(H_PRIO, H_KEY + 1):
+        q[r, i], q[r, j] = q[r, j], q[r, i]
 
 
 @helper
-def _less(h, i, j):
-    return h[i, 0] < h[j, 0] or (h[i, 0] == h[j, 0] and h[i, 1] < h[j, 1])
-
-
-@helper
-def _swap(h, i, j):
-    for f in range(3):
-        h[i, f], h[j, f] = h[j, f], h[i, f]
-
-
-@helper
-def _push(ch, prio, seq, key):
-    h = ch.heap
-    i = ch.ci[HLEN]
-    if i >= len(h):
+def _push(q, prio, seq, key):
+    i = q[CI, HLEN]
+    if i >= q.shape[1]:
         raise RuntimeError("copy channel: heap full (kernels sized it too small)")
-    h[i, 0] = prio
-    h[i, 1] = seq
-    h[i, 2] = key
-    ch.ci[HLEN] = i + 1
+    q[H_PRIO, i] = prio
+    q[H_SEQ, i] = seq
+    q[H_KEY, i] = key
+    q[CI, HLEN] = i + 1
     while i > 0:
         parent = (i - 1) >> 1
-        if not _less(h, i, parent):
+        if not _less(q, i, parent):
             break
-        _swap(h, i, parent)
+        _swap(q, i, parent)
         i = parent
 
 
 @helper
-def _pop(ch):
+def _pop(q):
     """Removes the smallest row; returns its (priority, sequence number, key)."""
-    h = ch.heap
-    prio, seq, key = h[0, 0], h[0, 1], h[0, 2]
-    n = ch.ci[HLEN] - 1
-    ch.ci[HLEN] = n
+    prio, seq, key = q[H_PRIO, 0], q[H_SEQ, 0], q[H_KEY, 0]
+    n = q[CI, HLEN] - 1
+    q[CI, HLEN] = n
     if n > 0:
-        for f in range(3):
-            h[0, f] = h[n, f]
+        for r in range(H_PRIO, H_KEY + 1):
+            q[r, 0] = q[r, n]
         i = 0
         while True:
             small = i
             left = 2 * i + 1
-            if left < n and _less(h, left, small):
+            if left < n and _less(q, left, small):
                 small = left
-            if left + 1 < n and _less(h, left + 1, small):
+            if left + 1 < n and _less(q, left + 1, small):
                 small = left + 1
             if small == i:
                 break
-            _swap(h, i, small)
+            _swap(q, i, small)
             i = small
     return prio, seq, key
 
 
 @helper
 def submit(ch, key, prio):
-    ch.ci[SEQ] += 1
-    _push(ch, prio, ch.ci[SEQ], key)
-    if ch.kq[QPRIO, key] < 0:
-        ch.ci[NQUEUED] += 1
-    ch.kq[QPRIO, key] = prio
-    ch.kq[QSEQ, key] = ch.ci[SEQ]
-    ch.kq[PENDING, key] = 1
-    if ch.ci[CUR] < 0:
-        ch.ci[WAKE] = 1
+    q = ch.q
+    q[CI, SEQ] += 1
+    _push(q, prio, q[CI, SEQ], key)
+    if q[QPRIO, key] < 0:
+        q[CI, NQUEUED] += 1
+    q[QPRIO, key] = prio
+    q[QSEQ, key] = q[CI, SEQ]
+    q[PENDING, key] = 1
+    if q[CI, CUR] < 0:
+        q[CI, WAKE] = 1
 
 
 @helper
 def cancel(ch, key):
     """Drops a queued copy; False if it is not queued (it started, or never was)."""
-    if ch.kq[QPRIO, key] < 0:
+    q = ch.q
+    if q[QPRIO, key] < 0:
         return False
-    ch.kq[QPRIO, key] = -1
-    ch.ci[NQUEUED] -= 1
-    ch.kq[PENDING, key] = 0
+    q[QPRIO, key] = -1
+    q[CI, NQUEUED] -= 1
+    q[PENDING, key] = 0
     return True
 
 
 @helper
 def upgrade(ch, key):
     """A queued copy moves to demand priority 0."""
-    if ch.kq[QPRIO, key] > 0:
-        ch.ci[SEQ] += 1
-        ch.kq[QPRIO, key] = 0
-        ch.kq[QSEQ, key] = ch.ci[SEQ]
-        _push(ch, 0, ch.ci[SEQ], key)
-        if ch.ci[CUR] < 0:
-            ch.ci[WAKE] = 1
+    q = ch.q
+    if q[QPRIO, key] > 0:
+        q[CI, SEQ] += 1
+        q[QPRIO, key] = 0
+        q[QSEQ, key] = q[CI, SEQ]
+        _push(q, 0, q[CI, SEQ], key)
+        if q[CI, CUR] < 0:
+            q[CI, WAKE] = 1
 
 
-@helper
+@inline
 def busy(ch):
-    return ch.ci[NQUEUED] > 0 or ch.ci[CUR] >= 0
+    return ch.q[CI, NQUEUED] > 0 or ch.q[CI, CUR] >= 0
+
+
+@inline
+def pending(ch, key):
+    return ch.q[PENDING, key] != 0
+
+
+@inline
+def now(ch):
+    return ch.cf[NOW]
 
 
 @helper
 def serve(ch, t):
     """The worker takes the best live queued copy at time ``t``, or stays idle."""
-    ch.ci[WAKE] = 0
-    while ch.ci[HLEN] > 0:
-        prio, seq, key = _pop(ch)
-        if ch.kq[QPRIO, key] == prio and ch.kq[QSEQ, key] == seq:
-            ch.kq[QPRIO, key] = -1
-            ch.ci[NQUEUED] -= 1
-            ch.ci[CUR] = key
-            ch.ci[CUR_PRIO] = prio
-            ch.ci[COPIES] += 1
+    q = ch.q
+    q[CI, WAKE] = 0
+    while q[CI, HLEN] > 0:
+        prio, seq, key = _pop(q)
+        if q[QPRIO, key] == prio and q[QSEQ, key] == seq:
+            q[QPRIO, key] = -1
+            q[CI, NQUEUED] -= 1
+            q[CI, CUR] = key
+            q[CI, CUR_PRIO] = prio
+            q[CI, COPIES] += 1
             ch.cf[START] = t
             ch.cf[END] = t + ch.cf[SECONDS]
             return
 
 
-@helper
+@inline
 def land_begin(ch):
     """The current copy lands: the clock moves to its end; returns its key (run ``on_complete`` next)."""
-    key = ch.ci[CUR]
-    ch.ci[CUR] = -1
+    key = ch.q[CI, CUR]
+    ch.q[CI, CUR] = -1
     ch.cf[NOW] = ch.cf[END]
     return key
 
@@ -169,15 +180,15 @@ def land_begin(ch):
 @helper
 def land_end(ch, key):
     """After ``on_complete(key)``: the worker takes the next copy at the landing time, or goes idle."""
-    ch.kq[PENDING, key] = 0
-    if ch.ci[HLEN] > 0:
+    ch.q[PENDING, key] = 0
+    if ch.q[CI, HLEN] > 0:
         serve(ch, ch.cf[END])
     else:
-        ch.ci[WAKE] = 0
+        ch.q[CI, WAKE] = 0
 
 
 # ------------------------------------------------------------------ the loops, for the cache's on_complete
-@helper
+@inline
 def _land(ch, c):
     key = land_begin(ch)
     kc.complete(c, key)
@@ -191,19 +202,19 @@ def advance(ch, c, to):
     if not to > now:
         return
     at = now + (to - now)  # SimPy schedules its stop event at now + delay
-    if ch.ci[WAKE] != 0:
+    if ch.q[CI, WAKE] != 0:
         serve(ch, now)
-    while ch.ci[CUR] >= 0 and ch.cf[END] < at:
+    while ch.q[CI, CUR] >= 0 and ch.cf[END] < at:
         _land(ch, c)
     ch.cf[NOW] = at
 
 
 @helper
 def wait_key(ch, c, key):
-    if ch.ci[WAKE] != 0:
+    if ch.q[CI, WAKE] != 0:
         serve(ch, ch.cf[NOW])
-    while ch.kq[PENDING, key]:
-        if ch.ci[CUR] < 0:
+    while ch.q[PENDING, key]:
+        if ch.q[CI, CUR] < 0:
             raise RuntimeError("copy channel: no copy in flight while waiting for an expert")
         _land(ch, c)
 
@@ -219,8 +230,8 @@ def wait_until_landed(ch, c, key, t):
 
 @helper
 def wait_any(ch, c):
-    if ch.ci[WAKE] != 0:
+    if ch.q[CI, WAKE] != 0:
         serve(ch, ch.cf[NOW])
-    if ch.ci[CUR] < 0:
+    if ch.q[CI, CUR] < 0:
         raise RuntimeError("copy channel: no copy in flight to wait for")
     _land(ch, c)

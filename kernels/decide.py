@@ -15,89 +15,98 @@ import numpy as np
 
 from . import cache as kc
 from ._jit import helper, jit
-from .keys import layer_step_keys, pack_future
+from .keys import layer_step_keys, pack_stream, stream_rows
+
+HITS, LATE, MISSES, STARTED, DQ = range(5)  # rows of the scratch: stream positions, then keys
 
 
 @helper
-def _release_retry(c, dq, dq_state, now, started):
+def _release_retry(c, w, dq_ends, now):
     """``release`` of a key already unprotected: waiting misses get slots in order while they can, then their
     copies land (all reserved first, then completed, as ``ondemand_replay`` completes the returned list)."""
     n = 0
-    while dq_state[1] > dq_state[0]:
-        k = dq[dq_state[0]]
+    while dq_ends[1] > dq_ends[0]:
+        k = w[DQ, dq_ends[0]]
         ok, _ = kc.reserve(c, k, now, False)
         if not ok:
             break
-        dq_state[0] += 1
-        started[n] = k
+        dq_ends[0] += 1
+        w[STARTED, n] = k
         n += 1
     for i in range(n):
-        kc.complete(c, started[i])
+        kc.complete(c, w[STARTED, i])
 
 
-@jit
-def _decide_kernel(ptr, keys, counts, num_layers, c, hits_l, orders, record):
-    width = 1
-    for i in range(len(ptr) - 1):
-        width = max(width, ptr[i + 1] - ptr[i])
-    hits = np.empty(width, np.int64)
-    late = np.empty(width, np.int64)
-    misses = np.empty(width, np.int64)
-    started = np.empty(width, np.int64)
-    dq = np.empty(width, np.int64)
-    dq_state = np.zeros(2, np.int64)
-    for now in range(len(ptr) - 1):
+@jit(nrt=False)
+def _decide_kernel(c, counts, num_layers, hits_l, orders, record, w, dq_ends):
+    n_ls = c.s[0]
+    ptr = c.s[3:3 + n_ls + 1]
+    keys = c.s[3 + n_ls + 1:]
+    for now in range(n_ls):
         a = ptr[now]
         b = ptr[now + 1]
+        if kc.quiet(c, keys, a, b):  # all hits: nothing to decide
+            total = 0
+            for j in range(a, b):
+                kc.on_hit(c, keys[j], now)
+                total += counts[j]
+                if record:
+                    orders[j] = keys[j]
+            c.m[kc.CTR, kc.HITS] += total
+            hits_l[now % num_layers] += total
+            continue
         kc.protect_row(c, keys, a, b)
-        total = 0
-        for j in range(a, b):
-            total += counts[j]
-        nh, nl, nm, h, _, _, _ = kc.use_layer(c, keys, counts, a, b, now, total == b - a, hits, late, misses)
+        nh, nl, nm, h, _, _, _ = kc.use_layer(c, keys, counts, a, b, now, w[HITS], w[LATE], w[MISSES])
         hits_l[now % num_layers] += h
-        dq_state[0] = 0
-        dq_state[1] = 0
+        dq_ends[0] = 0
+        dq_ends[1] = 0
         nd = 0
+        full = -1  # a partition where a miss found no slot: the next ones there find none either (see reserve)
         for i in range(nm):
-            k = keys[misses[i]]
-            ok, _ = kc.reserve(c, k, now, False)
+            k = keys[w[MISSES, i]]
+            ok = False
+            if c.m[kc.PART, k] != full:
+                ok, _ = kc.reserve(c, k, now, False)
+                if not ok:
+                    full = c.m[kc.PART, k]
             if ok:
-                started[nd] = k
+                w[STARTED, nd] = k
                 nd += 1
             else:
-                dq[dq_state[1]] = k
-                dq_state[1] += 1
+                w[DQ, dq_ends[1]] = k
+                dq_ends[1] += 1
         for i in range(nd):
-            kc.complete(c, started[i])
-        o = a  # the compute order: hits, late hits, misses
+            kc.complete(c, w[STARTED, i])
+        o = a  # the compute order: hits, late hits, misses; each released after it computed
         for part in range(3):
-            buf = hits if part == 0 else (late if part == 1 else misses)
+            row = HITS if part == 0 else (LATE if part == 1 else MISSES)
             n = nh if part == 0 else (nl if part == 1 else nm)
             for i in range(n):
-                k = keys[buf[i]]
+                k = keys[w[row, i]]
                 if record:
                     orders[o] = k
                     o += 1
-                c.kf[kc.PROT, k] = 0  # release(k)
-                _release_retry(c, dq, dq_state, now, started)
+                c.m[kc.PROT, k] = 0  # release(k)
+                if dq_ends[1] > dq_ends[0]:
+                    _release_retry(c, w, dq_ends, now)
 
 
-def decide(ptr, keys, counts, num_layers: int, cache: kc.CacheState, record_orders: bool = False):
-    """Replay the stream through ``cache`` (updated in place; its load log if it logs). Returns the hit uses per
-    layer (int64 [L]) and, with ``record_orders``, every layer-step's compute order over the stream's layout
-    (``orders[ptr[i]:ptr[i + 1]]``; else None)."""
-    keys = np.asarray(keys, np.int64)
+def decide(cache: kc.CacheState, counts, num_layers: int, record_orders: bool = False):
+    """Replay the cache's stream through it (updated in place; its load log if it logs). Returns the hit uses
+    per layer (int64 [L]) and, with ``record_orders``, every layer-step's compute order over the stream's
+    layout (``orders[ptr[i]:ptr[i + 1]]``; else None)."""
+    ptr, keys = stream_rows(cache.s)
     hits_l = np.zeros(int(num_layers), np.int64)
     orders = np.zeros(len(keys) if record_orders else 0, np.int64)
-    _decide_kernel(np.asarray(ptr, np.int64), keys, np.asarray(counts, np.int64), int(num_layers), cache, hits_l,
-                   orders, bool(record_orders))
+    width = max(int(np.diff(ptr).max(initial=0)), 2)
+    _decide_kernel(cache, np.asarray(counts, np.int64), int(num_layers), hits_l, orders, bool(record_orders),
+                   np.zeros((5, width), np.int64), np.zeros(2, np.int64))
     return hits_l, (orders if record_orders else None)
 
 
 def min_loads(cache: kc.CacheState) -> list[tuple[int, int, int | None]]:
     """The load log as ``ExpertCache.load_log`` holds it: (layer-step, key, evicted key or None)."""
-    log = cache.log[:cache.ctr[kc.NLOG]].tolist()
-    return [(now, key, None if ev < 0 else ev) for now, key, ev in log]
+    return [(now, key, None if ev < 0 else ev) for now, key, ev in cache.loads.tolist()]
 
 
 def hit_curves(experts: np.ndarray, num_experts: list[int], capacities, policies=("lru", "lfu", "belady"),
@@ -111,15 +120,13 @@ def hit_curves(experts: np.ndarray, num_experts: list[int], capacities, policies
     np.cumsum(np.asarray(num_experts[:-1], dtype=np.int64), out=offsets[1:])
     num_keys = int(sum(num_experts))
     ptr, keys, counts = layer_step_keys(experts, offsets, np.arange(T + 1), np.arange(T), num_keys)
+    stream = pack_stream(ptr, keys, num_keys if "belady" in policies else None)  # shared by every cache
     part_of = np.repeat(np.arange(L, dtype=np.int64), num_experts)
-    fut = pack_future(ptr, keys, num_keys) if "belady" in policies else None
     out = {}
     for policy in policies:
         if policy == "static":
             raise ValueError("hit_curves: the static policy needs a training split's popularity (not a curve)")
-        rows = []
-        for cap in capacities:
-            cache = kc.new_cache(policy, part_of, [int(cap)] * L, ptr, keys, fut, num_layers=L, **params)
-            rows.append(decide(ptr, keys, counts, L, cache)[0])
+        rows = [decide(kc.new_cache(policy, part_of, [int(cap)] * L, stream, num_layers=L, **params), counts, L)[0]
+                for cap in capacities]
         out[policy] = np.array(rows, dtype=np.int64).reshape(len(rows), L)
     return out

@@ -5,15 +5,15 @@ Layout (shared by every kernel; "CSR", compressed rows): layer-step ``i = step *
 token's experts in trace order), and ``counts`` over the same range, how many of the step's tokens use each.
 This is what ``sim.run.step_keys`` builds as a list of arrays and a list of dicts, without a Python object
 per layer-step. The future (which layer-steps use each key, for Belady and the bounds) is the same data
-grouped by key: ``at[fptr[key]:fptr[key + 1]]`` ascending (:func:`future_index`), which the kernels take
-packed in one array (:func:`pack_future`).
+grouped by key: ``at[fptr[key]:fptr[key + 1]]`` ascending (:func:`future_index`). The kernels' states hold
+both packed in one array (:func:`pack_stream`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._jit import helper, jit
+from ._jit import inline, jit
 
 
 @jit
@@ -73,23 +73,47 @@ def future_index(ptr: np.ndarray, keys: np.ndarray, num_keys: int) -> tuple[np.n
     return fptr, steps[order]
 
 
-def pack_future(ptr: np.ndarray, keys: np.ndarray, num_keys: int) -> np.ndarray:
-    """The future in one array, as the kernels take it: ``fut[key]:fut[key + 1]`` is the range of ``fut``
-    holding ``key``'s layer-steps (``fptr`` shifted past itself, then ``at``)."""
-    fptr, at = future_index(ptr, keys, num_keys)
-    return np.concatenate([fptr + num_keys + 1, at])
+def pack_stream(ptr: np.ndarray, keys: np.ndarray, num_keys: int | None = None) -> np.ndarray:
+    """The stream as the kernels' states hold it, one int64 array: a header (layer-steps, keys, where the future
+    starts), ``ptr``, ``keys``, then, given ``num_keys``, the future: ``s[o + key]:s[o + key + 1]`` is the range
+    of ``s`` holding ``key``'s layer-steps (``o = s[2]``; without a future ``s[2] == len(s)``)."""
+    ptr = np.asarray(ptr, np.int64)
+    keys = np.asarray(keys, np.int64)
+    head = 3 + len(ptr) + len(keys)
+    parts = [np.array([len(ptr) - 1, len(keys), head], np.int64), ptr, keys]
+    if num_keys is not None:
+        fptr, at = future_index(ptr, keys, num_keys)
+        parts += [fptr + head + num_keys + 1, at]
+    return np.concatenate(parts)
 
 
-@helper
-def next_use(fut, key, now, horizon):
-    """First layer-step >= ``now`` that uses ``key`` (``horizon`` if none): ``FutureIndex.next_use``."""
-    lo = fut[key]
-    end = fut[key + 1]
-    hi = end
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if fut[mid] < now:
-            lo = mid + 1
-        else:
-            hi = mid
-    return fut[lo] if lo < end else horizon
+def stream_rows(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ptr, keys) of a packed stream (views)."""
+    n = int(s[0])
+    return s[3:3 + n + 1], s[3 + n + 1:3 + n + 1 + int(s[1])]
+
+
+@inline
+def next_use(s, base, key, now, horizon, cursor):
+    """First layer-step >= ``now`` that uses ``key`` (``horizon`` if none): ``FutureIndex.next_use``, over the
+    future at ``s[base:]`` (:func:`pack_stream`). ``cursor[key]`` keeps where the key's last answer was found
+    (0: never asked): the replays ask at a clock that only moves forward, so an answer is a step or two past the
+    last one instead of a binary search through the whole future (a cache miss per level); a query that went
+    back in time searches."""
+    lo = s[base + key]
+    end = s[base + key + 1]
+    i = cursor[key]
+    if i < lo or (i > lo and s[i - 1] >= now):
+        hi = end
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if s[mid] < now:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = lo
+    else:
+        while i < end and s[i] < now:
+            i += 1
+    cursor[key] = i
+    return s[i] if i < end else horizon

@@ -23,9 +23,14 @@ import numpy as np
 from . import cache as kc
 from . import channel as kch
 from ._jit import helper, jit
+from .keys import stream_rows
 
 TOTAL, STALL, COMPUTE = range(3)  # out_f
 DEMAND_LOADS, QUIET_USES = range(2)  # out_i
+# rows of the int scratch: stream positions of a layer-step's hits, late hits, misses and compute order; keys of
+# its demands, of the demands a retry started, of the deferred queue (DQ[head:tail], head/tail in DQ_ENDS); by
+# key: deferred (0/1)
+HITS, LATE, MISSES, ORDER, DEMAND, STARTED, DQ, DQ_ENDS, DEFERRED = range(9)
 NEUMAIER_SUM = sys.version_info >= (3, 12)  # how this Python's sum() adds floats
 
 
@@ -64,57 +69,47 @@ def _uses_time(counts, pos, n, expert_s, e1, hit_uses, neumaier, scratch):
 
 
 @helper
-def _retry_deferred(c, dq, dq_state, is_def, now, started):
+def _retry_deferred(c, w, now):
     """``PolicyRuntime.retry_deferred``: slots for waiting demands, in order, while they can be had; returns
-    how many started (their keys in ``started``)."""
+    how many started (their keys in ``w[STARTED]``)."""
     n = 0
-    while dq_state[1] > dq_state[0]:
-        k = dq[dq_state[0]]
+    while w[DQ_ENDS, 1] > w[DQ_ENDS, 0]:
+        k = w[DQ, w[DQ_ENDS, 0]]
         ok, _ = kc.reserve(c, k, now, False)
         if not ok:
             break
-        dq_state[0] += 1
-        is_def[k] = False
-        started[n] = k
+        w[DQ_ENDS, 0] += 1
+        w[DEFERRED, k] = 0
+        w[STARTED, n] = k
         n += 1
     return n
 
 
 @helper
-def _wait_ready(ch, c, key, t, dq, dq_state, is_def, now, started):
+def _wait_ready(ch, c, key, t, w, now):
     """``sim.fused.wait_ready``: run the channel until ``key`` is usable (a deferred key first gets a slot)."""
     kch.advance(ch, c, t)
-    while c.kf[kc.INFLIGHT, key] or is_def[key]:
-        if not ch.kq[kch.PENDING, key]:
-            n = _retry_deferred(c, dq, dq_state, is_def, now, started)
+    while c.m[kc.INFLIGHT, key] or w[DEFERRED, key]:
+        if not kch.pending(ch, key):
+            n = _retry_deferred(c, w, now)
             for i in range(n):
-                kch.submit(ch, started[i], 0)
-            if is_def[key]:
+                kch.submit(ch, w[STARTED, i], 0)
+            if w[DEFERRED, key]:
                 if not kch.busy(ch):
                     raise RuntimeError("deadlock: an expert can never get a slot (capacity too small)")
                 kch.wait_any(ch, c)
             continue
         kch.wait_key(ch, c, key)
-    return ch.cf[kch.NOW] if ch.cf[kch.NOW] > t else t
+    return kch.now(ch) if kch.now(ch) > t else t
 
 
-@jit
-def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_layers, top_k, c, ch, neumaier,
+@jit(nrt=False)
+def _replay_kernel(c, ch, counts, step_ntok, step_dense_s, expert_s, num_layers, top_k, neumaier, w, scratch,
                    step_s, late_l, miss_l, stall_l, out_f, out_i):
     L = num_layers
-    width = 1
-    for i in range(len(ptr) - 1):
-        width = max(width, ptr[i + 1] - ptr[i])
-    hits = np.empty(width, np.int64)
-    late = np.empty(width, np.int64)
-    misses = np.empty(width, np.int64)
-    demand = np.empty(width, np.int64)
-    order = np.empty(width, np.int64)
-    started = np.empty(width, np.int64)
-    scratch = np.empty(width, np.float64)
-    dq = np.empty(width, np.int64)  # deferred demands of the current layer: dq[head:tail]
-    dq_state = np.zeros(2, np.int64)
-    is_def = np.zeros(c.kf.shape[1], np.bool_)
+    n_ls = c.s[0]
+    ptr = c.s[3:3 + n_ls + 1]
+    keys = c.s[3 + n_ls + 1:]
     e1 = expert_s[1] if len(expert_s) > 1 else 0.0
     t = 0.0
     stall_total = 0.0
@@ -133,17 +128,10 @@ def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_lay
             now = si * L + layer
             a = ptr[now]
             b = ptr[now + 1]
-            once = b - a == nuses  # every key used by one token (always at batch size 1)
-            quiet = True
-            for j in range(a, b):
-                k = keys[j]
-                if not c.kf[kc.RESIDENT, k] or c.kf[kc.INFLIGHT, k] or c.kf[kc.PF_UNUSED, k]:
-                    quiet = False
-                    break
-            if quiet:  # every expert resident: they compute back to back, nothing to copy
+            if kc.quiet(c, keys, a, b):  # every expert resident: they compute back to back, nothing to copy
                 for j in range(a, b):
                     kc.on_hit(c, keys[j], now)
-                if once:
+                if b - a == nuses:  # every key used by one token (always at batch size 1)
                     block = e1 * nuses
                 else:
                     for j in range(a, b):
@@ -153,68 +141,73 @@ def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_lay
                 compute_total += block
                 quiet_uses += nuses
                 continue
-            nh, nl, nm, h, lt, m, _ = kc.use_layer(c, keys, counts, a, b, now, once, hits, late, misses)
+            nh, nl, nm, h, lt, mu, _ = kc.use_layer(c, keys, counts, a, b, now, w[HITS], w[LATE], w[MISSES])
             nd = 0
-            dq_state[0] = 0
-            dq_state[1] = 0
+            w[DQ_ENDS, 0] = 0
+            w[DQ_ENDS, 1] = 0
             if nm:
                 kc.protect_row(c, keys, a, b)
+                full = -1  # a partition where a miss found no slot: the next ones there find none either
                 for i in range(nm):
-                    k = keys[misses[i]]
-                    ok, _ = kc.reserve(c, k, now, False)
+                    k = keys[w[MISSES, i]]
+                    ok = False
+                    if c.m[kc.PART, k] != full:
+                        ok, _ = kc.reserve(c, k, now, False)
+                        if not ok:
+                            full = c.m[kc.PART, k]
                     if ok:
-                        demand[nd] = k
+                        w[DEMAND, nd] = k
                         nd += 1
                     else:
-                        dq[dq_state[1]] = k
-                        dq_state[1] += 1
-                        is_def[k] = True
+                        w[DQ, w[DQ_ENDS, 1]] = k
+                        w[DQ_ENDS, 1] += 1
+                        w[DEFERRED, k] = 1
             if nd:
                 kch.advance(ch, c, t)
             for i in range(nd):
-                kch.submit(ch, demand[i], 0)
+                kch.submit(ch, w[DEMAND, i], 0)
             for i in range(nl):
-                kch.upgrade(ch, keys[late[i]])
+                kch.upgrade(ch, keys[w[LATE, i]])
             layer_stall = 0.0
             n = 0
-            if dq_state[1] == dq_state[0]:
-                block = _uses_time(counts, hits, nh, expert_s, e1, h, neumaier, scratch)
+            if w[DQ_ENDS, 1] == w[DQ_ENDS, 0]:
+                block = _uses_time(counts, w[HITS], nh, expert_s, e1, h, neumaier, scratch)
                 t += block
                 compute_total += block
             else:
                 for i in range(nh):
-                    order[n] = hits[i]
+                    w[ORDER, n] = w[HITS, i]
                     n += 1
             for i in range(nl):
-                order[n] = late[i]
+                w[ORDER, n] = w[LATE, i]
                 n += 1
             for i in range(nm):
-                order[n] = misses[i]
+                w[ORDER, n] = w[MISSES, i]
                 n += 1
             for i in range(n):
-                j = order[i]
+                j = w[ORDER, i]
                 k = keys[j]
-                if c.kf[kc.INFLIGHT, k] or is_def[k]:
+                if c.m[kc.INFLIGHT, k] or w[DEFERRED, k]:
                     before = t
-                    if dq_state[1] > dq_state[0]:
-                        t = _wait_ready(ch, c, k, t, dq, dq_state, is_def, now, started)
+                    if w[DQ_ENDS, 1] > w[DQ_ENDS, 0]:
+                        t = _wait_ready(ch, c, k, t, w, now)
                     else:
                         t = kch.wait_until_landed(ch, c, k, t)
                     layer_stall += t - before
                 et = expert_s[counts[j]]
                 t += et
                 compute_total += et
-                if dq_state[1] > dq_state[0]:  # release(k): unprotect it, waiting demands retry
-                    c.kf[kc.PROT, k] = 0
-                    ns = _retry_deferred(c, dq, dq_state, is_def, now, started)
+                if w[DQ_ENDS, 1] > w[DQ_ENDS, 0]:  # release(k): unprotect it, waiting demands retry
+                    c.m[kc.PROT, k] = 0
+                    ns = _retry_deferred(c, w, now)
                     if ns:
                         kch.advance(ch, c, t)
                         for s in range(ns):
-                            kch.submit(ch, started[s], 0)
+                            kch.submit(ch, w[STARTED, s], 0)
             stall_total += layer_stall
             stall_l[layer] += layer_stall
             late_l[layer] += lt
-            miss_l[layer] += m
+            miss_l[layer] += mu
             demand_loads += nm
         step_s[si] = t - t_step
     out_f[TOTAL] = t
@@ -222,7 +215,7 @@ def _replay_kernel(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_lay
     out_f[COMPUTE] = compute_total
     out_i[DEMAND_LOADS] = demand_loads
     out_i[QUIET_USES] = quiet_uses
-    c.ctr[kc.HITS] += quiet_uses  # the quiet layers' uses, all hits
+    c.m[kc.CTR, kc.HITS] += quiet_uses  # the quiet layers' uses, all hits
 
 
 class OndemandResult:
@@ -243,26 +236,29 @@ class OndemandResult:
         self.demand_loads = demand_loads  # distinct experts per layer-step loaded on demand
 
 
-def replay_ondemand(ptr, keys, counts, step_ntok, step_dense_s, expert_s, num_layers: int, top_k: int,
-                    cache: kc.CacheState, copy_s: float, neumaier: bool = NEUMAIER_SUM) -> OndemandResult:
-    """Replay the stream through ``cache`` (updated in place: its stats are ``cache.ctr[:8]``) on a fresh
-    serial channel whose copies take ``copy_s`` each. ``step_ntok``/``step_dense_s``: tokens and dense time
-    per step; ``expert_s[n]``: one expert's time for n tokens (``expert_s[0] = 0``)."""
-    ptr = np.asarray(ptr, np.int64)
+def replay_ondemand(cache: kc.CacheState, counts, step_ntok, step_dense_s, expert_s, num_layers: int, top_k: int,
+                    copy_s: float, neumaier: bool = NEUMAIER_SUM) -> OndemandResult:
+    """Replay the cache's stream through it (updated in place: its stats are ``cache.stats``) on a fresh serial
+    channel whose copies take ``copy_s`` each. ``counts``: the stream's use counts; ``step_ntok`` and
+    ``step_dense_s``: tokens and dense time per step; ``expert_s[n]``: one expert's time for n tokens
+    (``expert_s[0] = 0``)."""
+    ptr, _ = stream_rows(cache.s)
     step_ntok = np.asarray(step_ntok, np.int64)
     S, L = len(step_ntok), int(num_layers)
     if len(ptr) - 1 != S * L:
         raise ValueError(f"replay_ondemand: {len(ptr) - 1} layer-steps in the stream, expected {S} x {L}")
-    # heap rows: on demand, only the misses of the current layer-step wait in the queue
-    ch = kch.new_channel(cache.kf.shape[1], int(np.diff(ptr).max(initial=0)) + 1, copy_s)
+    width = max(int(np.diff(ptr).max(initial=0)), 2)
+    num_keys = cache.m.shape[1]
+    ch = kch.new_channel(num_keys, width + 1, copy_s)  # heap rows: on demand, only this layer-step's misses wait
     step_s = np.zeros(S)
     late_l, miss_l, stall_l = np.zeros(L, np.int64), np.zeros(L, np.int64), np.zeros(L)
     out_f, out_i = np.zeros(3), np.zeros(2, np.int64)
-    _replay_kernel(ptr, np.asarray(keys, np.int64), np.asarray(counts, np.int64), step_ntok,
-                   np.asarray(step_dense_s, np.float64), np.asarray(expert_s, np.float64), L, int(top_k), cache, ch,
-                   bool(neumaier), step_s, late_l, miss_l, stall_l, out_f, out_i)
+    _replay_kernel(cache, ch, np.asarray(counts, np.int64), step_ntok, np.asarray(step_dense_s, np.float64),
+                   np.asarray(expert_s, np.float64), L, int(top_k), bool(neumaier),
+                   np.zeros((DEFERRED + 1, max(width, num_keys)), np.int64), np.zeros(width), step_s, late_l, miss_l,
+                   stall_l, out_f, out_i)
     per_layer = int(top_k) * int(step_ntok.sum())  # every layer-step has ntok x top_k uses
     requests = np.full(L, per_layer, np.int64)
     return OndemandResult(float(out_f[TOTAL]), float(out_f[STALL]), float(out_f[COMPUTE]), step_s, requests,
-                          requests - late_l - miss_l, late_l, miss_l, stall_l, int(ch.ci[kch.COPIES]),
+                          requests - late_l - miss_l, late_l, miss_l, stall_l, int(ch.q[kch.CI, kch.COPIES]),
                           int(out_i[DEMAND_LOADS]))

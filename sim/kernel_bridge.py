@@ -14,7 +14,7 @@ import numpy as np
 
 import kernels
 from kernels import cache as kc
-from kernels.keys import layer_step_keys, pack_future, steps_csr
+from kernels.keys import layer_step_keys, pack_stream, steps_csr
 from kernels.replay import replay_ondemand
 from policies.cache import CacheStats, ExpertCache
 from policies.eviction.belady import Belady
@@ -73,19 +73,25 @@ def ondemand_unsupported(runtime: PolicyRuntime, copy_model: CopyModel, log: boo
     return None
 
 
-def kernel_cache(cache: ExpertCache, num_layers: int, ptr, keys, log_loads: bool = False) -> kc.CacheState:
-    """A kernel cache equal to a fresh :class:`ExpertCache` (same partitions, slots, policy, pinned keys)."""
+def kernel_cache(cache: ExpertCache, num_layers: int, ptr, keys) -> kc.CacheState:
+    """A kernel cache over the stream (ptr, keys) equal to a fresh :class:`ExpertCache` (same partitions, slots,
+    policy and pinned keys)."""
     spec = dict(eviction_spec(cache.policy))
     policy = spec.pop("policy")
-    fut = pack_future(ptr, keys, len(cache.partition_of)) if policy == "belady" else None
-    return kc.new_cache(policy, cache.partition_of, cache.capacity, ptr, keys, fut, num_layers=num_layers,
-                        log_loads=log_loads, **spec)
+    stream_s = pack_stream(ptr, keys, len(cache.partition_of) if policy == "belady" else None)
+    return kc.new_cache(policy, cache.partition_of, cache.capacity, stream_s, num_layers=num_layers, **spec)
 
 
 def stream(steps, runtime: PolicyRuntime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The replay's (ptr, keys, counts) (see :mod:`kernels.keys`)."""
     step_ptr, step_tokens = steps_csr(steps)
     return layer_step_keys(runtime.experts, runtime.offsets, step_ptr, step_tokens, len(runtime.cache.partition_of))
+
+
+def dense_times_s(compute, steps) -> list[float]:
+    """The dense time of each step (its token count's, computed once per count as the Python loops do)."""
+    memo: dict[int, float] = {}
+    return [memo.setdefault(len(s.tokens), compute.dense_time_s(len(s.tokens))) for s in steps]
 
 
 def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
@@ -99,14 +105,12 @@ def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute,
     ptr, keys, counts = stream(steps, runtime)
     cache = kernel_cache(runtime.cache, num_layers, ptr, keys)
     ntok = np.fromiter((len(s.tokens) for s in steps), dtype=np.int64, count=len(steps))
-    dense_memo: dict[int, float] = {}
-    dense = [dense_memo.setdefault(n, compute.dense_time_s(n)) for n in ntok.tolist()]
-    res = replay_ondemand(ptr, keys, counts, ntok, dense, expert_times_s(compute, steps), num_layers,
-                          runtime.experts.shape[2], cache, copy_model.seconds(expert_bytes))
+    res = replay_ondemand(cache, counts, ntok, dense_times_s(compute, steps), expert_times_s(compute, steps),
+                          num_layers, runtime.experts.shape[2], copy_model.seconds(expert_bytes))
     stats = runtime.cache.stats
     for name, value in cache.stats.items():
         setattr(stats, name, value)
-    pinned = int(cache.kf[kc.PINNED].sum())
+    pinned = int(cache.m[kc.PINNED].sum())
     layers = LayerStats(res.requests, res.hits, res.late_hits, res.misses, res.layer_stall_s)
     return ReplayResult(
         total_s=res.total_s, stall_s=res.stall_s, compute_s=res.compute_s, step_s=res.step_s.tolist(),
@@ -126,20 +130,20 @@ def bounds_unsupported(p) -> str | None:
     return None
 
 
-def min_replay_kernel(p, ptr=None, keys=None, counts=None):
-    """``sim.run.min_replay`` compiled: MIN's hit rate, its kernel cache (stats in ``ctr``, the load log in
-    ``log``) and every layer-step's compute order over the stream's layout."""
+def min_replay_kernel(p, stream_s: np.ndarray | None = None, counts: np.ndarray | None = None):
+    """``sim.run.min_replay`` compiled: MIN's hit rate, its kernel cache (stats, the load log in ``loads``) and
+    every layer-step's compute order over the stream's layout. ``stream_s``: the packed stream with its
+    future, and ``counts``, if already built."""
     from kernels.decide import decide
 
-    if ptr is None:
+    if stream_s is None:
         ptr, keys, counts = stream(p.steps, p.runtime)
-    num_keys = len(p.partition_of)
-    cache = kc.new_cache("belady", p.partition_of, p.capacity, ptr, keys, pack_future(ptr, keys, num_keys),
-                         num_layers=p.meta.num_layers,
+        stream_s = pack_stream(ptr, keys, len(p.partition_of))
+    cache = kc.new_cache("belady", p.partition_of, p.capacity, stream_s, num_layers=p.meta.num_layers,
                          log_loads=True)
-    _, orders = decide(ptr, keys, counts, p.meta.num_layers, cache, record_orders=True)
-    c = cache.ctr
-    return c[kc.HITS] / (c[kc.HITS] + c[kc.MISSES] + c[kc.LATE]), cache, orders
+    _, orders = decide(cache, counts, p.meta.num_layers, record_orders=True)
+    st = cache.stats
+    return st["hits"] / (st["hits"] + st["misses"] + st["late_hits"]), cache, orders
 
 
 def compute_bounds_kernel(p) -> dict:
@@ -150,17 +154,15 @@ def compute_bounds_kernel(p) -> dict:
     if reason is not None:
         raise ValueError(f"compute_bounds_kernel: {reason}")
     ptr, keys, counts = stream(p.steps, p.runtime)
-    rate, cache, orders = min_replay_kernel(p, ptr, keys, counts)
-    fut = pack_future(ptr, keys, len(p.partition_of))
-    dense_memo: dict[int, float] = {}
-    dense = [dense_memo.setdefault(len(s.tokens), p.compute.dense_time_s(len(s.tokens))) for s in p.steps]
-    args = (ptr, keys, counts, fut, p.partition_of, p.capacity, dense, expert_times_s(p.compute, p.steps),
-            p.meta.num_layers, p.copy_model.seconds(p.copy_bytes))
+    stream_s = pack_stream(ptr, keys, len(p.partition_of))
+    rate, cache, orders = min_replay_kernel(p, stream_s, counts)
+    args = (stream_s, counts, p.partition_of, p.capacity, dense_times_s(p.compute, p.steps),
+            expert_times_s(p.compute, p.steps), p.meta.num_layers, p.copy_model.seconds(p.copy_bytes))
     aggr = oracle_stall(*args, schedule="aggressive")
-    cons = oracle_stall(*args, schedule="conservative", loads=cache.log[:cache.ctr[kc.NLOG]], orders=orders)
+    cons = oracle_stall(*args, schedule="conservative", loads=cache.loads, orders=orders)
     return {
         "belady_hit_rate": float(rate),
-        "belady_misses_unique": int(cache.ctr[kc.INSERTS]),
+        "belady_misses_unique": int(cache.stats["inserts"]),
         "oracle_stall_s": min(aggr, cons),
         "oracle_aggressive_stall_s": aggr,
         "oracle_conservative_stall_s": cons,
