@@ -98,6 +98,12 @@ def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute,
                   num_layers: int) -> ReplayResult:
     """``sim.engine.replay`` of an on-demand run (see :func:`ondemand_unsupported`) by the compiled kernel. The
     runtime's cache stats are set to the replay's, as the Python loop leaves them; its residency is not."""
+    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers)[0]
+
+
+def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
+                        num_layers: int) -> tuple[ReplayResult, kc.CacheState]:
+    """:func:`replay_kernel`, and the kernel cache it replayed through (its final residency and slots)."""
     wall0 = time.perf_counter()
     reason = ondemand_unsupported(runtime, copy_model)
     if reason is not None:
@@ -117,7 +123,7 @@ def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute,
         step_phase=[s.phase for s in steps], step_tokens=ntok.tolist(),
         bytes_moved=(res.copies + pinned) * expert_bytes, copies=res.copies + pinned, preload_copies=pinned,
         demand_loads=res.demand_loads, layers=layers, wall_s=time.perf_counter() - wall0,
-    )
+    ), cache
 
 
 # ---------------------------------------------------------------------------------------------- the bounds
