@@ -33,10 +33,10 @@ def _import_numba():
 NUMBA, UNAVAILABLE_REASON = _import_numba()
 
 
-def source_digest() -> str:
+def source_digest(package: Path = _PACKAGE) -> str:
     """A digest of this package's sources (and the numba version): the name of its compiled-code cache."""
     h = hashlib.sha256(getattr(NUMBA, "__version__", "none").encode())
-    for path in sorted(_PACKAGE.glob("*.py")):
+    for path in sorted(Path(package).glob("*.py")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

@@ -57,10 +57,11 @@ def model_trace(tokens: int = 160, seed: int = 5, experts: int = 8, top_k: int =
     return tr
 
 
-def on_demand_run(trace, policy: str, scope: str, slots: int, batch: int):
-    """(steps, uses, runtime) of an on-demand replay of ``trace`` (``slots`` per layer; in total when global)."""
+def on_demand_run(trace, policy: str, scope: str, slots: int, batch: int, steps=None):
+    """(steps, uses, runtime) of an on-demand replay of ``trace`` (``slots`` per layer; in total when global) in
+    ``steps`` (default: FIFO batches of ``batch``)."""
     meta = trace.meta
-    steps = FIFOScheduler().plan(trace.seq_id, trace.phase, batch)
+    steps = FIFOScheduler().plan(trace.seq_id, trace.phase, batch) if steps is None else steps
     needed, uses = step_keys(trace, steps, meta.layer_offsets)
     part = partitions_for(meta.num_experts, scope)
     cap = capacities_for(meta.num_experts, scope, slots if scope == "per_layer" else slots * meta.num_layers, None)
