@@ -76,15 +76,39 @@ def future_index(ptr: np.ndarray, keys: np.ndarray, num_keys: int) -> tuple[np.n
 def pack_stream(ptr: np.ndarray, keys: np.ndarray, num_keys: int | None = None) -> np.ndarray:
     """The stream as the kernels' states hold it, one int64 array: a header (layer-steps, keys, where the future
     starts), ``ptr``, ``keys``, then, given ``num_keys``, the future: ``s[o + key]:s[o + key + 1]`` is the range
-    of ``s`` holding ``key``'s layer-steps (``o = s[2]``; without a future ``s[2] == len(s)``)."""
+    of ``s`` holding ``key``'s layer-steps, ascending (``o = s[2]``; without a future ``s[2] == len(s)``)."""
     ptr = np.asarray(ptr, np.int64)
     keys = np.asarray(keys, np.int64)
     head = 3 + len(ptr) + len(keys)
-    parts = [np.array([len(ptr) - 1, len(keys), head], np.int64), ptr, keys]
+    extra = 0 if num_keys is None else num_keys + 1 + len(keys)
+    s = np.empty(head + extra, np.int64)
+    s[:3] = len(ptr) - 1, len(keys), head
+    s[3:3 + len(ptr)] = ptr
+    s[3 + len(ptr):head] = keys
     if num_keys is not None:
-        fptr, at = future_index(ptr, keys, num_keys)
-        parts += [fptr + head + num_keys + 1, at]
-    return np.concatenate(parts)
+        _future_kernel(ptr, keys, int(num_keys), s[head:], head)
+    return s
+
+
+@jit
+def _future_kernel(ptr, keys, num_keys, out, base):
+    """A counting sort of the stream by key (stable: each key's layer-steps ascending) into ``out``: offsets
+    (absolute, ``base`` being where ``out`` starts in the packed stream), then the layer-steps."""
+    first = num_keys + 1
+    for j in range(num_keys + 1):
+        out[j] = 0
+    for j in range(len(keys)):
+        out[keys[j] + 1] += 1
+    for k in range(num_keys):
+        out[k + 1] += out[k]
+    fill = out[:num_keys].copy()
+    for i in range(len(ptr) - 1):
+        for j in range(ptr[i], ptr[i + 1]):
+            k = keys[j]
+            out[first + fill[k]] = i
+            fill[k] += 1
+    for k in range(num_keys + 1):
+        out[k] += base + first
 
 
 def stream_rows(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

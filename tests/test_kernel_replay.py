@@ -110,3 +110,34 @@ def test_what_the_kernel_does_not_cover_is_said():
         _, _, rt = on_demand_run(trace, "lru", "per_layer", 3, 1)
         rt.cache.policy = policy
         assert "has no kernel" in kb.ondemand_unsupported(rt, copy)
+
+
+def cpython312_sum(values: list[float]) -> float:
+    """CPython 3.12's ``sum()`` of floats from 0 (Python/bltinmodule.c): the first item plus the int 0, then
+    Neumaier's compensated additions, the compensation added at the end if nonzero and finite."""
+    total, comp = 0 + values[0], 0.0
+    for x in values[1:]:
+        t = total + x
+        comp += (total - t) + x if abs(total) >= abs(x) else (x - t) + total
+        total = t
+    return total + comp if comp and np.isfinite(comp) else total
+
+
+def test_py_sum_adds_as_this_python_sum_does():
+    """A layer's experts computing back to back take Python's ``sum()`` of their times: plain additions up to
+    Python 3.11, Neumaier's from 3.12 on; the kernel reproduces both bit for bit (``py_func``: the same code as
+    plain Python, the arithmetic numba compiles)."""
+    import sys
+
+    from kernels.replay import NEUMAIER_SUM, py_sum
+
+    py_sum = getattr(py_sum, "py_func", py_sum)
+    rng = np.random.default_rng(0)
+    differ = 0
+    for n in range(1, 40):
+        values = (rng.random(n) * 10.0 ** rng.integers(-9, 2, n)).tolist()  # times of very different sizes
+        assert py_sum(values, n, False) == float(np.cumsum(values)[-1])  # left to right, plainly
+        assert py_sum(values, n, True) == cpython312_sum(values)
+        assert py_sum(values, n, NEUMAIER_SUM) == sum(values)
+        differ += py_sum(values, n, True) != py_sum(values, n, False)
+    assert differ > 5 and NEUMAIER_SUM == (sys.version_info >= (3, 12))
