@@ -23,19 +23,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import kernels  # noqa: E402
-from kernels import cache as kc  # noqa: E402
-from kernels.decide import decide  # noqa: E402
-from kernels.keys import layer_step_keys, pack_stream, steps_csr  # noqa: E402
-from kernels.oracle import oracle_stall  # noqa: E402
-from kernels.replay import replay_ondemand  # noqa: E402
+import replay_kernels  # noqa: E402
+from replay_kernels import cache as kc  # noqa: E402
+from replay_kernels.decide import decide  # noqa: E402
+from replay_kernels.keys import layer_step_keys, pack_stream, steps_csr  # noqa: E402
+from replay_kernels.oracle import oracle_stall  # noqa: E402
+from replay_kernels.replay import replay_ondemand  # noqa: E402
 
 # A first call of every kernel on a tiny stream, in a fresh process: the warm-up a run pays.
 WARMUP = """
 import time
 t0 = time.perf_counter()
 import numpy as np
-from kernels import cache as kc, decide, keys as kk, oracle, replay
+from replay_kernels import cache as kc, decide, keys as kk, oracle, replay
 t1 = time.perf_counter()
 ex = np.array([[[0, 1], [2, 3]], [[1, 2], [0, 3]]])
 ptr, keys, counts = kk.layer_step_keys(ex, np.array([0, 4]), np.arange(3), np.arange(2), 8)
@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="also replay with the Python simulator and compare")
     ap.add_argument("--no-warmup", action="store_true", help="skip the cold/warm JIT warm-up measurement")
     args = ap.parse_args()
-    if not kernels.available():
-        sys.exit(f"bench_kernel: the kernels are not compiled: {kernels.unavailable_reason()}")
+    if not replay_kernels.available():
+        sys.exit(f"bench_kernel: the kernels are not compiled: {replay_kernels.unavailable_reason()}")
     if not args.no_warmup:
         with tempfile.TemporaryDirectory() as tmp:
             cold, warm = warmup_s(tmp), warmup_s(tmp)

@@ -12,10 +12,7 @@ import time
 
 import numpy as np
 
-import kernels
-from kernels import cache as kc
-from kernels.keys import layer_step_keys, pack_stream, steps_csr
-from kernels.replay import replay_ondemand
+import replay_kernels
 from policies.cache import CacheStats, ExpertCache
 from policies.eviction.belady import Belady
 from policies.eviction.lfru import LFRU
@@ -25,6 +22,9 @@ from policies.eviction.static import Static
 from policies.eviction.two_level import TwoLevel
 from policies.horizons.fixed import FixedHorizon
 from policies.runtime import PolicyRuntime
+from replay_kernels import cache as kc
+from replay_kernels.keys import layer_step_keys, pack_stream, steps_csr
+from replay_kernels.replay import replay_ondemand
 
 from .engine import LayerStats, ReplayResult
 from .fused import expert_times_s
@@ -32,7 +32,7 @@ from .hardware import CopyModel
 
 
 def eviction_spec(policy) -> dict | None:
-    """The kernel's name and parameters of an eviction policy object (as :func:`kernels.cache.new_cache` takes
+    """The kernel's name and parameters of an eviction policy object (as :func:`replay_kernels.cache.new_cache` takes
     them), or None for a policy the kernels do not implement. Exact types: a subclass may change anything."""
     kind = type(policy)
     if kind is LRU:
@@ -57,8 +57,8 @@ def serial_channel_applies(copy_model: CopyModel) -> bool:
 
 def ondemand_unsupported(runtime: PolicyRuntime, copy_model: CopyModel, log: bool = False) -> str | None:
     """Why the on-demand replay kernel cannot replay this run exactly, or None if it can."""
-    if not kernels.available():
-        return kernels.unavailable_reason()
+    if not replay_kernels.available():
+        return replay_kernels.unavailable_reason()
     if log:
         return "a Chrome trace is logged (the kernel keeps no event log)"
     if not serial_channel_applies(copy_model):
@@ -83,7 +83,7 @@ def kernel_cache(cache: ExpertCache, num_layers: int, ptr, keys) -> kc.CacheStat
 
 
 def stream(steps, runtime: PolicyRuntime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The replay's (ptr, keys, counts) (see :mod:`kernels.keys`)."""
+    """The replay's (ptr, keys, counts) (see :mod:`replay_kernels.keys`)."""
     step_ptr, step_tokens = steps_csr(steps)
     return layer_step_keys(runtime.experts, runtime.offsets, step_ptr, step_tokens, len(runtime.cache.partition_of))
 
@@ -129,8 +129,8 @@ def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, co
 # ---------------------------------------------------------------------------------------------- the bounds
 def bounds_unsupported(p) -> str | None:
     """Why :func:`compute_bounds_kernel` cannot compute this prepared run's bounds exactly, or None."""
-    if not kernels.available():
-        return kernels.unavailable_reason()
+    if not replay_kernels.available():
+        return replay_kernels.unavailable_reason()
     if not serial_channel_applies(p.copy_model):
         return f"copy model {p.copy_model.kind!r} with {p.copy_model.channels} channel(s) is not one serial channel"
     return None
@@ -140,7 +140,7 @@ def min_replay_kernel(p, stream_s: np.ndarray | None = None, counts: np.ndarray 
     """``sim.run.min_replay`` compiled: MIN's hit rate, its kernel cache (stats, the load log in ``loads``) and
     every layer-step's compute order over the stream's layout. ``stream_s``: the packed stream with its
     future, and ``counts``, if already built."""
-    from kernels.decide import decide
+    from replay_kernels.decide import decide
 
     if stream_s is None:
         ptr, keys, counts = stream(p.steps, p.runtime)
@@ -154,7 +154,7 @@ def min_replay_kernel(p, stream_s: np.ndarray | None = None, counts: np.ndarray 
 
 def compute_bounds_kernel(p) -> dict:
     """``sim.run.compute_bounds`` compiled (see :func:`bounds_unsupported`)."""
-    from kernels.oracle import oracle_stall
+    from replay_kernels.oracle import oracle_stall
 
     reason = bounds_unsupported(p)
     if reason is not None:

@@ -8,17 +8,17 @@ import pytest
 from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
 
-import kernels
-from kernels.decide import min_loads
-from kernels.keys import pack_stream
-from kernels.oracle import oracle_stall as kernel_oracle_stall
+import replay_kernels
+from replay_kernels.decide import min_loads
+from replay_kernels.keys import pack_stream
+from replay_kernels.oracle import oracle_stall as kernel_oracle_stall
 from sim import kernel_bridge as kb
 from sim.bounds import oracle_stall
 from sim.fused import expert_times_s
 from sim.run import compute_bounds, min_replay, prepare
 from traces import write_trace
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed: no compiled kernels")
+pytestmark = pytest.mark.skipif(not replay_kernels.available(), reason="numba is not installed: no compiled kernels")
 
 
 def prepared(tmp_path, hw: str, batch: int, slots: int, scope: str = "per_layer", seed: int = 5, experts: int = 8):

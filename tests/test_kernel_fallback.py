@@ -1,4 +1,4 @@
-"""Without numba the kernels are unavailable, cleanly: importing them never fails, ``kernels.available()`` says
+"""Without numba the kernels are unavailable, cleanly: importing them never fails, ``replay_kernels.available()`` says
 False and why, the simulator's dispatch gets that reason (it takes the Python path), and the kernels still run
 as plain Python with the same results. With numba, compiled code is cached on disk under a digest of the
 kernels' sources, so a second process loads it instead of compiling."""
@@ -14,21 +14,21 @@ import sys
 import pytest
 from conftest import ROOT
 
-import kernels
-from kernels import _jit
+import replay_kernels
+from replay_kernels import _jit
 
 PROBE = """
 import json, sys
 {setup}
-import kernels
+import replay_kernels
 from conftest import random_trace
-from kernels.decide import _decide_kernel, hit_curves
+from replay_kernels.decide import _decide_kernel, hit_curves
 from kernel_cases import LINKS, model_trace, on_demand_run
 from sim import kernel_bridge as kb
 trace = random_trace(tokens=100, layers=4, experts=8, top_k=2, seed=123)
 hits = hit_curves(trace.experts, trace.meta.num_experts, [2, 4], ("lru", "belady"))
 _, _, rt = on_demand_run(model_trace(), "lru", "per_layer", 3, 1)
-print(json.dumps({{"available": kernels.available(), "reason": kernels.unavailable_reason(),
+print(json.dumps({{"available": replay_kernels.available(), "reason": replay_kernels.unavailable_reason(),
                   "compiled": type(_decide_kernel).__name__ != "function",
                   "dispatch": kb.ondemand_unsupported(rt, LINKS["fast"][0]),
                   "hits": {{p: h.sum(axis=1).tolist() for p, h in hits.items()}}}}))
@@ -63,10 +63,10 @@ def test_numba_failing_at_import_is_a_clean_fallback(tmp_path):
     assert got["dispatch"] == got["reason"] and got["hits"] == WANT_HITS
 
 
-@pytest.mark.skipif(not kernels.available(), reason="numba is not installed: no compiled kernels")
+@pytest.mark.skipif(not replay_kernels.available(), reason="numba is not installed: no compiled kernels")
 def test_compiled_code_is_cached_across_processes(tmp_path):
     """The first process compiles the keys kernel into NUMBA_CACHE_DIR/<digest>, the second loads it."""
-    code = ("import numpy as np\nfrom kernels.keys import _keys_kernel, layer_step_keys\n"
+    code = ("import numpy as np\nfrom replay_kernels.keys import _keys_kernel, layer_step_keys\n"
             "layer_step_keys(np.zeros((2, 1, 2), np.int16) + [[[0, 1]]], [0], [0, 1, 2], [0, 1], 2)\n"
             "print(len(_keys_kernel.stats.cache_hits), len(_keys_kernel.stats.cache_misses))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(tmp_path)}
@@ -78,8 +78,8 @@ def test_compiled_code_is_cached_across_processes(tmp_path):
 
 def test_an_edit_anywhere_in_the_kernels_starts_a_fresh_cache(tmp_path):
     """numba keys a cached function on its own file only; the cache directory covers every file."""
-    copy = tmp_path / "kernels"
-    shutil.copytree(ROOT / "kernels", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = tmp_path / "replay_kernels"
+    shutil.copytree(ROOT / "replay_kernels", copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert _jit.source_digest(copy) == _jit.source_digest()
     (copy / "channel.py").write_text((copy / "channel.py").read_text() + "\n# an edit\n")
     assert _jit.source_digest(copy) != _jit.source_digest()

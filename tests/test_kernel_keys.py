@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import random_trace
 
-from kernels.keys import future_index, layer_step_keys, pack_stream, steps_csr
 from policies.base import FutureIndex
 from policies.schedulers.fifo import FIFOScheduler
+from replay_kernels.keys import future_index, layer_step_keys, pack_stream, steps_csr
 from sim.run import step_keys
 
 

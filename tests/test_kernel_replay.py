@@ -1,4 +1,4 @@
-"""The compiled on-demand replay (kernels/replay.py through sim/kernel_bridge.py) against the simulator's Python
+"""The compiled on-demand replay (replay_kernels/replay.py through sim/kernel_bridge.py) against the simulator's Python
 replay (sim.engine.replay, the specification): every covered eviction policy x cache scope x batch size x link,
 every output field equal (floats bit for bit), the same final residency and slots."""
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from kernel_cases import COMPUTE, LINKS, POLICIES, model_trace, on_demand_run
 
-import kernels
+import replay_kernels
 from sim import kernel_bridge as kb
 from sim.engine import replay
 from sim.hardware import CopyModel
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed: no compiled kernels")
+pytestmark = pytest.mark.skipif(not replay_kernels.available(), reason="numba is not installed: no compiled kernels")
 
 
 def both(trace, policy, scope, slots, batch, copy_model):
@@ -129,7 +129,7 @@ def test_py_sum_adds_as_this_python_sum_does():
     plain Python, the arithmetic numba compiles)."""
     import sys
 
-    from kernels.replay import NEUMAIER_SUM, py_sum
+    from replay_kernels.replay import NEUMAIER_SUM, py_sum
 
     py_sum = getattr(py_sum, "py_func", py_sum)
     rng = np.random.default_rng(0)

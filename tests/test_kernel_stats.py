@@ -1,4 +1,4 @@
-"""The cache curves kernel (kernels.decide.hit_curves, for ``traces stats``) against the simulator's own
+"""The cache curves kernel (replay_kernels.decide.hit_curves, for ``traces stats``) against the simulator's own
 decisions: per-layer caches, one token per step in trace order, hits per layer and capacity equal to those of
 sim.engine.replay with no prefetch; and golden hit counts on one small trace."""
 
@@ -9,12 +9,12 @@ import pytest
 from conftest import random_trace
 from kernel_cases import COMPUTE, LINKS, on_demand_run
 
-import kernels
-from kernels.decide import hit_curves
+import replay_kernels
 from policies.base import Step
+from replay_kernels.decide import hit_curves
 from sim.engine import replay
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed: no compiled kernels")
+pytestmark = pytest.mark.skipif(not replay_kernels.available(), reason="numba is not installed: no compiled kernels")
 
 
 def python_hits(trace, policy: str, capacity: int) -> np.ndarray:

@@ -9,7 +9,7 @@ it is released and waiting demands retry. Floats are computed with the same oper
 results are equal bit for bit (``tests/test_kernel_replay.py``); a sum of several experts' times is Python's
 ``sum()`` of a list, which adds with Neumaier compensation from Python 3.12 on (``neumaier``).
 
-Inputs are flat: the stream of :mod:`kernels.keys`, per step its token count and dense time, the expert time
+Inputs are flat: the stream of :mod:`replay_kernels.keys`, per step its token count and dense time, the expert time
 by use count (``expert_s[n]``, n tokens), a :class:`~kernels.cache.CacheState` and a
 :class:`~kernels.channel.Channel`. Outputs go to arrays the caller allocates (:func:`replay_ondemand`).
 """

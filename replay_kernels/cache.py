@@ -21,7 +21,7 @@ Layout. One cache is a :class:`CacheState` of four arrays, so that a compiled ca
 descriptors rather than one per field (with thirty fields, calls and compile times were several times
 longer): ``m``, int64 rows of one width (at least the number of keys), a row per per-key field (indexed by
 key), per-partition field (by partition), per-slot field (by slot), and the ``CTR`` row of integer scalars;
-``f``, the float rows; ``s``, the read-only stream (:func:`kernels.keys.pack_stream`), which caches over the
+``f``, the float rows; ``s``, the read-only stream (:func:`replay_kernels.keys.pack_stream`), which caches over the
 same stream may share; ``log``, the loads claimed, when logging.
 """
 
@@ -88,7 +88,7 @@ class CacheState(NamedTuple):
 def new_cache(policy: str, part_of: np.ndarray, capacity, stream: np.ndarray, *, pinned=(), keep_counts: bool = True,
               half_life_steps: float = 4.0, window_steps: float = 1.0, defer: bool = True, num_layers: int = 1,
               log_loads: bool = False) -> CacheState:
-    """An empty cache over ``stream`` (:func:`kernels.keys.pack_stream`, with the future for belady) with
+    """An empty cache over ``stream`` (:func:`replay_kernels.keys.pack_stream`, with the future for belady) with
     ``policy`` and its parameters as the Python policy's constructor takes them (``num_layers`` scales lfru's
     half-life and two_level's window to layer-steps as their ``reset`` does), ``pinned`` keys loaded first in
     ascending order (``ExpertCache.__init__``)."""

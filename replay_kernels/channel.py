@@ -9,7 +9,7 @@ then waits for the next run, and an idle worker looks at the queue at the next r
 The landing of a copy is split in two (:func:`land_begin`, :func:`land_end`) so that a driver can run its
 ``on_complete`` in between, as ``SerialChannel._land_current`` does; the loops over landings for the cache's
 ``on_complete`` (the copy's key stops being in flight) are here, the perfect-foresight schedules have their
-own in :mod:`kernels.oracle`.
+own in :mod:`replay_kernels.oracle`.
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def oracle_stall(stream, counts, part_of, capacity, step_dense_s, expert_s, num_
                  schedule: str = "aggressive", loads=None, orders=None, window: int | None = None, channels: int = 1,
                  resume_scan: bool = True) -> float:
     """``sim.bounds.oracle_stall`` on the serial channel: the packed stream with its future
-    (:func:`kernels.keys.pack_stream`) and its use counts, partitions, dense time per step, expert time by use
+    (:func:`replay_kernels.keys.pack_stream`) and its use counts, partitions, dense time per step, expert time by use
     count, ``copy_s`` per copy. ``loads``: MIN's load log, int [n, 3] with -1 for no victim (conservative);
     ``orders``: MIN's compute order over the stream's layout (conservative); ``window``: default 4 x
     ``num_layers``."""

@@ -4,7 +4,7 @@ Importing numba may fail in more ways than ImportError (a numba built for anothe
 broken llvmlite raises OSError), and on some machines it is simply not installed (the GPU check machine: its
 llvmlite wheel alone is 57 MB). Every failure is caught here, once, and recorded: ``NUMBA`` is then None,
 ``jit`` leaves functions as plain Python (so the kernels still run, slowly, e.g. under a debugger) and
-:func:`kernels.available` says False with the reason, so a driver takes its Python path instead.
+:func:`replay_kernels.available` says False with the reason, so a driver takes its Python path instead.
 
 The compiled code is cached on disk so a run does not pay the compile again (seconds per kernel). numba keys
 each cached function on the source of its own file only, not on the helpers it calls from other files, so an
