@@ -172,10 +172,10 @@ def main() -> None:
     for policy in ("lru", "lfu", "belady"):
         cells = []
         for c in capacities:
-            cache = kc.new_cache(policy, part, [c] * L, stream_s, num_layers=L)
+            curve = kc.new_cache(policy, part, [c] * L, stream_s, num_layers=L)
             t0 = time.perf_counter()
-            decide(cache, counts, L)
-            cells.append(f"{c}: {cache.stats['hits'] / requests:.4f} @ {requests / (time.perf_counter() - t0) / 1e6:.1f}M")
+            decide(curve, counts, L)
+            cells.append(f"{c}: {curve.stats['hits'] / requests:.4f} @ {requests / (time.perf_counter() - t0) / 1e6:.1f}M")
         print(f"  {policy:6s} " + ", ".join(cells))
 
     if args.check:
