@@ -32,6 +32,7 @@ test-slow: venv
 
 bench: venv
 	$(PY) benchmarks/bench_sim.py --general
+	$(PY) benchmarks/bench_kernel.py --check
 	$(PY) benchmarks/bench_executor.py
 	$(PY) benchmarks/bench_executor_stall.py
 

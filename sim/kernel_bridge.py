@@ -1,0 +1,175 @@
+"""From the simulator's objects (runtime, hardware models, steps) to the compiled kernels' flat inputs, and
+their outputs back to the simulator's results: what a driver's dispatch calls.
+
+Phase 1 of the compiled fast path: nothing calls this module yet but the tests and the benchmark. The
+dispatch (take the kernel where :func:`ondemand_unsupported` returns None, else the Python loop, and say
+which in ``results.json``) comes with the one driver loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import replay_kernels
+from policies.cache import CacheStats, ExpertCache
+from policies.eviction.belady import Belady
+from policies.eviction.lfru import LFRU
+from policies.eviction.lfu import LFU
+from policies.eviction.lru import LRU
+from policies.eviction.static import Static
+from policies.eviction.two_level import TwoLevel
+from policies.horizons.fixed import FixedHorizon
+from policies.runtime import PolicyRuntime
+from replay_kernels import cache as kc
+from replay_kernels.keys import layer_step_keys, pack_stream, steps_csr
+from replay_kernels.replay import replay_ondemand
+
+from replay.results import LayerStats, ReplayResult
+from .fused import expert_times_s
+from replay.hardware import CopyModel
+
+
+def eviction_spec(policy) -> dict | None:
+    """The kernel's name and parameters of an eviction policy object (as :func:`replay_kernels.cache.new_cache` takes
+    them), or None for a policy the kernels do not implement. Exact types: a subclass may change anything."""
+    kind = type(policy)
+    if kind is LRU:
+        return {"policy": "lru"}
+    if kind is LFU:
+        return {"policy": "lfu", "keep_counts": policy.keep_counts}
+    if kind is LFRU:
+        return {"policy": "lfru", "half_life_steps": policy.half_life_steps}
+    if kind is Static:
+        return {"policy": "static", "pinned": sorted(policy.pinned())}
+    if kind is Belady:
+        return {"policy": "belady", "defer": policy.defer}
+    if kind is TwoLevel:
+        return {"policy": "two_level", "window_steps": policy.window_steps}
+    return None
+
+
+def serial_channel_applies(copy_model: CopyModel) -> bool:
+    """``sim.channels.make_channels`` picks the serial channel (what the kernels implement)."""
+    return copy_model.kind not in ("shared_link", "partial_link") and copy_model.channels == 1
+
+
+def ondemand_unsupported(runtime: PolicyRuntime, copy_model: CopyModel, log: bool = False) -> str | None:
+    """Why the on-demand replay kernel cannot replay this run exactly, or None if it can."""
+    if not replay_kernels.available():
+        return replay_kernels.unavailable_reason()
+    if log:
+        return "a Chrome trace is logged (the kernel keeps no event log)"
+    if not serial_channel_applies(copy_model):
+        return f"copy model {copy_model.kind!r} with {copy_model.channels} channel(s) is not one serial channel"
+    if eviction_spec(runtime.cache.policy) is None:
+        return f"eviction policy {type(runtime.cache.policy).__name__} has no kernel"
+    horizon = runtime.horizon
+    if not runtime.silent and not (type(horizon) is FixedHorizon and horizon.distance() == 0):
+        return "the run prefetches (only on-demand runs have a kernel so far)"
+    if runtime.cache.load_log is not None or runtime.cache.stats != CacheStats():
+        return "the runtime's cache is not fresh"
+    return None
+
+
+def kernel_cache(cache: ExpertCache, num_layers: int, ptr, keys) -> kc.CacheState:
+    """A kernel cache over the stream (ptr, keys) equal to a fresh :class:`ExpertCache` (same partitions, slots,
+    policy and pinned keys)."""
+    spec = dict(eviction_spec(cache.policy))
+    policy = spec.pop("policy")
+    stream_s = pack_stream(ptr, keys, len(cache.partition_of) if policy == "belady" else None)
+    return kc.new_cache(policy, cache.partition_of, cache.capacity, stream_s, num_layers=num_layers, **spec)
+
+
+def stream(steps, runtime: PolicyRuntime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The replay's (ptr, keys, counts) (see :mod:`replay_kernels.keys`)."""
+    step_ptr, step_tokens = steps_csr(steps)
+    return layer_step_keys(runtime.experts, runtime.offsets, step_ptr, step_tokens, len(runtime.cache.partition_of))
+
+
+def dense_times_s(compute, steps) -> list[float]:
+    """The dense time of each step (its token count's, computed once per count as the Python loops do)."""
+    memo: dict[int, float] = {}
+    return [memo.setdefault(len(s.tokens), compute.dense_time_s(len(s.tokens))) for s in steps]
+
+
+def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
+                  num_layers: int) -> ReplayResult:
+    """``sim.engine.replay`` of an on-demand run (see :func:`ondemand_unsupported`) by the compiled kernel. The
+    runtime's cache stats are set to the replay's, as the Python loop leaves them; its residency is not."""
+    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers)[0]
+
+
+def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
+                        num_layers: int) -> tuple[ReplayResult, kc.CacheState]:
+    """:func:`replay_kernel`, and the kernel cache it replayed through (its final residency and slots)."""
+    wall0 = time.perf_counter()
+    reason = ondemand_unsupported(runtime, copy_model)
+    if reason is not None:
+        raise ValueError(f"replay_kernel: {reason}")
+    ptr, keys, counts = stream(steps, runtime)
+    cache = kernel_cache(runtime.cache, num_layers, ptr, keys)
+    ntok = np.fromiter((len(s.tokens) for s in steps), dtype=np.int64, count=len(steps))
+    res = replay_ondemand(cache, counts, ntok, dense_times_s(compute, steps), expert_times_s(compute, steps),
+                          num_layers, runtime.experts.shape[2], copy_model.seconds(expert_bytes))
+    stats = runtime.cache.stats
+    for name, value in cache.stats.items():
+        setattr(stats, name, value)
+    pinned = int(cache.m[kc.PINNED].sum())
+    layers = LayerStats(res.requests, res.hits, res.late_hits, res.misses, res.layer_stall_s)
+    return ReplayResult(
+        total_s=res.total_s, stall_s=res.stall_s, compute_s=res.compute_s, step_s=res.step_s.tolist(),
+        step_phase=[s.phase for s in steps], step_tokens=ntok.tolist(),
+        bytes_moved=(res.copies + pinned) * expert_bytes, copies=res.copies + pinned, preload_copies=pinned,
+        demand_loads=res.demand_loads, layers=layers, wall_s=time.perf_counter() - wall0,
+    ), cache
+
+
+# ---------------------------------------------------------------------------------------------- the bounds
+def bounds_unsupported(p) -> str | None:
+    """Why :func:`compute_bounds_kernel` cannot compute this prepared run's bounds exactly, or None."""
+    if not replay_kernels.available():
+        return replay_kernels.unavailable_reason()
+    if not serial_channel_applies(p.copy_model):
+        return f"copy model {p.copy_model.kind!r} with {p.copy_model.channels} channel(s) is not one serial channel"
+    return None
+
+
+def min_replay_kernel(p, stream_s: np.ndarray | None = None, counts: np.ndarray | None = None):
+    """``replay.bounds.min_replay`` compiled: MIN's hit rate, its kernel cache (stats, the load log in ``loads``) and
+    every layer-step's compute order over the stream's layout. ``stream_s``: the packed stream with its
+    future, and ``counts``, if already built."""
+    from replay_kernels.decide import decide
+
+    if stream_s is None:
+        ptr, keys, counts = stream(p.steps, p.runtime)
+        stream_s = pack_stream(ptr, keys, len(p.partition_of))
+    cache = kc.new_cache("belady", p.partition_of, p.capacity, stream_s, num_layers=p.meta.num_layers,
+                         log_loads=True)
+    _, orders = decide(cache, counts, p.meta.num_layers, record_orders=True)
+    st = cache.stats
+    return st["hits"] / (st["hits"] + st["misses"] + st["late_hits"]), cache, orders
+
+
+def compute_bounds_kernel(p) -> dict:
+    """``replay.bounds.compute_bounds`` compiled (see :func:`bounds_unsupported`)."""
+    from replay_kernels.oracle import oracle_stall
+
+    reason = bounds_unsupported(p)
+    if reason is not None:
+        raise ValueError(f"compute_bounds_kernel: {reason}")
+    ptr, keys, counts = stream(p.steps, p.runtime)
+    stream_s = pack_stream(ptr, keys, len(p.partition_of))
+    rate, cache, orders = min_replay_kernel(p, stream_s, counts)
+    args = (stream_s, counts, p.partition_of, p.capacity, dense_times_s(p.compute, p.steps),
+            expert_times_s(p.compute, p.steps), p.meta.num_layers, p.copy_model.seconds(p.copy_bytes))
+    aggr = oracle_stall(*args, schedule="aggressive")
+    cons = oracle_stall(*args, schedule="conservative", loads=cache.loads, orders=orders)
+    return {
+        "belady_hit_rate": float(rate),
+        "belady_misses_unique": int(cache.stats["inserts"]),
+        "oracle_stall_s": min(aggr, cons),
+        "oracle_aggressive_stall_s": aggr,
+        "oracle_conservative_stall_s": cons,
+    }
