@@ -112,19 +112,25 @@ class PolicyRuntime:
         self._last_wasted = 0
         self._last_issued = 0
         self._prefetch_hits = 0
-        self._on_predict = getattr(cache.policy, "on_predict", None)  # optional hook of the eviction policy
-        self._feedback = None if getattr(horizon, "ignores_feedback", False) else horizon.feedback
+        # predictive caches (expertflow) hear of every expert the runtime prefetches or keeps
+        self._on_predict = cache.policy.on_predict if type(cache.policy).wants_predictions else None
+        self._feedback = None if type(horizon).ignores_feedback else horizon.feedback
         self._table: PrefetchTable | None = None  # set by set_schedule for a stateless predictor
-        # A predictor that never predicts (``never_predicts`` on its class: on-demand loading) is not asked.
-        self.silent = bool(getattr(type(predictor), "never_predicts", False))
+        # A predictor that never predicts (on-demand loading) is not asked.
+        self.silent = type(predictor).never_predicts
 
     def set_schedule(self, steps: list) -> None:
         """Optional, before the first ``begin_layer``: the whole replay's steps. With a stateless predictor
         (one that defines ``predict_steps``, see :class:`~policies.base.Predictor`) the runtime then scores a
         block of steps per numpy call and builds no Observation; decisions are the same."""
-        stateless = getattr(type(self.predictor), "predict_steps", None) is not None
+        stateless = type(self.predictor).stateless
         self._table = PrefetchTable(self.predictor, self.experts, self.offsets, self.cfg.num_layers, self.limit,
                                     self.cfg.min_score, steps) if stateless and not self.silent else None
+
+    @property
+    def prefetch_table(self) -> PrefetchTable | None:
+        """The block-scored prefetch choices :meth:`set_schedule` set up for a stateless predictor (else None)."""
+        return self._table
 
     def observation(self, step: int, layer: int, tokens: np.ndarray) -> Observation:
         hid = None

@@ -28,7 +28,7 @@ def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
     channel, no event log, a predictor that is stateless (scored by the runtime's table) or never predicts, a
     horizon of fixed distance that ignores feedback, and no ``on_predict`` hook."""
     horizon = runtime.horizon
-    fixed = getattr(horizon, "min_distance", None) is not None and horizon.min_distance == horizon.max_distance
+    fixed = horizon.min_distance == horizon.max_distance
     return (
         type(chan) is SerialChannel
         and not log
@@ -82,13 +82,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     stats = cache.stats
     present, inflight, pu = cache.present, cache.inflight, cache.prefetched_unused
     use_layer = cache.use_layer
-    on_hits = cache._on_hits
-    if on_hits is None:  # the policy has no batched hook: on_hit per key, as ExpertCache.use_layer does
-        on_hit = cache.policy.on_hit
-
-        def on_hits(keys: list[int], now: int) -> None:
-            for k in keys:
-                on_hit(k, now)
+    on_hits = cache.policy.on_hits
     distance = rt.horizon.distance
     tab = rt._table
     L = num_layers
