@@ -46,7 +46,7 @@ def recall_table(test, train, names=DEFAULT, max_distance: int = 4) -> pd.DataFr
     rows = []
     for name in names:
         pred = make(name)
-        if getattr(pred, "needs_hidden", False) and hidden is None:
+        if pred.needs_hidden and hidden is None:
             continue
         pred.reset(PredictorContext(meta.num_experts, K, train=train, layer_offsets=meta.layer_offsets,
                                     model_path=meta.model_path))

@@ -15,9 +15,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from policies.base import FutureIndex
 from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.eviction.lru import LRU
+from policies.future import FutureIndex
 from policies.horizons.fixed import FixedHorizon
 from policies.predictors.transition import TransitionPredictor
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts

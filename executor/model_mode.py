@@ -13,8 +13,10 @@ LRU), a predictor (default none) and a horizon (default 0: on demand). PolicyRun
 where the routing is known up front, but it only ever reads the routing of the layer being decided (through
 ``experts[tokens, layer]``); so it fits a live model unchanged: each forward pass appends its tokens to a
 growing routing table, each block writes the router's choice for its layer into that table just before
-``begin_layer``, and the driver loop below is ``executor/engine.py``'s (sync landed copies, submit demand and
-prefetch copies, compute resident experts first, wait for the others, ``release``, ``end_layer``). Clairvoyant
+``begin_layer``, and each block's forward runs one layer-step of the driver loop the simulator and the trace
+executor run (:class:`replay.driver.LayerDriver`: sync landed copies, submit demand and prefetch copies,
+compute resident experts first, wait for the others, ``release``, ``end_layer``), with the executor's copies
+and this model's experts as its compute (:class:`SlotCompute`). Clairvoyant
 policies (Belady, the oracle predictor) cannot run: a live model has no future index, and they say so.
 
 The routed experts are computed from the slot weights with the arithmetic of the model's own experts
@@ -30,7 +32,6 @@ it. The routing table grows by ``MoE layers x top-k`` ints per token for the lif
 
 from __future__ import annotations
 
-import heapq
 import time
 from pathlib import Path
 
@@ -44,7 +45,10 @@ from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.horizons.fixed import FixedHorizon
 from policies.predictors.none import NoPredictor
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
+from replay.backends import ComputeBackend
+from replay.driver import LayerDriver
 
+from .backends import TransferCopies, WallClock
 from .model_store import OffloadError, check_store, find_moe_blocks, layout_of, write_model_store
 from .tier import ExpertReader, StoreLayout, aligned_buffer
 from .transfer import TransferEngine
@@ -97,43 +101,15 @@ class ExpertOffload:
         self.transfer = TransferEngine(reader, memoryview(self._buf), io_threads)
         self.step, self._last_layer = -1, self.L
         self._tokens = np.zeros(0, dtype=np.int64)
-        self._pending: list[tuple[int, int]] = []  # (target layer-step, key) of issued prefetches
         self.next_token_ids: np.ndarray | None = None  # set by the embedding hook for the next forward pass
         self.requests = 0
-        self.stall_s = self.expert_s = 0.0
         self.t0 = time.perf_counter()
+        # the driver loop of the simulator and the trace executor, one layer-step per MoE block forward; the
+        # model runs its dense parts itself, so the loop's dense part is empty
+        clock = WallClock()
+        self.slot_compute = SlotCompute(self, clock)
+        self.driver = LayerDriver(self.runtime, clock, TransferCopies(self.transfer, self.cache), self.slot_compute, self.L)
         self.hooks: list = []  # removed by close()
-
-    # ------------------------------------------------------------------------- copies (as executor/engine.py)
-    def _sync(self) -> None:
-        for k in self.transfer.landed():
-            if self.cache.is_inflight(k):
-                self.cache.complete(k)
-
-    def _submit(self, key: int, priority: int) -> None:
-        self.transfer.submit(key, self.cache.slot_of[key], priority)
-
-    def _wait_for(self, key: int) -> float:
-        rt, waited = self.runtime, 0.0
-        while key in rt.deferred:
-            for k in rt.retry_deferred():
-                self._submit(k, 0)
-            if key in rt.deferred:
-                waited += self.transfer.wait_any()
-                self._sync()
-        if self.cache.is_inflight(key):
-            waited += self.transfer.wait(key)
-        self._sync()
-        return waited
-
-    def _weights(self, key: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up [2I, H] and down [H, I] of a resident key, read in place from its slot (a cast copy when the
-        model is not float32: exact, the file holds the model's weights widened to float32)."""
-        h, i = self.layout.hidden, self.layout.intermediate
-        base = self.cache.slot_of[key] * (self.layout.stride_bytes // 4)
-        gu = self.slots[base:base + 2 * i * h].view(2 * i, h)
-        dn = self.slots[base + 2 * i * h:base + 3 * i * h].view(h, i)
-        return gu.to(device, dtype), dn.to(device, dtype)
 
     # ------------------------------------------------------------------------------------- one MoE layer
     def _begin_step_rows(self, layer: int, n: int) -> np.ndarray:
@@ -153,60 +129,13 @@ class ExpertOffload:
     def run_layer(self, layer: int, experts: SlotExperts, x: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
         """The routed experts' output for ``x`` [N, H], as the model's experts module would compute it."""
-        t_layer = time.perf_counter()
-        rt, cache, tr = self.runtime, self.cache, self.transfer
         idx = top_k_index.detach().cpu().numpy().astype(np.int64)
         tokens = self._begin_step_rows(layer, idx.shape[0])
         self.routes.a[tokens, layer] = idx
-        self._sync()
-        now = self.step * self.L + layer
-        plan = rt.begin_layer(self.step, layer, tokens, NO_END)
+        self.slot_compute.bind(experts, x, idx, top_k_weights, int(self.runtime.offsets[layer]))
+        plan = self.driver.layer_step(self.step, layer, tokens, NO_END)
         self.requests += sum(plan.uses.values())
-        while self._pending and self._pending[0][0] <= now:  # prefetches whose target passed unused
-            _, k = heapq.heappop(self._pending)
-            if k not in plan.uses and tr.cancel(k):
-                rt.cancel(k)
-        for k in plan.demand:
-            self._submit(k, 0)
-        for k, target in plan.prefetch:
-            self._submit(k, 1 + target - now)
-            heapq.heappush(self._pending, (target, k))
-        for k in plan.needed:
-            if plan.outcome[k] == "late":
-                tr.upgrade(k)
-        eager = experts.implementation == "eager"
-        off, stall, outs = int(rt.offsets[layer]), 0.0, {}
-        for k in plan.order:
-            if cache.is_inflight(k) or k in rt.deferred:
-                stall += self._wait_for(k)
-            e = k - off
-            if eager:  # eager takes an expert's tokens rank-major (torch.where over its [K, N] mask)
-                pos, tok = np.nonzero(idx.T == e)
-            else:  # grouped/batched: token-major (a sort of the flattened [N * K] routing)
-                tok, pos = np.nonzero(idx == e)
-            tok_t, pos_t = torch.from_numpy(tok).to(x.device), torch.from_numpy(pos).to(x.device)
-            gu, dn = self._weights(k, experts.dtype, x.device)
-            gate, up = F.linear(x[tok_t].to(experts.dtype), gu).chunk(2, dim=-1)
-            out = F.linear(experts.act_fn(gate) * up, dn) * top_k_weights[tok_t, pos_t, None]
-            outs[e] = (tok_t, pos_t, out)
-            for s in rt.release(k):
-                self._submit(s, 0)
-        if eager:
-            y = torch.zeros_like(x)
-            for e in sorted(outs):
-                tok_t, _, out = outs[e]
-                y.index_add_(0, tok_t, out.to(y.dtype))
-        else:
-            first = next(iter(outs.values()))[2]
-            w = torch.zeros((x.shape[0], idx.shape[1], x.shape[1]), dtype=first.dtype, device=x.device)
-            for tok_t, pos_t, out in outs.values():
-                w[tok_t, pos_t] = out
-            y = w.sum(dim=1).to(x.dtype)
-        layer_s = time.perf_counter() - t_layer
-        self.stall_s += stall
-        self.expert_s += layer_s - stall
-        rt.end_layer(layer_s - stall, stall, tr.bandwidth_bytes_per_s(), plan)
-        return y
+        return self.slot_compute.combine()
 
     # ------------------------------------------------------------------------------------------ results
     def metrics(self, total_s: float | None = None, new_tokens: int | None = None) -> dict:
@@ -221,7 +150,7 @@ class ExpertOffload:
             "expert_requests": req, "hits": st.hits, "late_hits": st.late_hits, "misses": st.misses,
             "loads": st.inserts, "evictions": st.evictions, "prefetch_issued": st.prefetch_inserts,
             "bytes_moved": self.transfer.bytes_started, "copies": self.transfer.copies_started,
-            "stall_s": self.stall_s, "expert_compute_s": self.expert_s, "total_s": total,
+            "stall_s": self.driver.stall_s, "expert_compute_s": self.driver.compute_s, "total_s": total,
             "tokens_per_s": new_tokens / total if new_tokens and total > 0 else None,
             "steps": self.step + 1, "moe_layers": self.L, "slots_per_layer": self.slots_per_layer,
             "expert_bytes": self.layout.stride_bytes, "tier": "disk-odirect" if self.reader.direct else "disk-buffered",
@@ -239,6 +168,64 @@ class ExpertOffload:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SlotCompute(ComputeBackend):
+    """The driver loop's compute in model mode: each routed expert of the block being run, from its slot's
+    weights, with the arithmetic of the model's own experts implementation; :meth:`combine` sums the outputs."""
+
+    def __init__(self, owner: ExpertOffload, clock: WallClock):
+        self.owner, self.clock = owner, clock
+
+    def bind(self, experts: SlotExperts, x: torch.Tensor, idx: np.ndarray, weights: torch.Tensor, offset: int) -> None:
+        """The block about to run: its experts module, input [N, H], routing [N, K], top-k weights, first key."""
+        self.experts, self.x, self.idx, self.weights, self.offset = experts, x, idx, weights, offset
+        self.outs: dict[int, tuple] = {}
+
+    def dense(self, ntok: int) -> float:
+        return 0.0  # the model runs its own dense parts, outside the MoE block
+
+    def expert(self, key: int, ntok: int) -> float:
+        t0 = time.perf_counter()
+        experts, x, idx, e = self.experts, self.x, self.idx, key - self.offset
+        if experts.implementation == "eager":  # eager takes an expert's tokens rank-major (torch.where over [K, N])
+            pos, tok = np.nonzero(idx.T == e)
+        else:  # grouped/batched: token-major (a sort of the flattened [N * K] routing)
+            tok, pos = np.nonzero(idx == e)
+        tok_t, pos_t = torch.from_numpy(tok).to(x.device), torch.from_numpy(pos).to(x.device)
+        gu, dn = self.weights_of(key, experts.dtype, x.device)
+        gate, up = F.linear(x[tok_t].to(experts.dtype), gu).chunk(2, dim=-1)
+        out = F.linear(experts.act_fn(gate) * up, dn) * self.weights[tok_t, pos_t, None]
+        self.outs[e] = (tok_t, pos_t, out)
+        return time.perf_counter() - t0
+
+    def resident(self, keys: list[int], total_uses: int, uses: dict[int, int], layer: int, events: list | None) -> float:
+        return sum(self.expert(k, uses[k]) for k in keys)
+
+    def weights_of(self, key: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [2I, H] and down [H, I] of a resident key, read in place from its slot (a cast copy when the
+        model is not float32: exact, the file holds the model's weights widened to float32)."""
+        owner = self.owner
+        h, i = owner.layout.hidden, owner.layout.intermediate
+        base = owner.cache.slot_of[key] * (owner.layout.stride_bytes // 4)
+        gu = owner.slots[base:base + 2 * i * h].view(2 * i, h)
+        dn = owner.slots[base + 2 * i * h:base + 3 * i * h].view(h, i)
+        return gu.to(device, dtype), dn.to(device, dtype)
+
+    def combine(self) -> torch.Tensor:
+        """The block's routed output from the experts computed since :meth:`bind`."""
+        x, outs = self.x, self.outs
+        if self.experts.implementation == "eager":
+            y = torch.zeros_like(x)
+            for e in sorted(outs):
+                tok_t, _, out = outs[e]
+                y.index_add_(0, tok_t, out.to(y.dtype))
+            return y
+        first = next(iter(outs.values()))[2]
+        w = torch.zeros((x.shape[0], self.idx.shape[1], x.shape[1]), dtype=first.dtype, device=x.device)
+        for tok_t, pos_t, out in outs.values():
+            w[tok_t, pos_t] = out
+        return w.sum(dim=1).to(x.dtype)
 
 
 class SlotExperts(nn.Module):

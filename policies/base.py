@@ -1,7 +1,9 @@
 """Policy interfaces shared by the simulator and the real executor.
 
-Nothing here knows about SimPy or CUDA: a driver (``sim`` or ``executor``) owns time and copies, and calls
-these objects at the same points in the same order. Time inside policies is a logical clock, the index of
+Nothing here knows about SimPy or CUDA: a driver (``sim`` or ``executor``, through the loop in
+``replay/driver.py``) owns time and copies, and calls these objects at the same points in the same order.
+Every policy subclasses one of the base classes below (:class:`EvictionPolicy`, :class:`Predictor`,
+:class:`Horizon`, :class:`Scheduler`), which declare its whole interface, optional capabilities included. Time inside policies is a logical clock, the index of
 the *layer-step* being computed (``step * num_layers + layer``), so decisions that do not depend on timing
 are identical in both drivers.
 
@@ -10,94 +12,18 @@ Expert keys are flat ints unique across layers: ``key = layer_offsets[layer] + e
 
 from __future__ import annotations
 
-import bisect
-import heapq
-from collections.abc import Callable, Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
 
 import numpy as np
+
+from .future import FutureIndex
 
 
 class PolicyConfigError(ValueError):
     """A policy was configured with values it cannot work with."""
-
-
-# ---------------------------------------------------------------------------------------------- future index
-class FutureIndex:
-    """Perfect knowledge of the replay's future: for each key, the sorted layer-steps that use it.
-    Belady and the oracle predictor read it; nothing else may."""
-
-    def __init__(self, needed: list[np.ndarray]):
-        # every (key, layer-step) pair, grouped by key in layer-step order (a stable sort: no loop per use)
-        lens = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
-        keys = np.concatenate(needed).astype(np.int64, copy=False) if lens.sum() else np.zeros(0, np.int64)
-        steps = np.repeat(np.arange(len(needed), dtype=np.int64), lens)
-        small = keys.astype(np.int16) if len(keys) and keys.max() < 2**15 else keys  # numpy radix-sorts 16 bits
-        order = np.argsort(small, kind="stable")
-        keys, steps = keys[order], steps[order]
-        cut = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-        starts, ends = np.r_[0, cut].tolist(), np.r_[cut, len(keys)].tolist()
-        self._uses: dict[int, list[int]] = {int(keys[a]): steps[a:b].tolist() for a, b in zip(starts, ends) if b > a}
-        self.needed = needed  # needed[t] = unique keys used at layer-step t
-        self.horizon = len(needed)
-
-    def next_use(self, key: int, now: int) -> int:
-        """First layer-step >= now that uses ``key`` (``horizon`` if none)."""
-        u = self._uses.get(key)
-        if not u:
-            return self.horizon
-        i = bisect.bisect_left(u, now)
-        return u[i] if i < len(u) else self.horizon
-
-
-class FarthestNextUse:
-    """The keys of one cache partition by next use, farthest first: the victim order of MIN-style rules
-    (Belady, the perfect-foresight bounds) without scanning every resident key per eviction.
-
-    ``touch(key, now)`` records that ``key`` is resident and was used (or loaded) at ``now``: its next use is
-    the first one strictly after ``now``. Every use of a resident key must be touched, so a key's recorded next
-    use is still ``next_use(key, now + 1)`` when a victim is chosen later. A lazy max-heap: a touch pushes an
-    entry, ``remove`` forgets the key, and stale entries are dropped when they reach the top. Ties of next use
-    go to the lowest key, or the highest with ``high_key_first``."""
-
-    def __init__(self, future: FutureIndex, high_key_first: bool = False):
-        self._future = future
-        self._sign = -1 if high_key_first else 1
-        self._next: dict[int, int] = {}  # resident key -> its next use
-        self._heap: list[tuple[int, int, int]] = []  # (-next use, sign * key, key)
-
-    def touch(self, key: int, now: int) -> None:
-        nu = self._future.next_use(key, now + 1)
-        if self._next.get(key) != nu:
-            self._next[key] = nu
-            heapq.heappush(self._heap, (-nu, self._sign * key, key))
-            if len(self._heap) > 4 * len(self._next) + 64:  # mostly stale entries: rebuild
-                self._heap = [(-n, self._sign * k, k) for k, n in self._next.items()]
-                heapq.heapify(self._heap)
-
-    def remove(self, key: int) -> None:
-        self._next.pop(key, None)
-
-    def next_of(self, key: int) -> int | None:
-        """The recorded next use of a resident key (None if not resident)."""
-        return self._next.get(key)
-
-    def farthest(self, allowed: Callable[[int], bool]) -> int | None:
-        """The resident key with the farthest next use among those ``allowed`` (None if none is)."""
-        heap, nxt, skipped, found = self._heap, self._next, [], None
-        while heap:
-            neg, _, key = heap[0]
-            if nxt.get(key) != -neg:  # stale: removed, or touched again since
-                heapq.heappop(heap)
-                continue
-            if allowed(key):
-                found = key
-                break
-            skipped.append(heapq.heappop(heap))  # resident but not a candidate now (protected, in flight)
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
 
 
 # ------------------------------------------------------------------------------------------------ contexts
@@ -161,63 +87,127 @@ class HorizonContext:
     num_experts: list[int] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------- protocols
-@runtime_checkable
-class EvictionPolicy(Protocol):
+# ------------------------------------------------------------------------------------------- base classes
+# Every policy subclasses one of these. The whole interface a driver may use is declared here: the required
+# methods (abstract), and each optional capability as a class flag (False here: "not supported") next to the
+# method it enables, whose default raises or does nothing. A driver tests the flag, never ``getattr``;
+# ``tests/test_policies_contract.py`` checks that every configured policy's flags and methods agree.
+class EvictionPolicy(ABC):
     """Which resident expert to drop. Hooks in the style of libCacheSim: the cache calls them, the policy
     only keeps its own bookkeeping."""
 
+    #: ``victim_skipping`` is implemented: victims are picked without the candidate set being built.
+    has_victim_skipping: ClassVar[bool] = False
+    #: the runtime must call ``on_predict`` for every expert it decides to prefetch or keep (predictive caches).
+    wants_predictions: ClassVar[bool] = False
+
+    @abstractmethod
     def reset(self, ctx: CacheContext) -> None: ...
-    def on_hit(self, key: int, now: int) -> None: ...
-    def on_insert(self, key: int, now: int) -> None: ...
-    def on_remove(self, key: int) -> None: ...
+
+    @abstractmethod
+    def on_hit(self, key: int, now: int) -> None:
+        """``key`` (resident or in flight) is used at layer-step ``now``."""
+
+    def on_hits(self, keys: list[int], now: int) -> None:
+        """``on_hit`` for each of ``keys`` in order (one call per layer-step; a policy may do it faster)."""
+        for k in keys:
+            self.on_hit(k, now)
+
+    @abstractmethod
+    def on_insert(self, key: int, now: int) -> None:
+        """``key`` got a slot at layer-step ``now`` (its copy starts: a demand load or a prefetch)."""
+
+    @abstractmethod
+    def on_remove(self, key: int) -> None:
+        """``key`` left the cache (evicted, or its queued prefetch cancelled)."""
+
+    @abstractmethod
     def victim(self, partition: int, candidates: set[int], now: int) -> int | None:
         """Pick one key from ``candidates`` (resident, unprotected, in ``partition``); None = keep all."""
-        ...
 
     def pinned(self) -> set[int]:
-        """Keys loaded before the run and never evicted (static policies)."""
-        ...
+        """Keys loaded before the run and never evicted (static policies); none by default."""
+        return set()
 
-    # Optional, defined on the class: ``victim_skipping(partition, protected, inflight, now) -> int | None``,
-    # the victim ``victim`` would pick from this partition's resident, unpinned keys not in ``protected`` nor
-    # ``inflight`` (None: none found; the cache then falls back to ``victim``). Saves building the set.
+    def victim_skipping(self, partition: int, protected: set[int], inflight: set[int], now: int) -> int | None:
+        """Only where ``has_victim_skipping``: the victim ``victim`` would pick from this partition's resident,
+        unpinned keys not in ``protected`` nor ``inflight`` (None: none found; the cache then falls back to
+        ``victim``). Saves building the candidate set."""
+        raise NotImplementedError(f"{type(self).__name__} has no victim_skipping (has_victim_skipping is False)")
+
+    def on_predict(self, key: int, target: int) -> None:
+        """Only where ``wants_predictions``: the runtime predicts ``key`` to be used at layer-step ``target`` (it
+        prefetches it, or it is already resident or in flight)."""
+        raise NotImplementedError(f"{type(self).__name__} has no on_predict (wants_predictions is False)")
+
+    def policy_stats(self) -> dict[str, int]:
+        """Policy-specific counters for ``results.json`` (``policy_stats``); none by default."""
+        return {}
 
 
-@runtime_checkable
-class Predictor(Protocol):
+class Predictor(ABC):
+    """Scores, per later layer, how likely the current batch is to use each expert (prefetch candidates)."""
+
+    #: ``predict`` always scores zero and ``observe`` does nothing (on-demand loading): the runtime asks neither.
+    never_predicts: ClassVar[bool] = False
+    #: ``predict_steps`` is implemented: ``predict`` reads nothing but ``obs.layer``, ``obs.layer_step`` and
+    #: ``obs.experts`` and ``observe`` does nothing, so the runtime scores many steps per call, no Observation.
+    stateless: ClassVar[bool] = False
+    #: ``predict`` reads ``obs.hidden``: the driver loads the trace's hidden-state sidecar.
+    needs_hidden: ClassVar[bool] = False
+    #: ``reset`` learns from the training split's token ids (a trace without them cannot train it).
+    needs_token_ids: ClassVar[bool] = False
+
+    @abstractmethod
     def reset(self, ctx: PredictorContext) -> None: ...
+
+    @abstractmethod
     def predict(self, obs: Observation, ahead: int) -> np.ndarray:
         """Scores in [0, 1] over the experts of layer ``(obs.layer + ahead) % L`` (of the next step when it
         wraps): how likely this step's batch is to use each. Zeros = no opinion."""
-        ...
 
+    @abstractmethod
     def observe(self, obs: Observation) -> None:
         """Feedback: the actual routing of ``obs.layer`` for this step."""
-        ...
 
-    # Optional, defined on the class, only by a predictor whose ``predict`` reads nothing but ``obs.layer``,
-    # ``obs.layer_step`` and ``obs.experts`` and whose ``observe`` does nothing:
-    # ``predict_steps(layer, ahead, experts, layer_steps) -> scores``, experts [N, B, K] and layer_steps [N] of N
-    # observations at ``layer`` -> [N, E_target], row n equal (bit for bit) to ``predict`` of an observation
-    # with ``experts[n]`` at ``layer_steps[n]``. The runtime then scores many steps in one call and builds no
-    # Observation.
-    # Optional class attribute ``never_predicts = True``: ``predict`` always scores zero and ``observe`` does
-    # nothing (on-demand loading), so the runtime asks neither.
+    def predict_steps(self, layer: int, ahead: int, experts: np.ndarray, layer_steps: np.ndarray) -> np.ndarray:
+        """Only where ``stateless``: ``experts`` [N, B, K] and ``layer_steps`` [N] of N observations at ``layer``
+        -> scores [N, E_target], row n equal (bit for bit) to ``predict`` of an observation with ``experts[n]``
+        at ``layer_steps[n]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no predict_steps (stateless is False)")
 
 
-@runtime_checkable
-class Horizon(Protocol):
+class Horizon(ABC):
+    """How many layers ahead to prefetch. ``min_distance <= distance() <= max_distance`` always; an instance
+    sets both in its constructor (equal for a horizon that never changes its distance)."""
+
+    min_distance: int
+    max_distance: int
+    #: ``feedback`` does nothing: the runtime does not build the HorizonFeedback object every layer.
+    ignores_feedback: ClassVar[bool] = False
+
+    @abstractmethod
     def reset(self, ctx: HorizonContext) -> None: ...
+
+    @abstractmethod
     def distance(self) -> int:
         """How many layers ahead to prefetch now (0 = no prefetch)."""
-        ...
 
-    def feedback(self, fb: HorizonFeedback) -> None: ...
+    @abstractmethod
+    def feedback(self, fb: HorizonFeedback) -> None:
+        """What the layer just computed measured (see :class:`HorizonFeedback`)."""
 
-    # Optional attribute: ``ignores_feedback = True`` when ``feedback`` does nothing (the runtime then does not
-    # build the HorizonFeedback object every layer).
 
+class Scheduler(ABC):
+    """How the trace's tokens are grouped into batch steps."""
+
+    #: ``plan`` needs predicted routes: the driver passes them (``routes``; else None).
+    needs_routes: ClassVar[bool] = False
+
+    @abstractmethod
+    def plan(self, seq_id: np.ndarray, phase: np.ndarray, batch_size: int, routes: np.ndarray | None) -> list[Step]:
+        """Order the trace's tokens into steps. ``routes`` [T, L, K] may be predicted routes (never the truth
+        unless the caller is an oracle experiment)."""
 
 @dataclass
 class Step:
@@ -236,14 +226,6 @@ def steps_by_size(steps: list) -> list[tuple[int, list[int], np.ndarray]]:
         by_size.setdefault(len(st.tokens), []).append(i)
     return [(ntok, idx, np.stack([np.asarray(steps[i].tokens, dtype=np.int64) for i in idx]).reshape(len(idx), ntok))
             for ntok, idx in by_size.items()]
-
-
-@runtime_checkable
-class Scheduler(Protocol):
-    def plan(self, seq_id: np.ndarray, phase: np.ndarray, batch_size: int, routes: np.ndarray | None) -> list[Step]:
-        """Order the trace's tokens into steps. ``routes`` [T, L, K] may be predicted routes (never the truth
-        unless the caller is an oracle experiment)."""
-        ...
 
 
 def top_scores(scores: np.ndarray, limit: int, min_score: float) -> list[int]:

@@ -79,11 +79,8 @@ class ExpertCache:
         self.prefetched_unused: set[int] = set()
         self.stats = CacheStats()
         self.load_log: list[tuple[int, int, int | None]] | None = None  # (now, key, evicted) if set to a list
-        # A policy *class* with ``victim_skipping`` picks victims without the candidate set (LRU, static). Looked
-        # up on the class so a wrapper that overrides ``victim`` (and forwards the rest) still gets candidates.
-        self._skipping = getattr(type(policy), "victim_skipping", None) is not None
-        on_hits = getattr(type(policy), "on_hits", None)  # optional batched on_hit, same order
-        self._on_hits = policy.on_hits if on_hits is not None else None
+        # A policy class with ``has_victim_skipping`` picks victims without the candidate set (LRU, static).
+        self.skips_candidates = type(policy).has_victim_skipping
         policy.reset(ctx)
         for key in sorted(policy.pinned()):
             part = int(self.partition_of[key])
@@ -137,12 +134,7 @@ class ExpertCache:
         else:
             touched = [k for k in keys if k in present]
             misses = [k for k in keys if k not in present]
-        if self._on_hits is not None:
-            self._on_hits(touched, now)
-        else:
-            on_hit = self.policy.on_hit
-            for k in touched:
-                on_hit(k, now)
+        self.policy.on_hits(touched, now)
         if inflight.isdisjoint(touched):
             late, hits = [], touched
         else:
@@ -181,7 +173,7 @@ class ExpertCache:
         evicted = None
         stats = self.stats
         if len(res) >= self.capacity[part]:
-            if self._skipping:
+            if self.skips_candidates:
                 evicted = self.policy.victim_skipping(part, protected, inflight, now)
                 if evicted is not None and (evicted not in res or evicted in protected or evicted in inflight):
                     raise RuntimeError(f"{type(self.policy).__name__}.victim_skipping returned {evicted}, not a candidate")

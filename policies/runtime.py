@@ -1,21 +1,31 @@
-"""The decision loop that the simulator and the real executor share.
+"""The policy decisions every driver shares (the simulator, the trace executor and model mode all run them
+through the one driver loop, ``replay/driver.py``).
 
 A driver owns time and copies; at the same points of every layer it calls :class:`PolicyRuntime`, which asks
 the cache, predictor and horizon what to do. Decisions use the logical clock ``now = step * L + layer``, so
 every decision that does not depend on timing (all of them for on-demand caches) is identical whichever
 driver runs it.
 
-Per layer of a step the driver does:
+The protocol, per layer of a step:
 
-1. ``plan = runtime.begin_layer(step_index, layer, tokens)``: the router of that layer has run, so the
-   needed experts are known. ``plan.needed`` lists them (keys, with use counts), ``plan.demand`` the keys
-   whose copy must start now at high priority, ``plan.prefetch`` the keys to copy at low priority for
-   later layers (slots are reserved at decision time, so an in-flight key already holds its slot).
-2. It computes the needed experts in ``plan.order`` (resident ones first, so loads overlap compute), waiting
-   for each one's copy; after computing one it calls ``runtime.release(key)``, which may return more demand
-   keys that could not get a slot before (the layer needs more experts than its partition holds).
-3. ``runtime.end_layer(feedback)`` hands the measured stall/bandwidth to the horizon.
-A queued prefetch whose copy has not started may be cancelled with ``runtime.cancel(key)``.
+0. (optional, once before the first layer) ``runtime.set_schedule(steps)``: the whole replay's steps, so a
+   stateless predictor is scored a block of steps per call.
+1. ``plan = runtime.begin_layer(step, layer, tokens, max_layer_step, uses=None) -> LayerPlan``: the router of
+   that layer has run, so the needed experts are known (``tokens``: trace token indices of the step; ``uses``:
+   key -> tokens using it, if precomputed; no prefetch targets a layer-step beyond ``max_layer_step``).
+   ``plan.needed`` lists the keys (use counts in ``plan.uses``), ``plan.hits`` / ``plan.late`` /
+   ``plan.misses`` their outcome, ``plan.demand`` the keys whose copy must start now at high priority,
+   ``plan.prefetch`` the (key, target layer-step) to copy at low priority for later layers (slots are reserved
+   at decision time, so an in-flight key already holds its slot), ``plan.order`` the compute order.
+2. The driver computes the needed experts in ``plan.order`` (resident ones first, so loads overlap compute),
+   waiting for each one's copy; a key in ``runtime.deferred`` has no slot yet: ``runtime.retry_deferred() ->
+   list[int]`` hands out slots as copies land (start those copies). After computing a key it calls
+   ``runtime.release(key) -> list[int]``, which may return deferred demand keys that got a slot (the layer
+   needs more experts than its partition holds).
+3. ``runtime.end_layer(layer_compute_s, stall_s, bandwidth_bytes_per_s, plan)`` hands the measured layer
+   compute time, stall and recent copy bandwidth to the horizon.
+
+A queued prefetch whose copy has not started may be dropped: ``runtime.cancel(key)`` gives its slot back.
 """
 
 from __future__ import annotations
@@ -112,19 +122,25 @@ class PolicyRuntime:
         self._last_wasted = 0
         self._last_issued = 0
         self._prefetch_hits = 0
-        self._on_predict = getattr(cache.policy, "on_predict", None)  # optional hook of the eviction policy
-        self._feedback = None if getattr(horizon, "ignores_feedback", False) else horizon.feedback
+        # predictive caches (expertflow) hear of every expert the runtime prefetches or keeps
+        self._on_predict = cache.policy.on_predict if type(cache.policy).wants_predictions else None
+        self._feedback = None if type(horizon).ignores_feedback else horizon.feedback
         self._table: PrefetchTable | None = None  # set by set_schedule for a stateless predictor
-        # A predictor that never predicts (``never_predicts`` on its class: on-demand loading) is not asked.
-        self.silent = bool(getattr(type(predictor), "never_predicts", False))
+        # A predictor that never predicts (on-demand loading) is not asked.
+        self.silent = type(predictor).never_predicts
 
     def set_schedule(self, steps: list) -> None:
         """Optional, before the first ``begin_layer``: the whole replay's steps. With a stateless predictor
         (one that defines ``predict_steps``, see :class:`~policies.base.Predictor`) the runtime then scores a
         block of steps per numpy call and builds no Observation; decisions are the same."""
-        stateless = getattr(type(self.predictor), "predict_steps", None) is not None
+        stateless = type(self.predictor).stateless
         self._table = PrefetchTable(self.predictor, self.experts, self.offsets, self.cfg.num_layers, self.limit,
                                     self.cfg.min_score, steps) if stateless and not self.silent else None
+
+    @property
+    def prefetch_table(self) -> PrefetchTable | None:
+        """The block-scored prefetch choices :meth:`set_schedule` set up for a stateless predictor (else None)."""
+        return self._table
 
     def observation(self, step: int, layer: int, tokens: np.ndarray) -> Observation:
         hid = None

@@ -24,7 +24,8 @@ from collections.abc import Callable
 import numpy as np
 import simpy
 
-from policies.base import FarthestNextUse, FutureIndex, Step
+from policies.base import Step
+from policies.future import FarthestNextUse, FutureIndex
 
 from .channels import CopyChannels, make_channels
 from .hardware import ComputeModel, CopyModel

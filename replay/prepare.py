@@ -11,8 +11,9 @@ from itertools import repeat
 
 import numpy as np
 
-from policies.base import FutureIndex, steps_by_size
+from policies.base import steps_by_size
 from policies.cache import ExpertCache, capacities_for, partitions_for
+from policies.future import FutureIndex
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
 
@@ -143,7 +144,7 @@ def prepare(cfg) -> Prepared:
     horizon = instantiate(cfg.horizon, "horizon")
     scheduler = instantiate(cfg.scheduler, "scheduler")
     routes = None
-    if getattr(scheduler, "needs_routes", False):
+    if scheduler.needs_routes:
         routes = predicted_routes(test, str(cfg.scheduler.policy.get("route_source", "last_token")))
     t_plan = time.perf_counter()
     steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), routes)
@@ -161,7 +162,7 @@ def prepare(cfg) -> Prepared:
     )
     predictor.reset(pctx)
     horizon.reset(hctx)
-    hidden = test.hidden_states() if getattr(predictor, "needs_hidden", False) else None
+    hidden = test.hidden_states() if predictor.needs_hidden else None
     runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden,
                             test.seq_id)
     return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,

@@ -122,7 +122,7 @@ def results_dict(p, res: ReplayResult, expert_bytes: int, driver: str) -> dict:
         "scheduler_wall_s": p.plan_wall_s,
         "tokens": int(sum(res.step_tokens)),
         # policy-specific counters (e.g. the expertflow cache's mispredictions); {} for most policies
-        "policy_stats": dict(getattr(p.runtime.cache.policy, "policy_stats", dict)()),
+        "policy_stats": dict(p.runtime.cache.policy.policy_stats()),
     }
 
 

@@ -1,17 +1,19 @@
-"""The replay loop of :mod:`sim.engine` with the policy runtime's per-layer decisions inlined, for the common
-configurations (see :func:`fused_applies`): every eviction policy but the predictive ``expertflow`` cache (its
-``on_predict`` hook), on-demand or with a stateless predictor
-(scored ahead by the runtime's :class:`~policies.prefetch_table.PrefetchTable`) at a fixed distance, one serial copy
+"""The driver loop of :mod:`replay.driver` with the policy runtime's per-layer decisions inlined, specialised to
+the simulator's backends, for the common configurations (see :func:`fused_applies`): every eviction policy but
+the predictive ``expertflow`` cache (it wants predictions), on-demand or with a stateless predictor (scored
+ahead by the runtime's :class:`~policies.prefetch_table.PrefetchTable`) at a fixed distance, one serial copy
 channel (every hardware preset).
 
 Why a second loop: at batch size 1 a layer-step is six expert uses, and the general loop spends about 13 us on
-it, almost all in the calls and containers between driver, runtime and cache (``begin_layer``, ``use_layer``,
-``LayerPlan``, ``_plan_prefetch``, ``end_layer``). Here the same steps run in one function, and a layer whose
-experts are all resident and whose predictions are all present already (most layers) costs a few set tests.
+it, almost all in the calls and containers between driver, backends, runtime and cache (``begin_layer``,
+``use_layer``, ``LayerPlan``, ``_plan_prefetch``, ``end_layer``). Here the same steps run in one function,
+and a layer whose experts are all resident and whose predictions are all present already (most layers) costs
+a few set tests.
 
 It makes the same calls on the same policy objects, in the same order, as ``PolicyRuntime.begin_layer`` and
-``ExpertCache.use_layer`` followed by ``sim.engine._replay``; ``tests/test_sim_fused.py`` pins its results
-equal, float for float, to the general loop's on every policy family it accepts. Change one, change both.
+``ExpertCache.use_layer`` followed by :meth:`replay.driver.LayerDriver.layer_step` on the simulator's backends,
+through public runtime and cache methods only; ``tests/test_sim_fused.py`` pins its results equal, float for
+float, to the general loop's on every policy family it accepts. Change one, change both.
 """
 
 from __future__ import annotations
@@ -20,77 +22,66 @@ import heapq
 import time
 
 from policies.runtime import PolicyRuntime
+from replay.driver import LayerDriver, replay_result
+from replay.results import ReplayResult
 from replay.serial_channel import SerialChannel
+
+from .backends import ChannelCopies, ModelCompute, hits_compute_s
 
 
 def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
     """Whether :func:`replay_fused` handles this run exactly (else the general loop does): one serial copy
     channel, no event log, a predictor that is stateless (scored by the runtime's table) or never predicts, a
-    horizon of fixed distance that ignores feedback, and no ``on_predict`` hook."""
+    horizon of fixed distance that ignores feedback, and a cache that wants no predictions."""
     horizon = runtime.horizon
-    fixed = getattr(horizon, "min_distance", None) is not None and horizon.min_distance == horizon.max_distance
     return (
         type(chan) is SerialChannel
         and not log
-        and (runtime._table is not None or runtime.silent)
-        and fixed
-        and runtime._feedback is None
-        and runtime._on_predict is None
+        and (runtime.silent or runtime.prefetch_table is not None)
+        and horizon.min_distance == horizon.max_distance
+        and type(horizon).ignores_feedback
+        and not type(runtime.cache.policy).wants_predictions
         and runtime.cache.load_log is None
     )
 
 
-def expert_times_s(compute, steps) -> list[float]:
-    """Expert compute time by the number of tokens using the expert, 0 to the largest step's token count (a
-    list: both loops index it once per expert computed)."""
-    return [0.0] + [compute.expert_time_s(n) for n in range(1, max((len(s.tokens) for s in steps), default=0) + 1)]
-
-
-def hits_compute_s(hits: list[int], hit_uses: int, uses: dict[int, int], expert_s: list[float]) -> float:
-    """Compute time of a layer's resident experts (``hits``, ``hit_uses`` uses in all): they run back to back
-    with nothing to wait for, so both loops add it to the clock as one block, computed this way."""
-    if hit_uses == len(hits):  # every one used by one token (always at batch size 1)
-        return expert_s[1] * hit_uses if hit_uses else 0.0
-    return sum([expert_s[uses[k]] for k in hits])
-
-
 def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
-    """Run the copy channel until expert ``key`` is usable (its copy landed; a deferred demand first gets a
-    slot as copies land and free one); returns the new compute time (``t`` if it did not have to wait)."""
+    """:meth:`~replay.driver.LayerDriver.layer_step`'s wait for ``key`` on the serial channel: run it until
+    ``key`` is usable (its copy landed; a deferred demand first gets a slot as copies land and free one); returns
+    the new compute time (``t`` if it did not have to wait)."""
     chan.advance(t)
     inflight, deferred = runtime.cache.inflight, runtime.deferred
-    while key in inflight or key in deferred:
-        if not chan.has(key):  # deferred: no slot yet; wait for any copy to land, then retry
-            for k in runtime.retry_deferred():
-                chan.submit(k, 0)
-            if key in deferred:
-                if not chan.busy():
-                    raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
-                chan.wait_any()
-            continue
+    while key in deferred:
+        for k in runtime.retry_deferred():
+            chan.submit(k, 0)
+        if key in deferred:
+            if not chan.busy():
+                raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
+            chan.wait_any()
+    if key in inflight:
         chan.wait_key(key)
     return chan.now if chan.now > t else t
 
 
-def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, num_layers: int, uses, tally, result):
-    """Replay ``steps`` (``uses[i]``: key -> tokens at layer-step i, required) into ``tally`` (an empty
-    :class:`~replay.results.LayerTally`); ``result`` builds the :class:`~replay.results.ReplayResult` from the totals
-    (the engine's, passed in so there is one)."""
+def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: ModelCompute, num_layers: int,
+                 uses) -> ReplayResult:
+    """Replay ``steps`` (``uses[i]``: key -> tokens at layer-step i, required) on the simulator's backends
+    (``copies`` over a :class:`~replay.serial_channel.SerialChannel`), as :func:`replay.driver.replay_steps` does;
+    the runtime has its schedule (``set_schedule``)."""
     wall0 = time.perf_counter()
     rt = runtime
     cache = rt.cache
+    pinned = sorted(cache.policy.pinned())
+    copies.preload(pinned)
+    driver = LayerDriver(rt, copies.clock, copies, comp, num_layers)  # holds the totals and tallies
+    tally = driver.tally
+    chan, compute = copies.chan, comp.model
     stats = cache.stats
     present, inflight, pu = cache.present, cache.inflight, cache.prefetched_unused
     use_layer = cache.use_layer
-    on_hits = cache._on_hits
-    if on_hits is None:  # the policy has no batched hook: on_hit per key, as ExpertCache.use_layer does
-        on_hit = cache.policy.on_hit
-
-        def on_hits(keys: list[int], now: int) -> None:
-            for k in keys:
-                on_hit(k, now)
+    on_hits = cache.policy.on_hits
     distance = rt.horizon.distance
-    tab = rt._table
+    tab = rt.prefetch_table
     L = num_layers
     max_ls = len(steps) * L - 1
     pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
@@ -99,7 +90,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     demand_loads = 0
     step_s: list[float] = []
     dense_cache: dict[int, float] = {}
-    expert_s = expert_times_s(compute, steps)
+    expert_s = comp.expert_s
     req_l, hit_l, late_l, miss_l, stall_l = tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s
     deferred = rt.deferred
     advance, submit, upgrade, wait_until_landed = chan.advance, chan.submit, chan.upgrade, chan.wait_until_landed
@@ -154,8 +145,9 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                 quiet_uses += nuses
                 continue
             rt.now = now  # read by retry_deferred
-            # PolicyRuntime.begin_layer's steps for a layer where something happens, without its LayerPlan
-            hits, late, misses, (h, lt, m), rt._prefetch_hits = use_layer(needed, u, now, once)
+            # PolicyRuntime.begin_layer's steps for a layer where something happens, without its LayerPlan (the
+            # count of prefetches used only feeds the horizon, which ignores feedback here)
+            hits, late, misses, (h, lt, m), _ = use_layer(needed, u, now, once)
             demand = []
             protected = bool(misses)  # rt.protected is read by the reservations and by release: built only then
             if misses:
@@ -168,7 +160,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                         rt.protected = set(needed)
                         protected = True
                     rt.reserve_prefetches(chosen, now, now + ahead, prefetch, None)
-            # --- sim.engine._replay
+            # --- LayerDriver.layer_step
             if demand or prefetch:
                 advance(t)
             while pending_prefetch and pending_prefetch[0][0] <= now:
@@ -220,6 +212,6 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
         hit_l[layer] += uses_per_layer - late_l[layer] - miss_l[layer]
     stats.hits += quiet_uses
     rt.now = max_ls
-    rt._last_issued = rt.prefetch_issued  # PolicyRuntime.end_layer's bookkeeping, once (no feedback reads it)
-    rt._last_wasted = stats.prefetch_wasted
-    return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0)
+    driver.stall_s, driver.compute_s, driver.demand_loads = stall_total, compute_total, demand_loads
+    copies.clock.t = t
+    return replay_result(steps, driver, t, step_s, len(pinned), time.perf_counter() - wall0)

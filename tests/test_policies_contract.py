@@ -1,6 +1,7 @@
-"""Every policy YAML in conf/cache, conf/predictor and conf/horizon instantiates to an object honouring its
-Protocol, and survives a short replay with the invariants a driver relies on. New YAML files are picked up by
-the glob, so a new policy is checked without editing this file."""
+"""Every policy YAML in conf/cache, conf/predictor, conf/horizon and conf/scheduler instantiates to a subclass of
+its base class (policies/base.py) whose declared capabilities agree with its methods, and survives a short
+replay with the invariants a driver relies on. New YAML files are picked up by the glob, so a new policy is
+checked without editing this file."""
 
 from __future__ import annotations
 
@@ -15,17 +16,19 @@ from omegaconf import OmegaConf
 from policies.base import (
     CacheContext,
     EvictionPolicy,
-    FutureIndex,
     Horizon,
     HorizonContext,
     HorizonFeedback,
     Observation,
+    PolicyConfigError,
     Predictor,
     PredictorContext,
+    Scheduler,
     top_scores,
 )
 from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.eviction.lru import LRU
+from policies.future import FutureIndex
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CACHES = sorted(CONF.glob("cache/*.yaml"))
@@ -59,19 +62,39 @@ def replay_setup(seed: int = 0, batch: int = 2):
     return test, train, steps, FutureIndex(needed)
 
 
-class CheckedPolicy:
-    """Wraps an eviction policy and checks every victim it returns is one of the candidates."""
+class CheckedPolicy(EvictionPolicy):
+    """Wraps an eviction policy and checks every victim it returns is one of the candidates (so it declares no
+    ``victim_skipping``: the cache then always builds the candidate set)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.victims = 0
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def reset(self, ctx):
+        self.inner.reset(ctx)
+
+    def on_hit(self, key, now):
+        self.inner.on_hit(key, now)
+
+    def on_hits(self, keys, now):
+        self.inner.on_hits(keys, now)
+
+    def on_insert(self, key, now):
+        self.inner.on_insert(key, now)
+
+    def on_remove(self, key):
+        self.inner.on_remove(key)
+
+    def pinned(self):
+        return self.inner.pinned()
 
     def victim(self, partition, candidates, now):
         v = self.inner.victim(partition, set(candidates), now)
         assert v is None or v in candidates, f"victim {v} not among candidates {sorted(candidates)}"
+        if type(self.inner).has_victim_skipping:  # the declared fast pick agrees: the rest of the partition skipped
+            others = self.cache.resident[partition] - candidates
+            fast = self.inner.victim_skipping(partition, others, set(), now)
+            assert fast == v or (fast is None and not candidates), f"victim_skipping {fast} != victim {v}"
         self.victims += v is not None
         return v
 
@@ -95,7 +118,7 @@ def run_replay(policy, scope, capacity, partition_of, test, steps, future, train
     ctx = CacheContext(test.meta.num_experts, partition_of, capacity, future=future,
                        popularity=np.bincount(train.flat_ids().ravel(), minlength=L * E).astype(float))
     checked = CheckedPolicy(policy)
-    cache = ExpertCache(checked, ctx)
+    cache = checked.cache = ExpertCache(checked, ctx)
     off = test.meta.layer_offsets
     for si, toks in enumerate(steps):
         for layer in range(L):
@@ -115,7 +138,7 @@ def run_replay(policy, scope, capacity, partition_of, test, steps, future, train
             assert not waiting
             if predictor is not None:
                 hidden = None
-                if getattr(predictor, "needs_hidden", False):
+                if predictor.needs_hidden:
                     hidden = np.random.default_rng(now).standard_normal((len(toks), H)).astype(np.float32)
                 obs = Observation(now, si, layer, toks, test.experts[toks, layer], test.token_id[toks], hidden)
                 predictor.observe(obs)
@@ -123,6 +146,7 @@ def run_replay(policy, scope, capacity, partition_of, test, steps, future, train
                     tl = (layer + a) % L
                     scores = predictor.predict(obs, a)
                     assert scores.shape == (E,) and np.all(np.isfinite(scores))
+                    assert not predictor.never_predicts or not scores.any(), "never_predicts, yet it scored"
                     assert scores.min() >= 0.0 and scores.max() <= 1.0
                     for e in top_scores(scores, 3, 0.05):
                         if not cache.reserve(int(off[tl] + e), now, set(), prefetch=True)[0]:
@@ -159,11 +183,11 @@ def test_predictor_contract(path, tmp_path):
     assert 0.0 < float(cfg.min_score) <= 1.0
     assert cfg.max_per_layer is None or int(cfg.max_per_layer) >= 1
     test, train, steps, future = replay_setup(seed=3)
-    if getattr(pred, "needs_token_ids", False):  # learned from token ids: give both splits some
+    if pred.needs_token_ids:  # learned from token ids: give both splits some
         rng = np.random.default_rng(2)
         train.token_id[:] = rng.integers(0, 64, train.num_tokens)
         test.token_id[:] = rng.integers(0, 64, test.num_tokens)
-    if getattr(pred, "needs_hidden", False):  # learned from hidden states: give the train split a sidecar
+    if pred.needs_hidden:  # learned from hidden states: give the train split a sidecar
         from traces import read_trace, write_trace
         from traces.sidecar import write_hidden
 
@@ -174,6 +198,15 @@ def test_predictor_contract(path, tmp_path):
                                 model_path=tiny_router_checkpoint(tmp_path / "model")))
     part = partitions_for([E] * L, "per_layer")
     run_replay(LRU(), "per_layer", [4] * L, part, test, steps, future, train, predictor=pred, ahead=L + 1)
+    if pred.stateless:  # predict_steps is predict, row for row (it may read only layer, layer-step and experts)
+        for layer in range(L):
+            for ahead in (1, 2, L + 1):
+                ls = np.arange(len(steps)) * L + layer
+                ex = np.stack([test.experts[toks, layer] for toks in steps])  # every step has 2 tokens
+                rows = pred.predict_steps(layer, ahead, ex, ls)
+                for n, toks in enumerate(steps):
+                    obs = Observation(int(ls[n]), n, layer, toks, ex[n], test.token_id[toks])
+                    np.testing.assert_array_equal(rows[n], pred.predict(obs, ahead))
 
 
 @pytest.mark.parametrize("path", HORIZONS, ids=lambda p: p.stem)
@@ -188,10 +221,55 @@ def test_horizon_contract(path):
         d = hz.distance()
         assert isinstance(d, int) and lo <= d <= hi
         issued = int(rng.integers(0, 5))
+        before = dict(vars(hz))
         hz.feedback(HorizonFeedback(
             layer_compute_s=float(rng.uniform(1e-4, 1e-2)), stall_s=float(rng.choice([0.0, rng.uniform(0, 1e-2)])),
             bandwidth_bytes_per_s=float(rng.choice([0.0, rng.uniform(1e9, 5e10)])),
             experts_needed=int(rng.integers(1, E + 1)), prefetch_hits=int(rng.integers(0, 3)),
             prefetch_issued=issued, prefetch_wasted=int(rng.integers(0, issued + 1)), late_hits=int(rng.integers(0, 2)),
         ))
+        assert not hz.ignores_feedback or vars(hz) == before, "ignores_feedback, yet feedback changed it"
     assert isinstance(hz.distance(), int)
+
+
+BASES = {"cache": EvictionPolicy, "predictor": Predictor, "horizon": Horizon, "scheduler": Scheduler}
+# a capability flag -> the method it enables: overridden exactly where the flag is set
+FLAG_METHODS = {EvictionPolicy: {"has_victim_skipping": "victim_skipping", "wants_predictions": "on_predict"},
+                Predictor: {"stateless": "predict_steps"}}
+EVERY_POLICY = [(group, p) for group in sorted(BASES) for p in sorted(CONF.glob(f"{group}/*.yaml"))]
+
+
+@pytest.mark.parametrize("group,path", EVERY_POLICY, ids=[f"{g}/{p.stem}" for g, p in EVERY_POLICY])
+def test_every_policy_subclasses_its_base_and_declares_what_it_implements(group, path):
+    _, obj = load(path)
+    base, cls = BASES[group], type(obj)
+    assert isinstance(obj, base), f"{path}: {cls.__name__} does not subclass policies.base.{base.__name__}"
+    for flag, method in FLAG_METHODS.get(base, {}).items():
+        implemented = getattr(cls, method) is not getattr(base, method)
+        assert getattr(cls, flag) is implemented, (f"{cls.__name__}.{flag} is {getattr(cls, flag)} but {method} is "
+                                                  f"{'' if implemented else 'not '}implemented")
+    flags = [k for k, v in vars(base).items() if isinstance(v, bool)]
+    assert all(isinstance(getattr(cls, f), bool) for f in flags)
+
+
+def test_the_flag_check_catches_a_method_without_its_flag():
+    class Sneaky(LRU):
+        has_victim_skipping = False  # but victim_skipping is LRU's, not the base's
+
+    assert (Sneaky.victim_skipping is not EvictionPolicy.victim_skipping) != Sneaky.has_victim_skipping
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("scheduler/*.yaml")), ids=lambda p: p.stem)
+def test_scheduler_contract(path):
+    """Every token planned exactly once; ``needs_routes`` exactly when planning without routes is refused."""
+    _, sched = load(path)
+    test = random_trace(tokens=40, layers=L, experts=E, top_k=K, sequences=5, seed=4)
+    steps = sched.plan(test.seq_id, test.phase, 2, test.experts.astype(np.int64))
+    assert sorted(np.concatenate([st.tokens for st in steps]).tolist()) == list(range(test.num_tokens))
+    assert all(1 <= len(st.tokens) <= 2 for st in steps if st.phase == 1)
+    if sched.needs_routes:
+        with pytest.raises(PolicyConfigError, match="routes"):
+            sched.plan(test.seq_id, test.phase, 2, None)
+    else:
+        assert [st.tokens.tolist() for st in sched.plan(test.seq_id, test.phase, 2, None)] == \
+               [st.tokens.tolist() for st in steps]

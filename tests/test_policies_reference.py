@@ -77,8 +77,8 @@ def drive(policy, experts, num_experts, scope, capacity, popularity=None) -> tup
 
 def by_victim(policy):
     """``policy`` made to pick victims through ``victim`` (the candidate set) instead of ``victim_skipping``:
-    ExpertCache prefers the latter when the policy's class has it, so ``victim`` would go untested."""
-    policy.__class__ = type(f"{type(policy).__name__}ByVictim", (type(policy),), {"victim_skipping": None})
+    ExpertCache prefers the latter when the policy's class declares it, so ``victim`` would go untested."""
+    policy.__class__ = type(f"{type(policy).__name__}ByVictim", (type(policy),), {"has_victim_skipping": False})
     return policy
 
 
@@ -91,9 +91,9 @@ def check_against_reference(name, seed, scope, cap, **params):
     want = ref_replay(name, tr.experts, ne, scope, capacity, pop, **params)
     got, cache = drive(make_policy(name, **params), tr.experts, ne, scope, capacity, pop)
     assert got == want, f"{name} seed={seed} scope={scope} cap={cap}: first difference at use {_first_diff(got, want)}"
-    if cache._skipping:  # the same run through ``victim``, hit for hit
+    if cache.skips_candidates:  # the same run through ``victim``, hit for hit
         plain, cache = drive(by_victim(make_policy(name, **params)), tr.experts, ne, scope, capacity, pop)
-        assert not cache._skipping
+        assert not cache.skips_candidates
         assert plain == want, (f"{name}.victim seed={seed} scope={scope} cap={cap}: first difference at use "
                                f"{_first_diff(plain, want)}")
     return got

@@ -9,7 +9,8 @@ from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
 
 import sim.engine as engine
-from policies.base import FutureIndex, Observation, PredictorContext, top_scores, top_scores_rows
+from policies.base import Observation, PredictorContext, top_scores, top_scores_rows
+from policies.future import FutureIndex
 from policies.predictors.oracle import OraclePredictor
 from policies.predictors.transition import TransitionPredictor
 from policies.runtime import PolicyRuntime
@@ -94,7 +95,7 @@ def test_replay_with_the_table_equals_replay_with_observations(tmp_path, monkeyp
         r = engine.replay(p.steps, p.runtime, p.copy_model, p.compute, p.copy_bytes, p.meta.num_layers, uses=p.uses)
         out.append((r, p.runtime))
     (a, rta), (b, rtb) = out
-    assert rta._table is not None and rtb._table is None
+    assert rta.prefetch_table is not None and rtb.prefetch_table is None
     assert type(rta.predictor).__name__ == ("OraclePredictor" if "predictor=oracle" in overrides else "TransitionPredictor")
     assert (a.total_s, a.stall_s, a.bytes_moved, a.copies) == (b.total_s, b.stall_s, b.bytes_moved, b.copies)
     assert rta.cache.stats == rtb.cache.stats and rta.prefetch_issued == rtb.prefetch_issued > 0

@@ -4,10 +4,12 @@ Every policy breaks ties deterministically (by recency of the hook calls, then b
 identical results; ``tests/test_policies_reference.py`` checks each one hit for hit against a plain reference.
 """
 
+from ..base import EvictionPolicy
 
-class TouchOnUse:
+
+class TouchOnUse(EvictionPolicy):
     """Hooks shared by policies whose state only changes when a key is used: a hit and an insert are both a
-    touch (``self._touch(key, now)``, which each such policy defines), a removal keeps the key's history, and nothing is pinned."""
+    touch (``self._touch(key, now)``, which each such policy defines) and a removal keeps the key's history."""
 
     def on_hit(self, key: int, now: int) -> None:
         self._touch(key, now)
@@ -18,5 +20,5 @@ class TouchOnUse:
     def on_remove(self, key: int) -> None:
         pass  # history survives eviction: that is what makes these policies frequency-aware
 
-    def pinned(self) -> set[int]:
-        return set()
+    def _touch(self, key: int, now: int) -> None:
+        raise NotImplementedError

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import CacheContext, FarthestNextUse, FutureIndex, PolicyConfigError
+from ..base import CacheContext, EvictionPolicy, PolicyConfigError
+from ..future import FarthestNextUse, FutureIndex
 
 
-class Belady:
+class Belady(EvictionPolicy):
     def __init__(self, defer: bool = True) -> None:
         self.defer = bool(defer)
         self._future: FutureIndex | None = None
@@ -62,6 +63,3 @@ class Belady:
                 if nk is not None and k not in candidates and nk > far:
                     return None  # a key of this layer-step, not yet computed, is the better victim: wait for it
         return best
-
-    def pinned(self) -> set[int]:
-        return set()

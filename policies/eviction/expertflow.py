@@ -23,10 +23,12 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
-from ..base import CacheContext
+from ..base import CacheContext, EvictionPolicy
 
 
-class ExpertFlowCache:
+class ExpertFlowCache(EvictionPolicy):
+    wants_predictions = True  # the runtime calls on_predict for every expert it prefetches or keeps
+
     def __init__(self) -> None:
         self._pred: dict[int, int] = {}  # key -> layer-step it is predicted to be used at (live predictions)
         self._expiry: list[tuple[int, int]] = []  # heap of (target, key) to find predictions that passed
@@ -103,9 +105,6 @@ class ExpertFlowCache:
         if finished:
             return min(finished)
         return max(candidates, key=lambda k: (pred[k], -seq.get(k, 0), -k))
-
-    def pinned(self) -> set[int]:
-        return set()
 
     def policy_stats(self) -> dict[str, int]:
         """Prediction bookkeeping for ``results.json`` (counts of expert uses / predictions)."""

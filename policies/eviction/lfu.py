@@ -10,10 +10,10 @@ a re-inserted key starts again at 1. Ties on count go to the key touched longest
 
 from __future__ import annotations
 
-from ..base import CacheContext
+from ..base import CacheContext, EvictionPolicy
 
 
-class LFU:
+class LFU(EvictionPolicy):
     def __init__(self, keep_counts: bool = True) -> None:
         self.keep_counts = bool(keep_counts)
         self._count: dict[int, int] = {}
@@ -45,6 +45,3 @@ class LFU:
             return None
         count, seq = self._count, self._seq
         return min(candidates, key=lambda k: (count.get(k, 0), seq.get(k, 0), k))
-
-    def pinned(self) -> set[int]:
-        return set()

@@ -10,13 +10,15 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..base import CacheContext
+from ..base import CacheContext, EvictionPolicy
 
 
-class LRU:
+class LRU(EvictionPolicy):
     """Evict the candidate touched longest ago. ``victim`` walks each partition's list from the old end and
     stops at the first candidate, so it is O(1) unless many old entries are protected or in flight.
     ``victim_skipping`` is the same walk for a cache that has not built the candidate set."""
+
+    has_victim_skipping = True
 
     def __init__(self) -> None:
         self._order: list[OrderedDict[int, None]] = []
@@ -79,6 +81,3 @@ class LRU:
             if key not in protected and key not in inflight:
                 return key
         return None
-
-    def pinned(self) -> set[int]:
-        return set()

@@ -12,11 +12,13 @@ import math
 
 import numpy as np
 
-from ..base import CacheContext, PolicyConfigError
+from ..base import CacheContext, EvictionPolicy, PolicyConfigError
 from .lru import LRU
 
 
-class Static:
+class Static(EvictionPolicy):
+    has_victim_skipping = True
+
     def __init__(self, pin_share: float | None = None) -> None:
         if pin_share is not None and not 0.0 <= float(pin_share) <= 1.0:
             raise PolicyConfigError(f"static.pin_share: expected null or a value in [0, 1], got {pin_share}")

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import math
 
-from ..base import HorizonContext, HorizonFeedback, PolicyConfigError
+from ..base import Horizon, HorizonContext, HorizonFeedback, PolicyConfigError
 
 
-class AdaptiveHorizon:
+class AdaptiveHorizon(Horizon):
     def __init__(
         self,
         min_distance: int = 1,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..base import HorizonContext, HorizonFeedback, PolicyConfigError
+from ..base import Horizon, HorizonContext, HorizonFeedback, PolicyConfigError
 
 
-class FixedHorizon:
-    ignores_feedback = True  # lets the runtime skip building HorizonFeedback (see policies.base.Horizon)
+class FixedHorizon(Horizon):
+    ignores_feedback = True  # lets the runtime skip building HorizonFeedback
 
     def __init__(self, distance: int = 1) -> None:
         if isinstance(distance, bool) or int(distance) != distance or int(distance) < 0:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import Observation, PredictorContext
+from ..base import Observation, Predictor, PredictorContext
 from . import batch_union, layer_counts, target_layer
 
 
-class FrequencyPredictor:
+class FrequencyPredictor(Predictor):
     def __init__(self, online: bool = False) -> None:
         self.online = bool(online)
         self._num_experts: list[int] = []

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import Observation, PolicyConfigError, PredictorContext
+from ..base import Observation, PolicyConfigError, Predictor, PredictorContext
 from . import batch_union, target_layer
 from .pregate import load_router_weights, softmax_rows
 
 
-class HybridPredictor:
+class HybridPredictor(Predictor):
     needs_hidden = True
 
     def __init__(self, max_distance: int = 4, epochs: int = 6, hidden_units: int = 128, seed: int = 0) -> None:
         self.max_distance, self.epochs, self.units, self.seed = int(max_distance), int(epochs), int(hidden_units), int(seed)
         self._models: dict[int, object] = {}
         self._prev: np.ndarray | None = None  # experts of the previous layer, per batch token, this step
+        self._cur: np.ndarray | None = None  # experts of the layer last observed
 
     # ------------------------------------------------------------------------------------------ features
     def features(self, hidden: np.ndarray, tokens: np.ndarray, cur: np.ndarray, prev: np.ndarray | None,
@@ -112,4 +113,4 @@ class HybridPredictor:
 
     def observe(self, obs: Observation) -> None:
         # predict() for this layer runs after observe(): keep the previous layer's experts aside first
-        self._prev, self._cur = getattr(self, "_cur", None), np.asarray(obs.experts)
+        self._prev, self._cur = self._cur, np.asarray(obs.experts)

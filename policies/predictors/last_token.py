@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import Observation, PredictorContext
+from ..base import Observation, Predictor, PredictorContext
 from . import target_layer
 
 
-class LastTokenPredictor:
+class LastTokenPredictor(Predictor):
     def __init__(self) -> None:
         self._num_experts: list[int] = []
         self._last: list[np.ndarray] = []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import Observation, PredictorContext
+from ..base import Observation, Predictor, PredictorContext
 from . import target_layer
 
 
-class NoPredictor:
+class NoPredictor(Predictor):
     """Always scores zero, so the driver never prefetches."""
 
     never_predicts = True  # the runtime skips predict/observe (the same decisions: zero never passes min_score)

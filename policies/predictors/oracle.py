@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import FutureIndex, Observation, PolicyConfigError, PredictorContext
+from ..base import Observation, PolicyConfigError, Predictor, PredictorContext
+from ..future import FutureIndex
 from . import target_layer
 
 
-class OraclePredictor:
+class OraclePredictor(Predictor):
+    stateless = True  # predict reads only obs.layer_step (the future index); predict_steps scores many at once
+
     def __init__(self) -> None:
         self._future: FutureIndex | None = None
         self._num_experts: list[int] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base import Observation, PolicyConfigError, PredictorContext
+from ..base import Observation, PolicyConfigError, Predictor, PredictorContext
 from . import batch_union, target_layer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-class PreGatePredictor:
+class PreGatePredictor(Predictor):
     needs_hidden = True  # the driver passes obs.hidden from the trace's sidecar
 
     def __init__(self) -> None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import Observation, PolicyConfigError, PredictorContext
+from ..base import Observation, PolicyConfigError, Predictor, PredictorContext
 from . import batch_union, target_layer
 
 
-class RoutingPathPredictor:
+class RoutingPathPredictor(Predictor):
     needs_token_ids = True  # learned from the token ids of the training split
 
     def __init__(self, window: int = 32, d_model: int = 32, ff: int = 256, epochs: int = 8, seed: int = 0) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import Observation, PolicyConfigError, PredictorContext
+from ..base import Observation, PolicyConfigError, Predictor, PredictorContext
 from . import batch_union, layer_counts, target_layer
 
 
@@ -46,7 +46,9 @@ def transition_table(src: np.ndarray, dst: np.ndarray, n_src: int, n_dst: int, f
     return np.clip(table, 0.0, 1.0)
 
 
-class TransitionPredictor:
+class TransitionPredictor(Predictor):
+    stateless = True  # predict reads only obs.layer and obs.experts; predict_steps scores many steps at once
+
     def __init__(self, max_distance: int = 4) -> None:
         if int(max_distance) < 1:
             raise PolicyConfigError(f"transition.max_distance: expected >= 1, got {max_distance}")

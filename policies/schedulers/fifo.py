@@ -11,7 +11,7 @@ from collections import deque
 
 import numpy as np
 
-from ..base import Step
+from ..base import Scheduler, Step
 
 PHASE_PREFILL, PHASE_DECODE = 0, 1
 
@@ -38,7 +38,7 @@ def admit(waiting: deque, active: list[int], limit: int, prefill: dict, decode: 
             active.append(s)
 
 
-class FIFOScheduler:
+class FIFOScheduler(Scheduler):
     """Continuous batching in arrival order."""
 
     def plan(self, seq_id: np.ndarray, phase: np.ndarray, batch_size: int, routes: np.ndarray | None = None) -> list[Step]:

@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from ..base import PolicyConfigError, Step
+from ..base import PolicyConfigError, Scheduler, Step
 from .fifo import PHASE_DECODE, admit, sequence_queues
 
 
@@ -67,7 +67,7 @@ def split_two(bits: np.ndarray, cap: int, max_swaps: int = 64) -> tuple[list[int
     return sorted(groups[0]), sorted(groups[1])
 
 
-class RouteGroupingScheduler:
+class RouteGroupingScheduler(Scheduler):
     needs_routes = True  # the driver passes predicted routes to plan()
 
     def __init__(self, pool_factor: int = 2, route_source: str = "last_token") -> None:
