@@ -77,8 +77,8 @@ def python_replay(test, train, slots: int):
     from policies.predictors.none import NoPredictor
     from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
     from policies.schedulers.fifo import FIFOScheduler
-    from sim.engine import replay
     from replay.prepare import step_keys
+    from sim.engine import replay
 
     meta = test.meta
     steps = FIFOScheduler().plan(test.seq_id, test.phase, 1)
@@ -103,7 +103,7 @@ def main() -> None:
     from bench_sim import bare_lru
 
     from policies.schedulers.fifo import FIFOScheduler
-    from sim.fused import expert_times_s
+    from sim.backends import expert_times_s
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=20_000)

@@ -22,13 +22,13 @@ from policies.eviction.static import Static
 from policies.eviction.two_level import TwoLevel
 from policies.horizons.fixed import FixedHorizon
 from policies.runtime import PolicyRuntime
+from replay.hardware import CopyModel
+from replay.results import LayerStats, ReplayResult
 from replay_kernels import cache as kc
 from replay_kernels.keys import layer_step_keys, pack_stream, steps_csr
 from replay_kernels.replay import replay_ondemand
 
-from replay.results import LayerStats, ReplayResult
-from .fused import expert_times_s
-from replay.hardware import CopyModel
+from .backends import expert_times_s
 
 
 def eviction_spec(policy) -> dict | None:

@@ -9,14 +9,14 @@ from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
 
 import replay_kernels
+from replay.bounds import compute_bounds, min_replay
+from replay.oracle import oracle_stall
+from replay.prepare import prepare
 from replay_kernels.decide import min_loads
 from replay_kernels.keys import pack_stream
 from replay_kernels.oracle import oracle_stall as kernel_oracle_stall
 from sim import kernel_bridge as kb
-from replay.oracle import oracle_stall
-from sim.fused import expert_times_s
-from replay.bounds import compute_bounds, min_replay
-from replay.prepare import prepare
+from sim.backends import expert_times_s
 from traces import write_trace
 
 pytestmark = pytest.mark.skipif(not replay_kernels.available(), reason="numba is not installed: no compiled kernels")
