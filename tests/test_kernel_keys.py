@@ -9,8 +9,8 @@ from conftest import random_trace
 
 from policies.base import FutureIndex
 from policies.schedulers.fifo import FIFOScheduler
-from replay_kernels.keys import future_index, layer_step_keys, pack_stream, steps_csr
 from replay.prepare import step_keys
+from replay_kernels.keys import future_index, layer_step_keys, pack_stream, steps_csr
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])

@@ -9,9 +9,9 @@ import pytest
 from kernel_cases import COMPUTE, LINKS, POLICIES, model_trace, on_demand_run
 
 import replay_kernels
+from replay.hardware import CopyModel
 from sim import kernel_bridge as kb
 from sim.engine import replay
-from replay.hardware import CopyModel
 
 pytestmark = pytest.mark.skipif(not replay_kernels.available(), reason="numba is not installed: no compiled kernels")
 
