@@ -23,7 +23,7 @@ POLICIES = {  # policy: (cache, predictor, stall multiplier vs on-demand LRU, pr
 }
 
 
-def fake_run(root, name, trace, policy, frac, hw, bw, seed, stall, tokens=100):
+def fake_run(root, name, trace, policy, frac, hw, bw, seed, stall, tokens=100, batch=1):
     cache, pred, _, prec = POLICIES[policy]
     d = root / name
     d.mkdir(parents=True)
@@ -33,7 +33,7 @@ def fake_run(root, name, trace, policy, frac, hw, bw, seed, stall, tokens=100):
         "run": {"driver": "sim", "trace_name": trace, "trace_source": f"synthetic {trace}", "model": "m",
                 "policy": policy, "cache": cache, "predictor": pred, "horizon": "fixed", "horizon_distance": 1,
                 "scheduler": "fifo", "hardware": hw, "bandwidth_gbps": bw, "capacity_fraction": frac,
-                "capacity_slots_per_layer": frac * 8, "batch_size": 1, "seed": seed, "expert_bytes": 10,
+                "capacity_slots_per_layer": frac * 8, "batch_size": batch, "seed": seed, "expert_bytes": 10,
                 "scope": "per_layer"},
         "stall_s": stall, "total_s": stall + compute, "tpot_s": (stall + compute) / steps, "tokens": tokens,
         "steps": steps, "allresident_total_s": compute, "tokens_per_s": tokens / (stall + compute),
@@ -152,6 +152,22 @@ def test_a_killed_sweep_is_reported_as_incomplete(tmp_path, capsys):
             "started), so the tables and figures compare the 2 finished runs only. Missing: #1 ")
     assert f"**Incomplete sweep.** {want}" in md and md.index("Incomplete") < md.index("## Headline")
     assert "#3 " in md and f"warning: {want}" in capsys.readouterr().err
+
+
+def test_a_sweep_over_batch_sizes_is_reported_per_batch_size(tmp_path):
+    root = tmp_path / "mr"
+    i = 0
+    for batch, lfru in ((1, 0.8), (16, 1.2)):  # LFRU wins at batch 1, loses at batch 16
+        for frac in (0.25, 0.5):
+            for pol in ("lru+none", "lfru+none", "belady+oracle+fixed2"):
+                mult = {"lru+none": 1.0, "lfru+none": lfru, "belady+oracle+fixed2": 0.3}[pol]
+                fake_run(root, f"{i}", "A", pol, frac, "a100-pcie4", 25.0, 0, mult * (1 - frac), batch=batch)
+                i += 1
+    assert main(["report", str(root)]) == 0
+    md = (root / "report" / "report.md").read_text()
+    assert "- On a100-pcie4 at batch 1: **lfru+none** stalls least" in md
+    assert "- On a100-pcie4 at batch 16: no deployable policy beats on-demand LRU" in md
+    assert "## A on a100-pcie4, batch 16" in md and "| trace | hardware | batch | cache |" in md
 
 
 def test_one_number_format():
