@@ -3,6 +3,7 @@ its definitions and captions in the HTML, says when a sweep is incomplete, and s
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -45,10 +46,8 @@ def fake_run(root, name, trace, policy, frac, hw, bw, seed, stall, tokens=100, b
                   "stall_s": [0.1, 0.2], "hit_rate": [0.5, 0.6]}).to_parquet(d / "per_layer.parquet")
 
 
-@pytest.fixture
-def seeded(tmp_path):
+def seeded_sweep(root):
     """Two traces x two hardware presets x two cache sizes x four policies x three seeds."""
-    root = tmp_path / "mr"
     i = 0
     for trace in ("A", "B"):
         for hw, bw in (("slow", 12.0), ("fast", 25.0)):
@@ -61,8 +60,15 @@ def seeded(tmp_path):
     return root
 
 
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """The seeded sweep and its report, made once for the tests that only read them."""
+    root = seeded_sweep(tmp_path_factory.mktemp("seeded") / "mr")
+    assert main(["report", str(root)]) == 0
+    return root
+
+
 def test_the_report_opens_with_its_headline(seeded):
-    assert main(["report", str(seeded)]) == 0
     md = (seeded / "report" / "report.md").read_text()
     assert [line for line in md.splitlines() if line.startswith("## ")][0] == "## Headline"
     head = md.split("## Headline")[1].split("## What was run")[0]
@@ -76,7 +82,6 @@ def test_the_report_opens_with_its_headline(seeded):
 
 
 def test_tables_mark_bounds_and_show_the_spread_over_seeds(seeded):
-    assert main(["report", str(seeded)]) == 0
     md = (seeded / "report" / "report.md").read_text()
     for header in ("stall per token (ms)", "stall vs on-demand LRU (×)", "stall vs oracle bound (×)", "TPOT (ms)",
                    "TPOT vs all-resident (×)", "tokens replayed"):
@@ -96,7 +101,6 @@ def test_tables_mark_bounds_and_show_the_spread_over_seeds(seeded):
 
 
 def test_the_html_keeps_definitions_and_captions(seeded):
-    assert main(["report", str(seeded)]) == 0
     page = (seeded / "report" / "report.html").read_text()
     md = (seeded / "report" / "report.md").read_text()
     assert "<strong>oracle bound</strong>: the stall of a perfect-foresight" in page and "**oracle bound**" in md
@@ -109,7 +113,6 @@ def test_the_html_keeps_definitions_and_captions(seeded):
 def test_stall_against_the_link_names_what_varies(seeded, tmp_path):
     """Presets differ in compute as well as link: the figure labels its axis by preset. A sweep of one preset's
     link bandwidth gets a true bandwidth axis."""
-    assert main(["report", str(seeded)]) == 0
     out = seeded / "report"
     assert (out / "stall_by_hardware.png").exists() and not (out / "stall_vs_bandwidth.png").exists()
     assert "so this is not a bandwidth sweep" in (out / "report.md").read_text()
@@ -123,19 +126,23 @@ def test_stall_against_the_link_names_what_varies(seeded, tmp_path):
     assert "link bandwidth of a100-pcie4 alone (its compute fixed)" in (root / "report" / "report.md").read_text()
 
 
-def test_a_non_utf8_results_file_is_skipped_with_a_warning(seeded, capsys):
-    bad = seeded / "latin1"
+def test_a_non_utf8_results_file_is_skipped_with_a_warning(tmp_path):
+    from analysis.runs import load_runs
+
+    root = tmp_path / "mr"
+    fake_run(root, "0", "A", "lru+none", 0.5, "a100-pcie4", 25.0, 0, 1.0)
+    bad = root / "latin1"
     bad.mkdir()
     (bad / "results.json").write_bytes(b'{"run": "caf\xe9"}')
-    assert main(["report", str(seeded)]) == 0
-    assert f"skipped {bad / 'results.json'}: not UTF-8 text" in capsys.readouterr().err
-    assert len(pd.read_parquet(seeded / "report" / "runs.parquet")) == 96
+    log = io.StringIO()
+    assert len(load_runs(root, log=log)) == 1
+    assert f"skipped {bad / 'results.json'}: not UTF-8 text" in log.getvalue()
 
 
 def test_a_killed_sweep_is_reported_as_incomplete(tmp_path, capsys):
     mr = tmp_path / "mr"
     sim = subprocess.run([sys.executable, "-m", "sim", "-m", "+experiment=smoke", "cache.fraction=0.25,0.5",
-                          "trace.synth.tokens=120", f"hydra.sweep.dir={mr}", f"+trace.cache_dir={tmp_path / 'c'}"],
+                          "trace.synth.tokens=80", f"hydra.sweep.dir={mr}", f"+trace.cache_dir={tmp_path / 'c'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr[-2000:]
     # each run's log line names its hardware and cache size
