@@ -11,12 +11,17 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# Set-up prints pip's own progress (each package as it is collected, a bar per download); the steps say where they are.
 $(STAMP): pyproject.toml
+	@echo "set-up 1/3: creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install --upgrade pip
+	@echo "set-up 2/3: installing $(TORCH_SPEC) (the largest download)"
+	$(PY) -m pip install $(TORCH_SPEC)
+	@echo "set-up 3/3: installing the project and its dependencies"
+	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
+	@echo "set-up done: $(VENV) is ready"
 
 # The main job: a policy sweep on the embedded (generated, cached) default traces, then the comparison report.
 demo: venv
@@ -42,8 +47,8 @@ bench: venv
 # without it the venv's torch is used as is; either way the target stops at once if torch sees no GPU.
 validate-gpu: venv
 ifneq ($(origin TORCH_SPEC),file)
-	$(PY) -m pip uninstall -q -y torch
-	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip uninstall -y torch
+	$(PY) -m pip install $(TORCH_SPEC)
 endif
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
 		f'validate-gpu: torch {torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False)')"

@@ -1,20 +1,28 @@
-"""Comparison figures from the runs table (matplotlib, Agg). Each function returns the PNG path it wrote, or
-None with a reason when the data cannot support that figure."""
+"""Comparison figures from the runs table. Each function returns a :class:`~analysis.render.Figure` (the PNG and
+a caption saying what it shows), or the reason the data cannot support it. Points are means over seeds, bars the
+range (min–max) over seeds; clairvoyant policies are drawn as bounds; the legend sits below the panels."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from traces.io import atomic_path  # noqa: E402
-
-from .runs import per_layer  # noqa: E402
+from .plot_style import (
+    _axes,
+    _save,
+    draw_order,
+    errorbar,
+    legend_below,
+    log_axis,
+    offsets,
+    plt,
+    policy_styles,
+)
+from .render import Figure
+from .runs import per_layer
+from .seeds import over_seeds
 
 
 def reference_hardware(df: pd.DataFrame) -> str:
@@ -29,141 +37,185 @@ def middle_capacity(sub: pd.DataFrame) -> float:
     return caps[len(caps) // 2]
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+def panels(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """One panel per trace (and per batch size, when the runs have several)."""
+    multi = df.batch_size.nunique() > 1
+    keys = ["trace_name", "batch_size"] if multi else ["trace_name"]
+    out = []
+    for k, g in df.groupby(keys, sort=True):
+        k = k if isinstance(k, tuple) else (k,)
+        out.append((f"{k[0]}, batch {k[1]}" if multi else str(k[0]), g))
+    return out
 
 
-def _axes(n: int, width: float = 5.2, height: float = 3.8):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, axes[0]
+def _seeds_note(df: pd.DataFrame) -> str:
+    n = df.seed.nunique() if "seed" in df else 1
+    return f"Points: mean over {n} seeds; bars: min–max over the seeds." if n > 1 else "One seed per point."
 
 
-def _policies(df: pd.DataFrame) -> list[str]:
-    return sorted(df.policy.unique())
+BOUND_NOTE = ("Dash-dotted grey lines marked (bound) are clairvoyant policies (Belady eviction, oracle prefetch): "
+              "bounds, not deployable.")
 
 
-def _colors(policies: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10" if len(policies) <= 10 else "tab20")
-    return {p: cmap(i % cmap.N) for i, p in enumerate(policies)}
+def _bound_line(ax, agg: pd.DataFrame, x: str, metric: str, label: str, xs=None) -> None:
+    """The bound of on-demand LRU's runs (those of a cache with a global scope, e.g. ExpertFlow's, differ)."""
+    base = agg[agg.policy == "lru+none"] if (agg.policy == "lru+none").any() else agg
+    b = base.groupby(x)[[metric, f"{metric}_min", f"{metric}_max"]].mean()
+    errorbar(ax, b.index if xs is None else xs(b.index), b[metric], b[f"{metric}_min"], b[f"{metric}_max"],
+             color="k", linestyle="--", marker="", label=label)
 
 
-def _lines(ax, t: pd.DataFrame, x: str, metric: str, bound: str, bound_label: str, colors: dict, xscale: float = 1.0):
-    """One line per policy of ``metric`` against ``x``, and the bound dashed."""
-    for pol, g in t.groupby("policy"):
-        g = g.groupby(x)[metric].mean()
-        ax.plot(g.index * xscale, g.values, "o-", label=pol, color=colors[pol])
-    b = t.groupby(x)[bound].mean()
-    ax.plot(b.index * xscale, b.values, "k--", lw=2, label=bound_label)
-
-
-def vs_capacity(
-    df: pd.DataFrame, out: Path, metric: str, bound: str, bound_label: str, ylabel: str, title: str, log: bool
-) -> Path | str:
+def vs_capacity(df: pd.DataFrame, out: Path, metric: str, bound: str, bound_label: str, ylabel: str,
+                what: str, mult: float, log: bool) -> Figure | str:
     hw = reference_hardware(df)
-    d = df[df.hardware == hw]
+    d = df[df.hardware == hw].assign(_m=df[metric] * mult, _b=df[bound] * mult)
     if d.capacity_fraction.nunique() < 2:
         return "one cache size only"
-    traces = sorted(d.trace_name.unique())
-    colors = _colors(_policies(d))
-    fig, axes = _axes(len(traces))
-    for ax, tr in zip(axes, traces):
-        t = d[d.trace_name == tr]
-        _lines(ax, t, "capacity_fraction", metric, bound, bound_label, colors, xscale=100)
+    styles = policy_styles(d)
+    ps = panels(d)
+    fig, axes = _axes(len(ps))
+    for ax, (title, t) in zip(axes, ps):
+        agg = over_seeds(t, ["_m", "_b"])
+        shift = offsets(draw_order(agg), 0.6)
+        for pol in draw_order(agg):
+            g = agg[agg.policy == pol]
+            errorbar(ax, g.capacity_fraction * 100 + shift[pol], g._m, g._m_min, g._m_max, **styles[pol])
+        _bound_line(ax, agg, "capacity_fraction", "_b", bound_label, xs=lambda i: i * 100)
         ax.set_xlabel("cache size (% of all experts)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{tr} on {hw}")
-        if log and (t[metric] > 0).all():
-            ax.set_yscale("log")
+        ax.set_title(f"{title} on {hw}")
+        if log and (agg._m > 0).all():
+            log_axis(ax)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle(title)
-    return _save(fig, out)
+    legend_below(fig, axes)
+    caption = (f"{what} against the cache size (share of all experts held in fast memory) on {hw}, one panel per "
+               f"trace. Black dashed: {bound_label}. {BOUND_NOTE} {_seeds_note(d)}")
+    return Figure(_save(fig, out), caption)
 
 
-def stall_vs_bandwidth(df: pd.DataFrame, out: Path) -> Path | str:
-    if df.bandwidth_gbps.nunique() < 2:
-        return "one bandwidth only"
-    traces = sorted(df.trace_name.unique())
-    colors = _colors(_policies(df))
-    fig, axes = _axes(len(traces))
-    for ax, tr in zip(axes, traces):
-        t = df[df.trace_name == tr]
-        cap = middle_capacity(t)
-        t = t[t.capacity_fraction == cap]
-        _lines(ax, t, "bandwidth_gbps", "stall_s", "oracle_stall_s", "oracle (perfect foresight)", colors)
-        ax.set_xlabel("slow-tier bandwidth (GB/s)")
-        ax.set_ylabel("stall (s)")
-        ax.set_title(f"{tr}, cache {cap:.0%} of experts")
-        if t.bandwidth_gbps.max() / t.bandwidth_gbps.min() > 10:
-            ax.set_xscale("log")
-        if (t.stall_s > 0).all():
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("Stall vs bandwidth")
-    return _save(fig, out)
-
-
-def per_layer_hits(df: pd.DataFrame, root: Path, out: Path) -> Path | str:
+def stall_vs_link(df: pd.DataFrame, out_dir: Path) -> Figure | str:
+    """Stall per token against the link: the link bandwidth alone where one hardware preset was swept over it
+    (compute fixed); else by preset, whose compute changes with the link, so the axis names the preset."""
     hw = reference_hardware(df)
-    traces = sorted(df.trace_name.unique())
-    fig, axes = _axes(len(traces))
-    colors = _colors(_policies(df))
-    drawn = False
-    for ax, tr in zip(axes, traces):
-        t = df[(df.trace_name == tr) & (df.hardware == hw)]
+    same = df[df.hardware == hw]
+    if same.bandwidth_gbps.nunique() >= 2:
+        d, x, name = same, "bandwidth_gbps", "stall_vs_bandwidth"
+    elif df.hardware.nunique() >= 2:
+        d, x, name = df, "hardware", "stall_by_hardware"
+    else:
+        return "one link bandwidth and one hardware preset only"
+    d = d.assign(_m=d.stall_per_token_s * 1e3, _b=d.oracle_stall_s / d.tokens * 1e3)
+    order = (d.groupby("hardware").bandwidth_gbps.mean().sort_values().index.tolist() if x == "hardware" else None)
+    styles = policy_styles(d)
+    ps = panels(d)
+    fig, axes = _axes(len(ps))
+    for ax, (title, t) in zip(axes, ps):
         cap = middle_capacity(t)
-        for _, row in t[t.capacity_fraction == cap].drop_duplicates("policy").iterrows():
-            pl = per_layer(root, row.run_dir)
-            if pl is None:
+        agg = over_seeds(t[t.capacity_fraction == cap], ["_m", "_b"])
+        if order is not None:
+            pos = {h: i for i, h in enumerate(order)}
+            agg = agg.assign(_x=agg.hardware.map(pos))
+            bw = t.groupby("hardware").bandwidth_gbps.mean()
+            ax.set_xticks(range(len(order)), [f"{h}\n{bw[h]:g} GB/s" for h in order], fontsize=8)
+        else:
+            agg = agg.assign(_x=agg.bandwidth_gbps)
+        shift = offsets(draw_order(agg), 0.025 if order is not None else 0.0)
+        for pol in draw_order(agg):
+            g = agg[agg.policy == pol].sort_values("_x")
+            errorbar(ax, g._x + shift[pol], g._m, g._m_min, g._m_max, **styles[pol])
+        _bound_line(ax, agg, "_x", "_b", "oracle bound (perfect foresight)")
+        ax.set_xlabel("hardware preset (link bandwidth; compute differs too)" if order is not None
+                      else f"link bandwidth of {hw} (GB/s; compute fixed)")
+        if order is None and agg._x.max() / agg._x.min() > 10:
+            log_axis(ax, "x")
+        ax.set_ylabel("stall per token (ms)")
+        if (agg._m > 0).all():
+            log_axis(ax)
+        ax.set_title(f"{title}, cache {cap:.0%}")
+        ax.grid(alpha=0.3)
+    legend_below(fig, axes)
+    if order is not None:
+        what = ("Stall per token on each hardware preset, ordered by link bandwidth, at the middle cache size. The "
+                "presets differ in compute as well as in the link, so this is not a bandwidth sweep: the oracle bound "
+                "(black dashed) moves with both.")
+    else:
+        what = (f"Stall per token against the link bandwidth of {hw} alone (its compute fixed), at the middle cache "
+                "size. Black dashed: the oracle bound (perfect foresight).")
+    return Figure(_save(fig, out_dir / f"{name}.png"), f"{what} {BOUND_NOTE} {_seeds_note(d)}")
+
+
+def tpot_split(df: pd.DataFrame, out: Path) -> Figure | str:
+    if df.tpot_s.isna().all() or df.compute_per_step_s.isna().all():
+        return "no decode steps"
+    hw = reference_hardware(df)
+    d = df[df.hardware == hw]
+    ps = panels(d)
+    fig, axes = _axes(len(ps), width=6.0, height=0.35 * d.policy.nunique() + 1.8)
+    for i, (ax, (title, t)) in enumerate(zip(axes, ps)):
+        cap = middle_capacity(t)
+        agg = over_seeds(t[t.capacity_fraction == cap], ["compute_per_step_s", "stall_per_step_s", "tpot_s"])
+        agg = agg.sort_values("tpot_s", ascending=False)
+        y = np.arange(len(agg))
+        comp, stall = agg.compute_per_step_s * 1e3, agg.stall_per_step_s * 1e3
+        ax.barh(y, comp, color="tab:green", label="compute" if i == 0 else None)
+        hatch = ["//" if b else "" for b in agg.is_bound.astype(bool)]
+        ax.barh(y, stall, left=comp, color="tab:red", alpha=0.8, hatch=hatch, label="stall (waiting for experts)")
+        err = [(agg.tpot_s - agg.tpot_s_min) * 1e3, (agg.tpot_s_max - agg.tpot_s) * 1e3]
+        ax.errorbar(agg.tpot_s * 1e3, y, xerr=err, fmt="k|", capsize=3, ms=10, label="TPOT (min–max over seeds)")
+        ax.axvline(comp.mean(), color="k", ls="--", lw=1.2, label="all-resident TPOT (compute only)")
+        ax.set_yticks(y, [f"{p} (bound)" if b else p for p, b in zip(agg.policy, agg.is_bound.astype(bool))], fontsize=7)
+        ax.set_xlabel("time per output token (ms)")
+        ax.set_title(f"{title} on {hw}, cache {cap:.0%}")
+        ax.grid(axis="x", alpha=0.3)
+    legend_below(fig, axes)
+    caption = (f"Time per output token split into compute (green) and stall (red) for each policy on {hw} at the "
+               "middle cache size, slowest first; the dashed line is the all-resident TPOT (every expert in fast "
+               "memory: compute only). Hatched bars are clairvoyant bounds. " + _seeds_note(d).replace("Points", "Bars")
+               .replace("bars: min–max", "whiskers: the TPOT's min–max"))
+    return Figure(_save(fig, out), caption)
+
+
+def per_layer_hits(df: pd.DataFrame, root: Path, out: Path) -> Figure | str:
+    hw = reference_hardware(df)
+    d = df[df.hardware == hw]
+    styles = policy_styles(d)
+    ps = panels(d)
+    fig, axes = _axes(len(ps))
+    drawn = False
+    for ax, (title, t) in zip(axes, ps):
+        cap = middle_capacity(t)
+        at = t[t.capacity_fraction == cap]
+        for pol in draw_order(at):
+            g = at[at.policy == pol]
+            frames = [f for f in (per_layer(root, r) for r in g.run_dir) if f is not None]
+            if not frames:
                 continue
-            ax.plot(pl.layer, pl.hit_rate * 100, ".-", label=row.policy, color=colors[row.policy])
+            hit = pd.concat(frames).groupby("layer").hit_rate
+            errorbar(ax, hit.mean().index, hit.mean() * 100, hit.min() * 100, hit.max() * 100, **styles[pol])
             drawn = True
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("hit rate (%)")
-        ax.set_title(f"{tr} on {hw}, cache {cap:.0%}")
+        ax.set_title(f"{title} on {hw}, cache {cap:.0%}")
         ax.grid(alpha=0.3)
     if not drawn:
         plt.close(fig)
         return "no per_layer.parquet files"
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("Per-layer hit rate")
-    return _save(fig, out)
+    legend_below(fig, axes)
+    caption = (f"Hit rate of each MoE layer on {hw} at the middle cache size. {BOUND_NOTE} {_seeds_note(d)}")
+    return Figure(_save(fig, out), caption)
 
 
-def tpot_bars(df: pd.DataFrame, out: Path) -> Path | str:
-    if df.tpot_s.isna().all():
-        return "no decode steps"
-    hw = reference_hardware(df)
-    traces = sorted(df.trace_name.unique())
-    fig, axes = _axes(len(traces), width=5.6, height=4.2)
-    for ax, tr in zip(axes, traces):
-        t = df[(df.trace_name == tr) & (df.hardware == hw)]
-        cap = middle_capacity(t)
-        t = t[t.capacity_fraction == cap].groupby("policy")[["tpot_s", "allresident_total_s", "total_s"]].mean()
-        y = np.arange(len(t))
-        ax.barh(y, t.tpot_s * 1e3, color="tab:blue")
-        ax.set_yticks(y, t.index, fontsize=7)
-        ax.set_xlabel("time per output token (ms)")
-        ax.set_title(f"{tr} on {hw}, cache {cap:.0%}")
-        ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("TPOT per policy")
-    return _save(fig, out)
-
-
-def all_figures(df: pd.DataFrame, root: Path, out_dir: Path) -> dict[str, Path | str]:
-    """Every figure the data supports: name -> PNG path, or the reason it was skipped."""
+def all_figures(df: pd.DataFrame, root: Path, out_dir: Path) -> dict[str, Figure | str]:
+    """Every figure the data supports: name -> Figure, or the reason it was skipped."""
+    df = df.assign(_hit=df.hit_rate, _belady=df.belady_hit_rate, _oracle_per_token=df.oracle_stall_s / df.tokens)
     return {
-        "stall_vs_cache": vs_capacity(df, out_dir / "stall_vs_cache.png", "stall_s", "oracle_stall_s", "oracle (perfect foresight)", "stall (s)",
-                                      "Stall vs cache size (dashed: perfect-foresight oracle)", True),
-        "hit_vs_cache": vs_capacity(df.assign(hit_pct=df.hit_rate * 100, belady_pct=df.belady_hit_rate * 100),
-                                    out_dir / "hit_vs_cache.png", "hit_pct", "belady_pct", "Belady MIN", "hit rate (%)",
-                                    "Hit rate vs cache size (dashed: Belady MIN)", False),
-        "stall_vs_bandwidth": stall_vs_bandwidth(df, out_dir / "stall_vs_bandwidth.png"),
+        "stall_vs_cache": vs_capacity(df, out_dir / "stall_vs_cache.png", "stall_per_token_s", "_oracle_per_token",
+                                      "oracle bound (perfect foresight)", "stall per token (ms)",
+                                      "Stall per token (log scale)", 1e3, True),
+        "hit_vs_cache": vs_capacity(df, out_dir / "hit_vs_cache.png", "_hit", "_belady",
+                                    "Belady MIN (the most hits any eviction can get)", "hit rate (%)", "Hit rate", 100,
+                                    False),
+        "stall_vs_link": stall_vs_link(df, out_dir),
+        "tpot": tpot_split(df, out_dir / "tpot.png"),
         "per_layer_hits": per_layer_hits(df, root, out_dir / "per_layer_hits.png"),
-        "tpot": tpot_bars(df, out_dir / "tpot.png"),
     }

@@ -28,7 +28,8 @@ from traces.io import atomic_path
 
 from . import claims, paper_figs
 from .errors import AnalysisError
-from .report import _md_table, trace_sources
+from .render import md_table as _md_table
+from .report import trace_sources
 from .runs import load_runs, relative_to_ondemand
 
 ROOT = Path(__file__).resolve().parents[1]

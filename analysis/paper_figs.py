@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .claims import deployable, horizon_label
-from .figures import _axes, _colors, _save, plt
+from .plot_style import _axes, _colors, _save, plt
 
 
 def horizon(df: pd.DataFrame, out: Path) -> Path | str:

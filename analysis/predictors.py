@@ -9,6 +9,8 @@ layer's true routing as feedback, as in a replay. Only pairs with l+d inside the
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from traces import read_trace
 from traces.io import atomic_path
 
 from .errors import AnalysisError
-from .report import _md_table
+from .render import md_table as _md_table
 
 DEFAULT = ("routing_path", "hybrid", "pregate", "transition", "frequency", "last_token")
 CLASSES = {
@@ -39,20 +41,29 @@ def make(name: str):
     return getattr(importlib.import_module(mod), cls)()
 
 
-def recall_table(test, train, names=DEFAULT, max_distance: int = 4) -> pd.DataFrame:
+def recall_table(test, train, names=DEFAULT, max_distance: int = 4, log=None) -> pd.DataFrame:
+    """Recall per predictor, distance and layer. Progress goes to ``log`` (stderr by default): a bar per
+    predictor over the tokens (every distance is scored in the same pass), then its recall per distance."""
+    from tqdm import tqdm
+
+    log = log or sys.stderr
     meta = test.meta
     L, K = meta.num_layers, meta.top_k
     hidden = test.hidden_states() if test.has_hidden_states() else None
     rows = []
-    for name in names:
+    for i, name in enumerate(names, 1):
         pred = make(name)
         if pred.needs_hidden and hidden is None:
+            print(f"predictors: {i}/{len(names)} {name}: skipped (needs hidden states; the trace has none)", file=log)
             continue
+        t0 = time.perf_counter()
         pred.reset(PredictorContext(meta.num_experts, K, train=train, layer_offsets=meta.layer_offsets,
                                     model_path=meta.model_path))
         hits = np.zeros((max_distance + 1, L))
         count = np.zeros((max_distance + 1, L))
-        for t in range(test.num_tokens):
+        bar = tqdm(range(test.num_tokens), desc=f"predictors: {i}/{len(names)} {name}, d=1..{max_distance}",
+                   unit="token", file=log, leave=False, mininterval=1.0)
+        for t in bar:
             tok = np.array([t])
             for layer in range(L):
                 obs = Observation(t * L + layer, t, layer, tok, test.experts[tok, layer], test.token_id[tok],
@@ -67,6 +78,10 @@ def recall_table(test, train, names=DEFAULT, max_distance: int = 4) -> pd.DataFr
             for layer in range(L):
                 if count[d, layer]:
                     rows.append({"predictor": name, "distance": d, "layer": layer, "recall": hits[d, layer] / count[d, layer]})
+        per_d = [f"d={d} {np.mean(hits[d][count[d] > 0] / count[d][count[d] > 0]):.3f}"  # as the summary: mean over layers
+                 for d in range(1, max_distance + 1) if count[d].sum()]
+        print(f"predictors: {i}/{len(names)} {name}: recall {', '.join(per_d)} ({time.perf_counter() - t0:.0f} s)",
+              file=log)
     return pd.DataFrame(rows)
 
 

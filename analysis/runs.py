@@ -53,7 +53,10 @@ def load_runs(root: str | Path, log=None) -> pd.DataFrame:
     rows = []
     for p in _progress(paths):
         try:
-            res = json.loads(p.read_text())
+            res = json.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            print(f"skipped {p}: not UTF-8 text ({exc})", file=log)
+            continue
         except (OSError, json.JSONDecodeError) as exc:
             print(f"skipped {p}: not valid JSON ({exc})", file=log)
             continue
@@ -71,10 +74,36 @@ def load_runs(root: str | Path, log=None) -> pd.DataFrame:
     for c in (*NUMERIC, *RUN_NUMERIC):  # null -> NaN, so a column of nulls still takes arithmetic
         if c in df:
             df[c] = pd.to_numeric(df[c])
-    df["oracle_gap_s"] = df["stall_s"] - df["oracle_stall_s"]
-    df["wasted_gb"] = df.get("wasted_bytes", 0) / 1e9
-    df["stall_vs_ondemand"] = relative_to_ondemand(df)
+    add_derived(df)
     return df.sort_values(["trace_name", "hardware", "capacity_fraction", "policy"], kind="stable").reset_index(drop=True)
+
+
+# policies that use the future (Belady's eviction, the oracle predictor): bounds, not deployable policies
+CLAIRVOYANT_CACHES = ("belady",)
+CLAIRVOYANT_PREDICTORS = ("oracle",)
+
+
+def add_derived(df: pd.DataFrame) -> None:
+    """The per-run ratios and rates the report shows, added as columns (NaN where an input is missing)."""
+    def ratio(a, b):
+        return a / b.where(b > 0)
+
+    for name in ("tokens", "steps", "allresident_total_s", "tpot_s", "prefetch_precision", "wasted_bytes"):
+        if name not in df:  # results written before the key existed: shown blank
+            df[name] = float("nan")
+    col = df.__getitem__
+
+    df["oracle_gap_s"] = df["stall_s"] - df["oracle_stall_s"]
+    df["wasted_gb"] = col("wasted_bytes") / 1e9
+    df["stall_vs_ondemand"] = relative_to_ondemand(df)
+    df["stall_vs_oracle"] = ratio(df["stall_s"], df["oracle_stall_s"])
+    df["stall_per_token_s"] = ratio(df["stall_s"], col("tokens"))
+    # compute and stall per step; with every expert resident a step takes only its compute (on a decode-only
+    # trace this is the all-resident TPOT)
+    df["compute_per_step_s"] = ratio(col("allresident_total_s"), col("steps"))
+    df["stall_per_step_s"] = ratio(df["stall_s"], col("steps"))
+    df["tpot_vs_allresident"] = ratio(col("tpot_s"), df["compute_per_step_s"])
+    df["is_bound"] = df["cache"].isin(CLAIRVOYANT_CACHES) | df["predictor"].isin(CLAIRVOYANT_PREDICTORS)
 
 
 def _is_number(v) -> bool:
@@ -102,8 +131,9 @@ def _schema_problem(res) -> str | None:
 
 def relative_to_ondemand(df: pd.DataFrame) -> pd.Series:
     """stall_s over the stall of on-demand LRU (cache lru, predictor none) with the same trace, hardware, link bandwidth,
-    capacity, batch size and driver; NaN where there is no such baseline run."""
+    capacity, batch size, scheduler, driver and seed; NaN where there is no such baseline run."""
     keys = ["driver", "trace_name", "hardware", "bandwidth_gbps", "capacity_fraction", "batch_size", "scheduler"]
+    keys += ["seed"] if "seed" in df else []  # each seed against its own baseline (a seed may draw its own trace)
     base = df[(df.cache == "lru") & (df.predictor == "none")].groupby(keys, dropna=False)["stall_s"].mean()
     idx = pd.MultiIndex.from_frame(df[keys])
     ref = base.reindex(idx).to_numpy()

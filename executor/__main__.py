@@ -13,13 +13,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from replay.run_dirs import register_resolvers
+
 log = logging.getLogger("executor")
 SUBCOMMANDS = {"profile": ".profile", "model": ".model_cli", "router-bias": ".router_bias", "check": ".check"}
+
+register_resolvers()  # before hydra composes the run and sweep folder names
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> float | None:
     from replay.errors import known_errors
+    from replay.outputs import run_line
 
     from .run import execute_config
     from .tier import TierError
@@ -30,10 +35,7 @@ def run(cfg: DictConfig) -> float | None:
     except (*known_errors(), TierError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    log.info(
-        "%s | %s (executor, %s): hit %.3f stall %.4fs total %.4fs -> %s", res["run"]["trace_name"],
-        res["run"]["policy"], res["tier"], res["hit_rate"], res["stall_s"], res["total_s"], out_dir / "results.json",
-    )
+    log.info("%s (executor, %s) -> %s", run_line(res), res["tier"], out_dir / "results.json")
     return res["stall_s"]
 
 

@@ -14,15 +14,14 @@ ones (the copies are twice a bf16 expert's bytes; ``bytes_moved`` counts what wa
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from traces.io import atomic_path
-
-from .tier import HEADER_BYTES, SCHEMA, StoreLayout, TierError, read_layout
+from .tier import HEADER_BYTES, SCHEMA, StoreLayout, TierError, clean_stale_temps, locked_temp, read_layout
 
 
 class OffloadError(TierError):
@@ -86,7 +85,8 @@ def write_model_store(path: str | Path, blocks: list[tuple[str, nn.Module]], mod
     if len(header) > HEADER_BYTES:
         raise OffloadError(f"{path}: header of {len(header)} bytes does not fit in {HEADER_BYTES}")
     pad = bytes(layout.stride_bytes - layout.expert_bytes)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    clean_stale_temps(path.parent, f".{glob.escape(path.name)}.*.tmp")  # what an earlier, killed write of this file left
+    with locked_temp(path) as f:
         f.write(header.ljust(HEADER_BYTES, b" "))
         for _, block in blocks:
             gu = block.experts.gate_up_proj.detach().float().cpu().numpy()

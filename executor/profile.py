@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from traces import TraceError, read_trace
-from traces.io import atomic_path
+from traces.io import atomic_path, safe_name
 from traces.presets import get_preset
 
 from .compute import LayerCompute
 from .measure import fit_alpha_beta, measure_compute
 from .profile_loop import InstantTransfer, NullCompute, measure_loop_overhead  # noqa: F401  (moved; still importable here)
-from .tier import ALIGN, ExpertReader, TierError, aligned_buffer, scaled_layout, write_store
+from .tier import ALIGN, ExpertReader, TierError, aligned_buffer, ensure_store, scaled_layout
 from .transfer import TransferEngine
 
 
@@ -197,9 +197,8 @@ def profile(args: argparse.Namespace) -> dict:
         require_cuda()
     meta = read_trace(args.trace).meta if args.trace else get_preset(args.model_preset).meta()
     layout = scaled_layout(meta, args.scale)
-    path = args.tier_dir / f"profile-{meta.model}-h{layout.hidden}-i{layout.intermediate}.experts"
-    if not path.exists():
-        write_store(path, layout)
+    path = args.tier_dir / f"profile-{safe_name(meta.model)}-h{layout.hidden}-i{layout.intermediate}.experts"
+    ensure_store(path, layout)
     head = {"schema": "expertflow.hwprofile/1", "model": meta.model, "scale": args.scale,
             "expert_bytes": layout.stride_bytes}
     if args.backend == "cuda":

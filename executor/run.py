@@ -20,20 +20,19 @@ from replay.hardware import load_profile
 from replay.outputs import write_outputs
 from replay.prepare import prepare
 from replay.results import results_dict
+from traces.io import safe_name
 
 from .compute import LayerCompute
 from .engine import execute
-from .tier import ExpertReader, StoreLayout, TierError, aligned_buffer, scaled_layout, write_store
+from .tier import ExpertReader, StoreLayout, TierError, aligned_buffer, ensure_store, scaled_layout
 from .transfer import TransferEngine
 
 
 def store_for(layout: StoreLayout, model: str, tier_dir: Path) -> Path:
-    """The packed expert file for this shape and seed, written once and reused."""
-    name = f"{model}-h{layout.hidden}-i{layout.intermediate}-e{layout.total_experts}-s{layout.seed}.experts"
-    path = tier_dir / name
-    if not path.exists():
-        write_store(path, layout)
-    return path
+    """The packed expert file for this shape and seed, written once and reused. ``model`` is the trace's model
+    field (data): made a safe file name, so the file stays in ``tier_dir`` whatever the trace says."""
+    name = f"{safe_name(model)}-h{layout.hidden}-i{layout.intermediate}-e{layout.total_experts}-s{layout.seed}.experts"
+    return ensure_store(tier_dir / name, layout)
 
 
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -71,6 +70,32 @@ def models_this_run(hw, expert_bytes: int, tier: str) -> bool:
 
 
 ODIRECT = {"auto": None, "on": True, "off": False}
+
+
+class ReplayProgress(list):
+    """The replay's steps, with a progress bar on stderr (shown after 2 s) that the first walk through them
+    advances: the replay loop walks them once, in order, at the pace of the real copies and compute. Later walks
+    (reading the steps' phases) are plain."""
+
+    def __init__(self, steps, file=None, delay_s: float = 2.0):
+        super().__init__(steps)
+        self._walked = False
+        self._file, self._delay_s = file, delay_s  # where the bar goes (None: stderr), and after how long
+
+    def __iter__(self):
+        if self._walked:
+            return super().__iter__()
+        self._walked = True
+        return self._walk()
+
+    def _walk(self):
+        from tqdm import tqdm
+
+        with tqdm(total=len(self), desc="executor: replaying", unit="step", delay=self._delay_s, file=self._file,
+                  leave=False) as bar:
+            for st in super().__iter__():
+                yield st
+                bar.update()
 
 
 def check_executor_config(ex) -> None:
@@ -125,7 +150,7 @@ def execute_config(cfg, out_dir: Path) -> dict:
         closers = [transfer.close, reader.close]
     log = bool(cfg.output.get("chrome_trace", False))
     try:
-        res = execute(p.steps, p.runtime, transfer, compute, p.meta.num_layers, p.uses, log=log)
+        res = execute(ReplayProgress(p.steps), p.runtime, transfer, compute, p.meta.num_layers, p.uses, log=log)
     finally:
         for close in closers:
             close()
@@ -144,7 +169,8 @@ def execute_config(cfg, out_dir: Path) -> dict:
         results["run"]["backend"] = "cuda"
         results["run"]["device"] = gpu.device
         results["telemetry"] = gpu.telemetry_summary
-    results["run"]["scale"] = int(ex.scale)
+    # the shape the tier ran at: the requested scale, or (a trace without a hidden size) the smallest width
+    results["run"].update(scale=int(ex.scale), scaled_hidden=layout.hidden, scaled_intermediate=layout.intermediate)
     results["sim_wall_s"] = time.perf_counter() - wall0
     write_outputs(out_dir, results, res, p.meta.num_layers, log)
     return results

@@ -14,16 +14,21 @@ on CPUs (the copy size is what matters for the tier, and it is recorded).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import mmap
 import os
+import shutil
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-
-from traces.io import atomic_path
 
 HEADER_BYTES = 4096
 ALIGN = 4096
@@ -57,16 +62,57 @@ class StoreLayout:
         return HEADER_BYTES + self.total_experts * self.stride_bytes
 
 
+MIN_DIM = 8  # the smallest hidden or intermediate size the tier packs
+
+
 def scaled_layout(meta, scale: int, seed: int = 0) -> StoreLayout:
-    """The trace model's expert shape divided by ``scale`` (hidden and intermediate sizes, at least 8)."""
+    """The trace model's expert shape divided by ``scale`` (hidden and intermediate sizes, at least
+    ``MIN_DIM``). A scale that would take a known shape below ``MIN_DIM`` is refused rather than clamped (the run
+    would then not be at the scale it reports). A trace without a hidden size gives its expert's bytes as
+    ``MIN_DIM`` x intermediate."""
     if scale < 1:
         raise TierError(f"executor.scale: expected an integer >= 1, got {scale}")
     inter = meta.intermediate_size or max(1, meta.expert_bytes // (3 * 2 * max(meta.hidden_size, 1)))
-    return StoreLayout(list(meta.num_experts), max(8, meta.hidden_size // scale), max(8, inter // scale), seed)
+    if meta.hidden_size:
+        largest = max(1, min(meta.hidden_size, inter) // MIN_DIM)
+        if scale > largest:
+            raise TierError(
+                f"executor.scale: {scale} would shrink {meta.model!r}'s experts (hidden {meta.hidden_size}, intermediate "
+                f"{inter}) below {MIN_DIM}, the smallest size the tier packs; the largest scale for this model is {largest}")
+    return StoreLayout(list(meta.num_experts), max(MIN_DIM, meta.hidden_size // scale), max(MIN_DIM, inter // scale), seed)
 
 
-def write_store(path: str | Path, layout: StoreLayout) -> Path:
-    """Write random expert weights (seeded, scaled like a real init) atomically."""
+def ensure_store(path: str | Path, layout: StoreLayout, log=None) -> Path:
+    """The expert file ``path``, written (announced, with progress) unless it exists; first removes what runs
+    killed while writing an expert file left in its directory. Raises TierError, naming the directory, when it
+    cannot be made, is a file, or has too little free space, and when the write fails (the disk filled, ...)."""
+    path = Path(path)
+    log = log or sys.stderr
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TierError(f"executor.tier_dir: cannot use {path.parent} as the tier's directory ({exc.strerror or exc})") from exc
+    removed, freed = clean_stale_temps(path.parent)
+    if removed:
+        print(f"executor: removed {removed} temp file(s) that killed runs left in {path.parent} ({freed / 1e9:.2f} GB)",
+              file=log)
+    if path.exists():
+        return path
+    need, free = layout.file_bytes(), shutil.disk_usage(path.parent).free
+    if need > free:
+        raise TierError(f"executor.tier_dir: the expert file needs {need / 1e9:.2f} GB and {path.parent} has "
+                        f"{free / 1e9:.2f} GB free; raise executor.scale or point executor.tier_dir at a larger disk")
+    print(f"executor: writing the expert file {path} ({need / 1e9:.2f} GB: {layout.total_experts} experts of "
+          f"{layout.stride_bytes / 2**20:.2f} MiB); later runs of this model shape and seed reuse it", file=log)
+    try:
+        return write_store(path, layout, progress=True)
+    except OSError as exc:
+        raise TierError(f"{path}: cannot write the expert file ({exc.strerror or exc}); nothing was left behind") from exc
+
+
+def write_store(path: str | Path, layout: StoreLayout, progress: bool = False) -> Path:
+    """Write random expert weights (seeded, scaled like a real init) atomically; ``progress``: a progress bar
+    on stderr (a full-size file takes a minute or more)."""
     path = Path(path)
     header = json.dumps({"schema": SCHEMA, "num_experts": layout.num_experts, "hidden": layout.hidden,
                          "intermediate": layout.intermediate, "dtype": "float32", "expert_bytes": layout.expert_bytes,
@@ -77,12 +123,89 @@ def write_store(path: str | Path, layout: StoreLayout) -> Path:
     n = layout.expert_bytes // 4
     pad = np.zeros((layout.stride_bytes - layout.expert_bytes) // 4, np.float32)
     std = 1.0 / np.sqrt(layout.hidden)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with locked_temp(path) as f, _bar(layout.file_bytes(), f"writing {path.name}", progress) as bar:
         f.write(header.ljust(HEADER_BYTES, b" "))
         for _ in range(layout.total_experts):
             f.write((rng.standard_normal(n, dtype=np.float32) * np.float32(std)).astype(np.float32).tobytes())
             f.write(pad.tobytes())
+            bar.update(layout.stride_bytes)
     return path
+
+
+def _bar(total_bytes: int, desc: str, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not show, leave=False)
+
+
+@contextlib.contextmanager
+def locked_temp(path: str | Path) -> Iterator[BinaryIO]:
+    """A temp file next to ``path`` (``.NAME.XXXXXXXX.tmp``), open for writing and ``flock``-ed by this process
+    for as long as it is written; renamed onto ``path`` if the block succeeds, removed if not. The lock is how
+    :func:`clean_stale_temps` tells a temp some live run is writing from one a killed run left behind: the
+    kernel releases it when its holder dies, however it dies (a pid in the name could be reused)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _lock(fd, blocking=True)
+        if _same_file(tmp, fd):
+            break
+        os.close(fd)  # a cleaner removed it between mkstemp and the lock (it was unlocked then): another name
+    f = os.fdopen(fd, "wb")
+    try:
+        yield f
+        f.flush()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; give outputs the usual permissions
+        os.replace(tmp, path)  # still locked: no cleaner can take it before it has its final name
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        f.close()  # releases the lock
+
+
+def clean_stale_temps(directory: str | Path, pattern: str = ".*.experts.*.tmp") -> tuple[int, int]:
+    """Remove the temps of expert files (:func:`locked_temp`'s) in ``directory`` that no live process holds
+    locked: what runs killed while writing left behind. Returns (files removed, bytes freed). A temp whose
+    lock cannot be tested (a filesystem without locks) is left alone."""
+    removed = freed = 0
+    for tmp in Path(directory).glob(pattern) if Path(directory).is_dir() else ():
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _lock(fd, blocking=False) or not _same_file(tmp, fd):
+                continue
+            size = os.fstat(fd).st_size
+            os.unlink(tmp)
+            removed, freed = removed + 1, freed + size
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed, freed
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """Take an exclusive flock on ``fd``: True if held, False if another process holds it or the filesystem
+    has no locks (a writer then writes unlocked, and a cleaner leaves the file alone)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except OSError:
+        return False
+
+
+def _same_file(path: str | Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
 
 
 def read_layout(path: str | Path) -> StoreLayout:

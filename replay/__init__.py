@@ -9,7 +9,9 @@
   bounds' schedules);
 - :mod:`replay.bounds`, :mod:`replay.oracle`, :mod:`replay.bounds_cache`: Belady's MIN and the perfect-foresight
   schedules every result is compared with;
-- :mod:`replay.errors`: the configuration errors a run reports as ``error: ...`` (exit 2).
+- :mod:`replay.errors`: the configuration errors a run reports as ``error: ...`` (exit 2);
+- :mod:`replay.run_dirs`: safe run and sweep folder names (the ``safe_name`` resolver) and a clear error when
+  a folder cannot be made.
 
 Layering: ``traces`` and ``policies`` below; ``sim`` and ``executor`` above (never importing each other);
 ``analysis`` on top (``tests/test_layering.py`` checks it).

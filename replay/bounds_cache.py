@@ -2,7 +2,9 @@
 the cache's partitions and capacity and the hardware models, not on the policy under test, so the runs of a
 sweep share them: they are cached under ``bounds.cache_dir`` (default ``.cache/bounds``), one JSON file per
 digest of those inputs *and of the source code of the core (``replay``) and of the policies*, so editing either recomputes them.
-A cached file gives the very numbers a fresh computation gives (JSON round-trips floats exactly)."""
+A cached file gives the very numbers a fresh computation gives (JSON round-trips floats exactly). A file is
+checked before it is trusted (:func:`entry_problem`): one that is not JSON, lacks a bound or holds anything but
+a number in range is named in a warning, recomputed and replaced."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,18 +65,47 @@ def bounds_digest(p) -> str:
     return h.hexdigest()
 
 
+# what a cache entry holds (replay.bounds.compute_bounds): name -> (integer?, largest value)
+BOUND_KEYS = {
+    "belady_hit_rate": (False, 1.0),
+    "belady_misses_unique": (True, math.inf),
+    "oracle_stall_s": (False, math.inf),
+    "oracle_aggressive_stall_s": (False, math.inf),
+    "oracle_conservative_stall_s": (False, math.inf),
+}
+
+
+def entry_problem(obj) -> str | None:
+    """Why ``obj`` (a parsed cache file) is not a usable set of bounds, or None."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object of bounds, got {type(obj).__name__}"
+    if set(obj) != set(BOUND_KEYS):
+        return f"expected the keys {sorted(BOUND_KEYS)}, got {sorted(obj)}"
+    for k, (integer, top) in BOUND_KEYS.items():
+        v = obj[k]
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or not math.isfinite(v) or not 0 <= v <= top:
+            return f"'{k}' is {v!r}, expected {'an integer' if integer else 'a number'} in [0, {top}]"
+    return None
+
+
 def cached_bounds(p, compute: Callable[[], dict], cache_dir: str | Path | None) -> dict:
     """``compute()``'s result for this prepared run, read from ``cache_dir`` if an earlier run stored it (None:
-    always compute). An unreadable cache file is recomputed and replaced; an unwritable cache directory only
-    logs a warning."""
+    always compute). An unreadable or invalid cache file is recomputed and replaced; an unwritable cache
+    directory only logs a warning."""
     if not cache_dir:
         return compute()
     path = Path(cache_dir) / f"{bounds_digest(p)[:32]}.json"
     if path.exists():
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("bounds cache: ignoring unreadable %s (%s); recomputing", path, exc)
+            obj = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+            obj, problem = None, f"unreadable: {exc}"
+        else:
+            problem = entry_problem(obj)
+        if problem is None:
+            return obj
+        log.warning("bounds cache: ignoring %s (%s); recomputing", path, problem)
     out = compute()
     try:
         with atomic_path(path) as tmp:

@@ -1,7 +1,10 @@
-"""Write a run's outputs atomically: results.json, per_layer.parquet, and on request chrome_trace.json."""
+"""Write a run's outputs atomically and as a unit: per_layer.parquet, on request chrome_trace.json, and last
+results.json, whose presence marks a finished run. If any write fails (a full disk, a read-only folder), the
+files this run already wrote are removed again, so a folder never holds outputs without their results.json."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -9,12 +12,29 @@ import pandas as pd
 
 from traces.io import atomic_path
 
+from .errors import OutputWriteError
 from .results import ReplayResult
 
 
 def write_json(path: Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def run_line(results: dict) -> str:
+    """One line naming a finished run (trace, policy, hardware, cache size, batch, seed) and its headline
+    numbers, for the log of a run or of each run of a sweep."""
+    r = results["run"]
+
+    def num(v, fmt: str, unit: str = "") -> str:
+        return "n/a" if v is None else f"{v:{fmt}}{unit}"
+
+    tpot = results.get("tpot_s")
+    return (f"{r['trace_name']} | {r['policy']} | {r['hardware']} | cache {r['capacity_fraction']:.0%} | "
+            f"batch {r['batch_size']} | seed {r['seed']}: hit {num(results['hit_rate'], '.3f')} "
+            f"(Belady {num(results.get('belady_hit_rate'), '.3f')}), stall {num(results['stall_s'], '.4g', ' s')} "
+            f"(oracle {num(results.get('oracle_stall_s'), '.4g', ' s')}), "
+            f"TPOT {num(None if tpot is None else tpot * 1e3, '.2f', ' ms')}")
 
 
 def per_layer_frame(res: ReplayResult) -> pd.DataFrame:
@@ -56,9 +76,21 @@ def chrome_trace(res: ReplayResult) -> dict:
 
 def write_outputs(out_dir: Path, results: dict, res: ReplayResult, num_layers: int, chrome: bool) -> None:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "per_layer.parquet") as tmp:
-        per_layer_frame(res).to_parquet(tmp, index=False)
-    if chrome:
-        write_json(out_dir / "chrome_trace.json", chrome_trace(res))
-    write_json(out_dir / "results.json", results)  # last: its presence marks a finished run
+    done = out_dir / "results.json"
+    written: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        done.unlink(missing_ok=True)  # an earlier run's marker must not vouch for files this run is rewriting
+        with atomic_path(out_dir / "per_layer.parquet") as tmp:
+            per_layer_frame(res).to_parquet(tmp, index=False)
+        written.append(out_dir / "per_layer.parquet")
+        if chrome:
+            write_json(out_dir / "chrome_trace.json", chrome_trace(res))
+            written.append(out_dir / "chrome_trace.json")
+        write_json(done, results)  # last: its presence marks a finished run
+    except OSError as exc:
+        for p in written:
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
+        raise OutputWriteError(f"{out_dir}: cannot write the run's outputs ({exc.strerror or exc}); "
+                               "none of them were kept") from exc

@@ -123,6 +123,7 @@ def prepare(cfg) -> Prepared:
     """Validate the config, load the trace, build the policies and models. Raises before any replay work."""
     if int(cfg.batch_size) < 1:
         raise RunConfigError(f"batch_size: expected >= 1, got {cfg.batch_size}")
+    check_replay_span(cfg.get("max_tokens"), cfg.split.test_fraction)
     full = resolve_trace(cfg.trace)
     meta = full.meta
     copy_model, compute = build_models(_plain(cfg.hardware), meta)
@@ -133,8 +134,8 @@ def prepare(cfg) -> Prepared:
     if cfg.trace.get("train_path"):  # a separate training split (e.g. the reference model's): replay all of path
         train, test = resolve_trace({"path": cfg.trace.train_path, "name": "train"}), full
     else:
-        train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac else (full, full)
-    if cfg.get("max_tokens"):
+        train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac is not None else (full, full)
+    if cfg.get("max_tokens") is not None:
         test = test.select(np.arange(test.num_tokens) < int(cfg.max_tokens))
     if test.num_tokens == 0:
         raise TraceError(f"{cfg.trace.get('path') or cfg.trace.name}: no tokens to replay after the split")
@@ -167,6 +168,17 @@ def prepare(cfg) -> Prepared:
                             test.seq_id)
     return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
                     runtime, copy_model, compute, plan_wall_s)
+
+
+def check_replay_span(max_tokens, test_fraction) -> None:
+    """``max_tokens`` (null: all) and ``split.test_fraction`` (null: replay every sequence and fit on them too),
+    refused when they would silently mean something else (0 used to mean "all")."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise RunConfigError(f"max_tokens: expected an integer >= 1 (or null: replay every token), got {max_tokens!r}")
+    if test_fraction is not None and (isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float))
+                                      or not 0 < test_fraction < 1):
+        raise RunConfigError(f"split.test_fraction: expected a share of the sequences in (0, 1), or null to replay every "
+                             f"sequence and fit learned policies on them too, got {test_fraction!r}")
 
 
 def predicted_routes(trace: Trace, source: str) -> np.ndarray:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from traces import Trace, TraceError, read_trace, write_trace
+from traces.io import safe_name
 
 from .bounds_cache import code_digest
 
@@ -41,7 +42,7 @@ def resolve_trace(node) -> Trace:
     key = json.dumps(settings, sort_keys=True) + code_digest(("traces",))
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     cache_dir = Path(node.get("cache_dir") or project_path(".cache/traces"))
-    out = cache_dir / f"{node.get('name', 'synth')}-{digest}.parquet"
+    out = cache_dir / f"{safe_name(node.get('name', 'synth'))}-{digest}.parquet"  # a name never leaves cache_dir
     if out.exists():
         return read_trace(out)
     write_trace(synth_from_settings(settings) if node.get("synth") else import_from_settings(settings), out)

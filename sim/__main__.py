@@ -17,12 +17,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from replay.run_dirs import register_resolvers
+
 log = logging.getLogger("sim")
+
+register_resolvers()  # before hydra composes the run and sweep folder names
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from replay.errors import known_errors
+    from replay.outputs import run_line
 
     from .run import simulate
 
@@ -32,12 +37,7 @@ def main(cfg: DictConfig) -> float | None:
     except known_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    log.info(
-        "%s | %s: hit %.3f (Belady %.3f) stall %.4fs (oracle %.4fs) TPOT %s -> %s",
-        res["run"]["trace_name"], res["run"]["policy"], res["hit_rate"], res["belady_hit_rate"],
-        res["stall_s"], res["oracle_stall_s"],
-        f"{res['tpot_s'] * 1e3:.2f} ms" if res["tpot_s"] is not None else "n/a", out_dir / "results.json",
-    )
+    log.info("%s -> %s", run_line(res), out_dir / "results.json")
     return res["stall_s"]
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,6 +37,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
+
+
+def safe_name(name: object, max_chars: int = 160) -> str:
+    """``name`` (a trace's model field, a trace or run name: text from data or config) as one file name that
+    stays inside the directory it is joined to. Every character but ASCII letters, digits and ``._+=,-``
+    (path separators, NUL, spaces, other scripts) becomes ``_``, leading dots go (no ``..``, no hidden files),
+    and a long name is cut; whenever anything changed, 8 hex digits of the original's digest are appended, so
+    two names that differ still map to different files. A safe name (the empty one included: callers add
+    their own suffix) is returned unchanged."""
+    s = str(name)
+    out = _UNSAFE.sub("_", s).lstrip(".")[:max_chars]
+    if out == s:
+        return out
+    digest = hashlib.sha1(s.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{out or 'unnamed'}-{digest}"
 
 
 def settings_diff(stored: dict, now: dict) -> list[str]:
