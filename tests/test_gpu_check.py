@@ -178,3 +178,34 @@ def test_summary_tables_bandwidth_vs_peak_and_validation(tmp_path):
     v["timing_free_decisions_identical"] = False
     (work / "validation.json").write_text(json.dumps(v))
     assert "decisions differ" in gpu_report.read_validate(work, out)({})["problem"]
+
+
+def test_a_cuda_profile_feeds_the_validate_steps_that_run_on_the_cpu(tmp_path):
+    """``analysis validate --backend cuda`` hands the GPU's profile to ``executor profile loop`` and to the
+    simulator (``hardware=profiled``): both on the CPU. The profile has the fields ``executor profile --backend
+    cuda`` writes (profile.py's head + ``cuda_profile.profile_cuda``: no ``copy.replay`` or ``main_thread_s``),
+    so what would break only on a GPU machine breaks here."""
+    from test_cuda_backend import compose_cfg
+
+    from executor.profile_loop import measure_loop_overhead, profile_copy_cost
+    from sim.run import simulate
+
+    eb = 139264  # deepseek-v2-lite / 16, as the check's validate step
+    tokens = [1, 2, 4, 8, 16, 32, 64]
+    prof = {"schema": "expertflow.hwprofile/1", "model": "deepseek-v2-lite", "scale": 16, "expert_bytes": eb,
+            "device": "NVIDIA H200", "tier": "host-pinned",
+            "copy": {"bytes": [eb], "seconds": [2e-5], "latency_s": 8e-6, "bandwidth_bytes_per_s": 5e10,
+                     "io_threads": 2, "isolated": {"bytes": [65536, eb], "seconds": [9e-6, 1.1e-5]}},
+            "compute": {"dense_tokens": tokens, "dense_s": [5e-5] * 7, "expert_tokens": tokens, "expert_s": [3e-5] * 7,
+                        "experts_per_layer": 6, "isolated": {"dense_tokens": tokens, "dense_s": [4e-5] * 7,
+                                                             "expert_tokens": tokens, "expert_s": [2e-5] * 7}}}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(prof))
+    ov = ["trace=deepseek-synth", "trace.synth.tokens=30", "cache=lru", "predictor=transition", "horizon=fixed",
+          "horizon.distance=1", "executor.scale=16", "hardware=profiled", f"hardware.profile_path={path}"]
+    assert profile_copy_cost(path) == 0.0
+    loop = measure_loop_overhead(ov, profile_copy_cost(path), repeats=1)
+    assert loop["decide_overhead_s"] > 0 and loop["expert_overhead_s"] == 0.0
+    res = simulate(compose_cfg([*ov, f"hardware.compute.layer_overhead_s={loop['decide_overhead_s']!r}",
+                                "hardware.compute.expert_overhead_s=0.0"]), tmp_path / "sim")
+    assert res["run"]["copy_model"] == "profiled" and res["total_s"] > 0 and res["oracle_stall_s"] is not None

@@ -101,3 +101,17 @@ def test_a_stale_or_tampered_wheel_dir_is_refused(wheels, tmp_path):
         gpu_wheels.install(tmp_path / "nowhere", tmp_path / "site", is_importable=lambda m: False)
     # nothing missing: nothing to install, whatever the directory holds
     assert gpu_wheels.install(tmp_path / "nowhere", tmp_path / "site", is_importable=lambda m: True)["method"] is None
+
+
+@pytest.mark.slow
+def test_the_gpu_tests_collect_on_a_machine_like_the_gpu_one(wheels, tmp_path):
+    """The check's pytest step imports every test module (about 40 s here): with only the wheel set installed
+    and no numba, collection succeeds and finds the gpu-marked tests."""
+    target = tmp_path / "site"
+    gpu_wheels.install(wheels, target, is_importable=lambda m: False, use_pip=True)
+    code = (f"import sys, pytest; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-m', 'gpu', "
+            f"{str(ROOT / 'tests')!r}]))")
+    proc = run_like_gpu_machine(target, code, cwd=ROOT, timeout_s=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = dict(line.rsplit(": ", 1) for line in proc.stdout.splitlines() if line.startswith("tests/"))
+    assert int(counts["tests/test_cuda_gpu.py"]) >= 5 and int(counts["tests/test_model_cuda.py"]) >= 3, counts
