@@ -122,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         require_cuda()
         device = torch.device("cuda", torch.cuda.current_device())
     model, encode, decode = load(args.model, args.dtype, args.seed)
+    # inference needs no auxiliary router loss, and transformers' load-balancing loss fails on a padded batch
+    # (several --prompt of different lengths); the logits do not depend on it
+    model.config.output_router_logits = False
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids = [encode(p) or [pad] for p in args.prompt]
     B, P = len(ids), max(len(x) for x in ids)

@@ -105,6 +105,23 @@ def test_default_steps_and_options():
     assert str(ROOT / "data" / "reference-moe" / "model") in model
     val = {s.name: s for s in steps}["validate"].cmd
     assert val[val.index("--backend") + 1] == "cuda" and val[val.index("--out") + 1].startswith(str(work))
+    # every step's command line is valid for the tool it calls (parsed by that tool's own parser)
+    import argparse
+
+    from analysis.validate import register
+    from executor.cuda_bandwidth import main as bw_main
+    from executor.model_cli import parser as model_parser
+
+    by = {s.name: s.cmd for s in steps}
+    args = model_parser().parse_args(by["model-prefetch"][by["model-prefetch"].index("model") + 1:])
+    assert args.backend == "cuda" and args.check and args.predictor == "last_token" and args.prefetch_distance == 1
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    va = sub.choices["validate"].parse_args(val[val.index("validate") + 1:])
+    assert (va.backend, va.repeats, va.scale, va.policies) == ("cuda", 2, 16, "lru,transition-d1")
+    with pytest.raises(SystemExit) as exc:
+        bw_main([*by["bandwidth"][by["bandwidth"].index("executor.cuda_bandwidth") + 1:], "--help"])
+    assert exc.value.code == 0
     env = gpu_check.step_env(work)
     assert env["PYTHONPATH"].split(":")[:2] == [str(work / "site"), str(ROOT)]
     assert gpu_check.main(["--only", "nope"]) == 2
