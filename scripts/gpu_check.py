@@ -195,6 +195,8 @@ def run_check(steps: list[Step], out: Path, work: Path, budget_s: float = BUDGET
     log(message)
     work.mkdir(parents=True, exist_ok=True)
     env = step_env(work)
+    summary["versions"] = gpu_report.versions(work / "site", facts)  # again at the end, with what deps installed
+    gpu_report.write(out, summary, time.monotonic() - t0)
     for i, step in enumerate(steps):
         log(f"[gpu-check] {i + 1}/{len(steps)} {step.name}: {step.what}")
         rec = run_step(step, env, logs, deadline)
