@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench lint clean validate-gpu
+.PHONY: venv demo test test-slow bench lint clean validate-gpu gpu-wheels gpu-check
 
 venv: $(STAMP)
 
@@ -53,7 +53,21 @@ endif
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
 		f'validate-gpu: torch {torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False)')"
 	$(PY) -m pytest -m gpu
-	$(PY) -m analysis validate --out outputs/validate-gpu executor.backend=cuda
+	$(PY) -m analysis validate --backend cuda --out outputs/validate-gpu
+
+# The wheels the offline GPU check installs on a bare GPU machine (requirements-gpu-check.txt: pure Python, a few
+# MiB, hash-checked), into wheels/ (git-ignored); run it where the registry is reachable, then carry wheels/ along.
+gpu-wheels: venv
+	$(PY) scripts/gpu_wheels.py download --dest wheels
+
+# On a GPU machine, offline, in under 8 minutes: installs what is missing from wheels/, then the gpu tests, the copy
+# bandwidth vs the link's peak, model mode --check on the reference model and `analysis validate --backend cuda`;
+# writes $(GPU_CHECK_OUT)/summary.md and summary.json (scratch in $(GPU_CHECK_WORK)). Uses the machine's python3
+# (with its torch), no venv; docs/gpu.md.
+GPU_CHECK_OUT ?= outputs/gpu-check
+GPU_CHECK_WORK ?= outputs/gpu-check-work
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT) --work $(GPU_CHECK_WORK)
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

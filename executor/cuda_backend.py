@@ -103,6 +103,23 @@ class CudaOps:
     def times(self, handle) -> tuple[float, float]:
         return self.ref.elapsed_time(handle[0]) / 1e3, self.ref.elapsed_time(handle[1]) / 1e3
 
+    # -- the compute side: the one place where a kernel reading a slot is ordered against that slot's copies --
+    def wait_copy(self, slot: int, stream: torch.cuda.Stream | None = None) -> None:
+        """``stream`` (default: the device's current one) waits, on the device, for the slot's last copy."""
+        ev = self.copied[slot]
+        if ev is not None:
+            (stream or torch.cuda.current_stream(self.device)).wait_event(ev)
+
+    def mark_read(self, slot: int, stream: torch.cuda.Stream | None = None) -> None:
+        """The work enqueued on ``stream`` so far reads the slot: the next copy into it waits for that."""
+        ev = torch.cuda.Event()
+        ev.record(stream or torch.cuda.current_stream(self.device))
+        self.read[slot] = ev
+
+    def sync_compute(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Block the host until ``stream`` (default: the current one) has run everything enqueued on it."""
+        (stream or torch.cuda.current_stream(self.device)).synchronize()
+
 
 class CudaTransferEngine:
     """``TransferEngine``'s interface over a ``CopyScheduler`` and a device ``ops`` (``CudaOps`` or a test fake
@@ -266,15 +283,11 @@ class GpuLayerCompute:
     def run_expert(self, slot: int, n_tokens: int) -> torch.Tensor:
         x = self.tokens(n_tokens)
         w1, w3, w2 = self.expert_weights(slot)
-        copied = self.ops.copied[slot]
-        read = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
-            if copied is not None:
-                self.stream.wait_event(copied)  # the weights are there once the slot's copy event fired
+            self.ops.wait_copy(slot, self.stream)  # the weights are there once the slot's copy event fired
             y = (torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
-            read.record(self.stream)
-        self.ops.read[slot] = read
-        self.stream.synchronize()
+            self.ops.mark_read(slot, self.stream)
+        self.ops.sync_compute(self.stream)
         return y
 
 

@@ -7,6 +7,11 @@ one file on disk (``--store``, the executor's tier format, read with O_DIRECT by
 model generates too (a copy is kept, so twice the memory) and the run fails (exit 1) unless the tokens are the
 same and the logits over the whole generated sequence agree within ``--atol``.
 
+``--backend cuda`` runs the model on the current CUDA device: the routed experts in pinned host memory,
+``--slots-per-layer`` GPU slots per MoE layer, ``--io-threads`` copy streams ordered by the CUDA backend's copy
+schedule (demand before prefetch), the compute waiting on each expert's copy event; ``--check`` then compares
+with the unmodified model on the same GPU. Without a CUDA device it stops before any work (exit 2).
+
 ``--model`` is a local Hugging Face checkpoint directory (its tokenizer if it has one, else UTF-8 bytes as in
 ``traces collect``, as for ``data/reference-moe/model``) or a model type for a tiny random model (``mixtral``,
 ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ...; byte tokens). Writes ``OUT/results.json`` atomically: the run's
@@ -54,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-distance", type=int, default=0, help="layers ahead to prefetch (0: on demand)")
     p.add_argument("--store", type=Path, help="packed expert file (default OUT/model.experts)")
     p.add_argument("--reuse-store", action="store_true", help="use an existing --store instead of writing it")
-    p.add_argument("--io-threads", type=int, default=1)
+    p.add_argument("--backend", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: experts read from --store into RAM slots; cuda: pinned host memory -> GPU slots")
+    p.add_argument("--io-threads", type=int, default=1, help="I/O threads (cpu) or copy streams (cuda)")
     p.add_argument("--odirect", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--dtype", default=None, help="dtype to load a checkpoint in (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="seed of a tiny random model")
@@ -108,20 +115,32 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    if args.backend == "cuda":  # stop before any work on a machine without a GPU
+        from executor.cuda_backend import require_cuda
+
+        require_cuda()
+        device = torch.device("cuda", torch.cuda.current_device())
     model, encode, decode = load(args.model, args.dtype, args.seed)
+    # inference needs no auxiliary router loss, and transformers' load-balancing loss fails on a padded batch
+    # (several --prompt of different lengths); the logits do not depend on it
+    model.config.output_router_logits = False
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids = [encode(p) or [pad] for p in args.prompt]
     B, P = len(ids), max(len(x) for x in ids)
     inp, mask = torch.full((B, P), pad, dtype=torch.long), torch.zeros((B, P), dtype=torch.long)
     for b, x in enumerate(ids):
         inp[b, P - len(x):], mask[b, P - len(x):] = torch.tensor(x), 1
-    ref = copy.deepcopy(model) if args.check else None
+    ref = copy.deepcopy(model).to(device) if args.check else None
     store = args.store or args.out / "model.experts"
     store.parent.mkdir(parents=True, exist_ok=True)
     odirect = {"auto": None, "on": True, "off": False}[args.odirect]
     with offload_model(model, store, args.slots_per_layer, eviction=_new(EVICTIONS[args.eviction]),
                        predictor=_new(PREDICTORS[args.predictor]), horizon=FixedHorizon(args.prefetch_distance),
-                       io_threads=args.io_threads, odirect=odirect, reuse_store=args.reuse_store) as off:
+                       io_threads=args.io_threads, odirect=odirect, reuse_store=args.reuse_store,
+                       backend=args.backend) as off:
+        model.to(device)  # after the offload: the routed experts never go to the device whole
+        inp, mask = inp.to(device), mask.to(device)
         t0 = time.perf_counter()
         out = generate(model, inp, mask, args.max_new_tokens, pad)
         total = time.perf_counter() - t0
@@ -144,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         "run": {"driver": "executor-model", "model": args.model, "model_type": model.config.model_type,
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "prompts": args.prompt,
                 "max_new_tokens": args.max_new_tokens, "eviction": args.eviction, "predictor": args.predictor,
-                "prefetch_distance": args.prefetch_distance, "io_threads": args.io_threads, "store": str(store)},
+                "prefetch_distance": args.prefetch_distance, "io_threads": args.io_threads, "store": str(store),
+                "backend": args.backend},
         **metrics,
         "generated_ids": new.tolist(),
         "generated_text": [decode(row) for row in new.tolist()],

@@ -4,8 +4,10 @@
 executor's tier format), drops the experts' weights from the model and replaces each sparse MoE block by an
 :class:`OffloadedMoE`. The router (``gate``) and everything else of the block (Qwen2-MoE's shared expert, the
 family's normalisation of the top-k weights) stay on the fast side and run the family's own code; only the
-block's ``experts`` call is served from ``slots_per_layer`` RAM slots per MoE layer, filled by the executor's
-:class:`~executor.transfer.TransferEngine` (O_DIRECT reads by I/O threads, see ``executor/tier.py``).
+block's ``experts`` call is served from ``slots_per_layer`` slots per MoE layer (``executor/model_slots.py``):
+RAM slots filled by the executor's :class:`~executor.transfer.TransferEngine` (``backend="cpu"``: O_DIRECT reads
+by I/O threads, see ``executor/tier.py``), or GPU slots filled from pinned host memory by copies on CUDA copy
+streams (``backend="cuda"``: the CUDA backend's copy schedule, compute waiting on each expert's copy event).
 
 Which experts are resident is decided by the same policy objects as the simulator and the trace executor: a
 :class:`~policies.runtime.PolicyRuntime` over a :class:`~policies.cache.ExpertCache` (eviction policy, default
@@ -25,6 +27,8 @@ model's dtype, in ascending expert order; ``grouped_mm`` / ``batched_mm`` sum th
 routing weights' dtype (float32) and cast once. Tokens go to each expert in the same order as there. So the
 offloaded model's logits equal the original's (bit for bit in the tests: Mixtral, Qwen2-MoE, OLMoE, float32
 and bfloat16, eager and grouped_mm; ``batched_mm`` differs by ~1e-7, its batched matmul rounds differently).
+``grouped_mm`` experts are computed with transformers' own grouped matmul (one group per expert), so on a GPU
+they run the same kernel as the model's; ``eager`` ones with ``F.linear``, as the model's eager code does.
 
 A failed expert read is raised (TierError) from the model's forward; the offload is then unusable: ``close``
 it. The routing table grows by ``MoE layers x top-k`` ints per token for the life of the offload.
@@ -48,10 +52,11 @@ from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from replay.backends import ComputeBackend
 from replay.driver import LayerDriver
 
-from .backends import TransferCopies, WallClock
+from .backends import WallClock
+from .cuda_backend import WINDOW, require_cuda
+from .model_slots import DiskSlots, GpuSlots
 from .model_store import OffloadError, check_store, find_moe_blocks, layout_of, write_model_store
-from .tier import ExpertReader, StoreLayout, aligned_buffer
-from .transfer import TransferEngine
+from .tier import ExpertReader, StoreLayout
 
 NO_END = 2**62  # a live model has no known last layer-step (bounds how far ahead prefetches may target)
 
@@ -78,12 +83,13 @@ class _Growing:
 
 
 class ExpertOffload:
-    """The fast side of all offloaded blocks: slots, copies, the policy runtime and the metrics."""
+    """The fast side of all offloaded blocks: slots, copies, the policy runtime and the metrics. ``fast`` (a
+    :class:`~executor.model_slots.DiskSlots` or ``GpuSlots`` of ``sum(capacities)`` slots) is owned and closed."""
 
-    def __init__(self, layout: StoreLayout, reader: ExpertReader, slots_per_layer: int, top_k: int,
-                 eviction: EvictionPolicy, predictor: Predictor, horizon: Horizon, io_threads: int = 1):
+    def __init__(self, layout: StoreLayout, fast: DiskSlots | GpuSlots, slots_per_layer: int, top_k: int,
+                 eviction: EvictionPolicy, predictor: Predictor, horizon: Horizon):
         ne = list(layout.num_experts)
-        self.layout, self.reader, self.L = layout, reader, len(ne)
+        self.layout, self.fast, self.L = layout, fast, len(ne)
         caps = capacities_for(ne, "per_layer", slots_per_layer, None)
         cctx, pctx, hctx = contexts(ne, partitions_for(ne, "per_layer"), caps, top_k, layout.stride_bytes, 1,
                                     future=None)  # live: no future, so clairvoyant policies refuse to start
@@ -96,9 +102,7 @@ class ExpertOffload:
         self.runtime = PolicyRuntime(self.cache, predictor, horizon, RuntimeConfig(self.L, ne, layout.stride_bytes),
                                      self.routes, self.token_ids)
         self.slots_per_layer = slots_per_layer
-        self._buf = aligned_buffer(sum(caps) * layout.stride_bytes)
-        self.slots = torch.frombuffer(memoryview(self._buf), dtype=torch.float32)
-        self.transfer = TransferEngine(reader, memoryview(self._buf), io_threads)
+        self.slots, self.transfer = fast.slots, fast.transfer
         self.step, self._last_layer = -1, self.L
         self._tokens = np.zeros(0, dtype=np.int64)
         self.next_token_ids: np.ndarray | None = None  # set by the embedding hook for the next forward pass
@@ -108,7 +112,7 @@ class ExpertOffload:
         # model runs its dense parts itself, so the loop's dense part is empty
         clock = WallClock()
         self.slot_compute = SlotCompute(self, clock)
-        self.driver = LayerDriver(self.runtime, clock, TransferCopies(self.transfer, self.cache), self.slot_compute, self.L)
+        self.driver = LayerDriver(self.runtime, clock, fast.copies(self.cache), self.slot_compute, self.L)
         self.hooks: list = []  # removed by close()
 
     # ------------------------------------------------------------------------------------- one MoE layer
@@ -153,15 +157,21 @@ class ExpertOffload:
             "stall_s": self.driver.stall_s, "expert_compute_s": self.driver.compute_s, "total_s": total,
             "tokens_per_s": new_tokens / total if new_tokens and total > 0 else None,
             "steps": self.step + 1, "moe_layers": self.L, "slots_per_layer": self.slots_per_layer,
-            "expert_bytes": self.layout.stride_bytes, "tier": "disk-odirect" if self.reader.direct else "disk-buffered",
+            "expert_bytes": self.layout.stride_bytes, "tier": self.fast.tier, "device": self.fast.device,
+            "copy_bandwidth_bytes_per_s": self._copy_bandwidth(),
         }
 
+    def _copy_bandwidth(self) -> float | None:
+        """Bytes over the summed durations of every copy so far (each copy's own rate; None before any)."""
+        recs = self.transfer.records
+        busy = sum(r.end_s - r.start_s for r in recs)
+        return sum(r.nbytes for r in recs) / busy if recs and busy > 0 else None
+
     def close(self) -> None:
-        """Stop the I/O threads and close the expert file (the model cannot run afterwards)."""
+        """Stop the copy threads and release the slots' tier (the model cannot run afterwards)."""
         for h in self.hooks:
             h.remove()
-        self.transfer.close()
-        self.reader.close()
+        self.fast.close()
 
     def __enter__(self) -> ExpertOffload:
         return self
@@ -193,9 +203,12 @@ class SlotCompute(ComputeBackend):
         else:  # grouped/batched: token-major (a sort of the flattened [N * K] routing)
             tok, pos = np.nonzero(idx == e)
         tok_t, pos_t = torch.from_numpy(tok).to(x.device), torch.from_numpy(pos).to(x.device)
+        slot, fast, linear = self.owner.cache.slot_of[key], self.owner.fast, experts.linear
+        fast.before_expert(slot)  # on a GPU: the compute stream waits for the slot's copy event
         gu, dn = self.weights_of(key, experts.dtype, x.device)
-        gate, up = F.linear(x[tok_t].to(experts.dtype), gu).chunk(2, dim=-1)
-        out = F.linear(experts.act_fn(gate) * up, dn) * self.weights[tok_t, pos_t, None]
+        gate, up = linear(x[tok_t].to(experts.dtype), gu).chunk(2, dim=-1)
+        out = linear(experts.act_fn(gate) * up, dn) * self.weights[tok_t, pos_t, None]
+        fast.after_expert(slot)  # the next copy into the slot waits until this expert has read it
         self.outs[e] = (tok_t, pos_t, out)
         return time.perf_counter() - t0
 
@@ -228,12 +241,31 @@ class SlotCompute(ComputeBackend):
         return w.sum(dim=1).to(x.dtype)
 
 
+def linear_of(implementation: str):
+    """``f(x [n, in], w [out, in]) = x @ w.T`` as the model's experts implementation computes it: ``grouped_mm``
+    through transformers' grouped matmul with one group (the same kernel as the model's, on a GPU too), the others
+    with ``F.linear`` (eager's own call; ``batched_mm`` rounds differently anyway, see the module's docstring)."""
+    if implementation != "grouped_mm":
+        return F.linear
+    try:
+        from transformers.integrations.moe import _grouped_linear
+    except ImportError:  # a transformers without it: F.linear (the same numbers on a CPU)
+        return F.linear
+
+    def grouped(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+        return _grouped_linear(x, w.unsqueeze(0), offs)
+
+    return grouped
+
+
 class SlotExperts(nn.Module):
     """Stands in for a block's experts module (same call); holds no weights, asks the :class:`ExpertOffload`."""
 
     def __init__(self, layer: int, owner: ExpertOffload, act_fn: nn.Module, implementation: str, dtype: torch.dtype):
         super().__init__()
         self.layer, self.act_fn, self.implementation, self.dtype = layer, act_fn, implementation, dtype
+        self.linear = linear_of(implementation)
         self.__dict__["owner"] = owner  # a plain reference, not a submodule
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -261,15 +293,24 @@ class OffloadedMoE(nn.Module):
 
 def offload_model(model: nn.Module, store: str | Path, slots_per_layer: int, *, eviction: EvictionPolicy | None = None,
                   predictor: Predictor | None = None, horizon: Horizon | None = None, io_threads: int = 1,
-                  odirect: bool | None = None, reuse_store: bool = False) -> ExpertOffload:
+                  odirect: bool | None = None, reuse_store: bool = False, backend: str = "cpu",
+                  copy_window: int = WINDOW, make_ops=None) -> ExpertOffload:
     """Offload ``model``'s routed experts in place; returns the :class:`ExpertOffload` (metrics, ``close``).
 
     ``store``: the packed expert file, written from the model's weights (or, with ``reuse_store``, an existing
     one, checked against the model's shapes: a missing, short or foreign file raises). ``slots_per_layer``:
-    RAM slots per MoE layer, 1 .. experts - 1. Policies default to LRU, no predictor, horizon 0.
-    ``odirect``: None = O_DIRECT where the filesystem allows it (else buffered reads with a warning)."""
+    slots per MoE layer, 1 .. experts - 1. Policies default to LRU, no predictor, horizon 0.
+    ``backend="cpu"``: RAM slots, ``io_threads`` I/O threads reading the file (``odirect``: None = O_DIRECT where
+    the filesystem allows it, else buffered reads with a warning). ``backend="cuda"``: GPU slots on the current
+    device, the experts in pinned host memory, ``io_threads`` copy streams with ``copy_window`` copies each
+    enqueued ahead; the caller moves the rest of the model to that device (offload first: the experts never go
+    there). ``make_ops(host, slots, streams)``: a device standing in for CUDA (tests)."""
     from policies.eviction.lru import LRU
 
+    if backend not in ("cpu", "cuda"):
+        raise OffloadError(f"backend: expected cpu or cuda, got {backend!r}")
+    if backend == "cuda" and make_ops is None:
+        require_cuda()  # before any work
     blocks = find_moe_blocks(model)
     layout = layout_of(blocks)
     capacities_for(layout.num_experts, "per_layer", slots_per_layer, None)  # fail before writing anything
@@ -280,12 +321,21 @@ def offload_model(model: nn.Module, store: str | Path, slots_per_layer: int, *, 
         check_store(store, layout)
     else:
         write_model_store(store, blocks, str(getattr(model.config, "_name_or_path", "") or model.config.model_type))
-    reader = ExpertReader(store, direct=odirect)
+    n_slots = sum(capacities_for(layout.num_experts, "per_layer", slots_per_layer, None))
+    if backend == "cuda":
+        fast = GpuSlots.build(Path(store), layout, n_slots, io_threads, copy_window, make_ops)
+    else:
+        reader = ExpertReader(store, direct=odirect)
+        try:
+            fast = DiskSlots(reader, n_slots, io_threads)
+        except BaseException:
+            reader.close()
+            raise
     try:
-        owner = ExpertOffload(layout, reader, slots_per_layer, top_k, eviction or LRU(), predictor or NoPredictor(),
-                              horizon or FixedHorizon(0), io_threads)
+        owner = ExpertOffload(layout, fast, slots_per_layer, top_k, eviction or LRU(), predictor or NoPredictor(),
+                              horizon or FixedHorizon(0))
     except BaseException:
-        reader.close()
+        fast.close()
         raise
     for layer, (name, block) in enumerate(blocks):
         parent, _, attr = name.rpartition(".")

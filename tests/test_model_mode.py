@@ -158,3 +158,14 @@ def test_cli_check_and_results(tmp_path, capsys):
     assert rc == 2 and "cache capacity" in capsys.readouterr().err
     text = parser().format_help()
     assert "--slots-per-layer" in text and "--check" in text and "results.json" in text
+
+
+def test_cli_batch_of_prompts_on_the_reference_model(tmp_path, capsys):
+    """Prompts of different lengths (a left-padded batch) on a checkpoint whose config asks for router logits:
+    transformers' auxiliary load-balancing loss fails on a padded batch, and inference does not need it."""
+    out = tmp_path / "run"
+    rc = cli_main(["--model", str(REF_MODEL), "--prompt", "def main():", "--prompt", "import torch as t", "--max-new-tokens",
+                   "2", "--slots-per-layer", "4", "--out", str(out), "--check"])
+    assert rc == 0, capsys.readouterr()
+    res = json.loads((out / "results.json").read_text())
+    assert res["check"]["passed"] and len(res["generated_ids"]) == 2
