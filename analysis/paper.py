@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from traces.cli import plain
 from traces.io import atomic_path
 
 from . import claims, paper_figs
@@ -174,7 +175,7 @@ def write_paper(df: pd.DataFrame, recall: pd.DataFrame | None, out_dir: Path, gr
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("paper", help="run the sweeps that test the ExpertFlow claims; write paper.json, paper.md, figures",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small grid on the reference model only (39 runs, about 1.5 minutes)")
     p.add_argument("--runs", type=Path, help="where the sweeps write (default multirun/paper[-quick])")
     p.add_argument("--out", type=Path, help="where paper.json, paper.md and figures go (default docs/paper, or RUNS/report with --quick)")

@@ -18,6 +18,7 @@ import pandas as pd
 
 from policies.base import Observation, PredictorContext
 from traces import read_trace
+from traces.cli import plain
 from traces.io import atomic_path
 
 from .errors import AnalysisError
@@ -91,7 +92,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predictors", help="recall of each predictor per layer distance and layer",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", type=Path, required=True, help="the split to score (e.g. data/reference-moe/test.parquet)")
     p.add_argument("--train", type=Path, required=True, help="the split learned predictors fit on")
     p.add_argument("--predictors", default=",".join(DEFAULT))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from traces.cli import plain
 from traces.io import atomic_path
 
 from . import validate_out as vout
@@ -203,7 +204,7 @@ def to_markdown(v: dict) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("validate", help="real executor vs profiled simulator, run for run",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", type=Path, help="trace file to replay (default: the small synthetic DeepSeek-V2-Lite trace)")
     p.add_argument("--scale", type=int, default=8, help="executor.scale: divide the model's widths by this")

@@ -17,13 +17,12 @@ import numpy as np
 
 from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.eviction.lru import LRU
-from policies.future import FutureIndex
+from policies.future import FutureIndex, step_keys
 from policies.horizons.fixed import FixedHorizon
 from policies.predictors.transition import TransitionPredictor
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from policies.schedulers.fifo import FIFOScheduler
 from replay.hardware import ComputeModel, CopyModel
-from replay.prepare import step_keys
 from replay.trace_source import synth_from_settings
 from sim.engine import replay
 from traces import split_by_sequence

@@ -1,7 +1,4 @@
-"""``python -m executor [hydra overrides]``: run a trace for real with the same config groups as ``python -m sim``.
-``python -m executor profile ...``: measure this machine's tier and compute for ``hardware=profiled``.
-``python -m executor model ...``: generate with a transformers MoE model whose experts are offloaded.
-``python -m executor router-bias ...``: measure what biasing the router toward cached experts does to the output."""
+"""``python -m executor [OVERRIDE ...]`` and its subcommands: the real executor (see :data:`USAGE`)."""
 
 from __future__ import annotations
 
@@ -16,6 +13,35 @@ from omegaconf import DictConfig
 from replay.run_dirs import register_resolvers
 
 log = logging.getLogger("executor")
+USAGE = """\
+usage: python -m executor [OVERRIDE ...]
+       python -m executor {profile,profile loop,model,router-bias,check} [-h] ...
+
+Run a routing trace for real with the simulator's configs: the trace's model shape scaled down by
+executor.scale, experts packed in a file on disk (or pinned host memory with executor.backend=cuda), the
+cache's slots in RAM (or on the GPU), copies on I/O threads, real compute. Writes results.json with the
+simulator's keys (run.driver = "executor"), measured, to outputs/<time>_<trace>_<cache>_<predictor>/.
+
+subcommands (each has its own -h):
+  profile       measure this machine's tier and compute for a model shape: the profile hardware=profiled reads
+  profile loop  the per-layer host cost of one policy's decision loop (hardware.compute.layer_overhead_s)
+  model         generate with a transformers MoE model whose experts are offloaded (model mode)
+  router-bias   what biasing the router toward cached experts does to the model's output
+  check         whether a backend (cpu, cuda) can run on this machine
+
+common overrides (as python -m sim; python -m sim --help lists them all):
+  trace=NAME | trace.path=FILE.parquet strategy=NAME cache=NAME cache.fraction=F predictor=NAME horizon=NAME
+  batch_size=B seed=S max_tokens=N hardware=profiled hardware.profile_path=PROFILE.json
+  executor.scale=N executor.io_threads=N executor.compute_threads=N executor.tier_dir=DIR
+  executor.odirect=auto|on|off executor.backend=cpu|cuda
+
+examples:
+  python -m executor trace=deepseek-synth trace.synth.tokens=100 executor.scale=16
+  python -m executor profile --model-preset deepseek-v2-lite --scale 8 -o profile.json
+  python -m executor model --help
+
+The config groups and every key follow.
+"""
 SUBCOMMANDS = {"profile": ".profile", "model": ".model_cli", "router-bias": ".router_bias", "check": ".check"}
 
 register_resolvers()  # before hydra composes the run and sweep folder names
@@ -43,6 +69,8 @@ def main() -> None:
     import importlib
 
     sub = sys.argv[1] if len(sys.argv) > 1 else ""
+    if sub in ("-h", "--help"):
+        print(USAGE)  # then hydra's own help: the config groups and the composed config
     if sub in SUBCOMMANDS:  # argparse tools; anything else is hydra overrides for a replay
         sys.exit(importlib.import_module(SUBCOMMANDS[sub], __package__).main(sys.argv[2:]))
     run()

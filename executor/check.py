@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from traces.cli import plain
+
 from .tier import TierError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m executor check", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m executor check", description=plain(__doc__))
     ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: disk tier -> RAM (always there); cuda: pinned host -> GPU (needs a CUDA device)")
     args = ap.parse_args(argv)

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from traces.cli import plain
+
 EVICTIONS = {"lru": "policies.eviction.lru:LRU", "lfu": "policies.eviction.lfu:LFU",
              "lfru": "policies.eviction.lfru:LFRU"}
 PREDICTORS = {"none": "policies.predictors.none:NoPredictor",
@@ -43,7 +45,7 @@ def _new(spec: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m executor model", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m executor model", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory, or a model type for a tiny random model")
     p.add_argument("--prompt", action="append", required=True,

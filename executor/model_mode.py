@@ -112,7 +112,9 @@ class ExpertOffload:
         # model runs its dense parts itself, so the loop's dense part is empty
         clock = WallClock()
         self.slot_compute = SlotCompute(self, clock)
-        self.driver = LayerDriver(self.runtime, clock, fast.copies(self.cache), self.slot_compute, self.L)
+        copies = fast.copies(self.cache)
+        copies.preload(sorted(self.cache.policy.pinned()))  # a pinning policy's experts, into their slots first
+        self.driver = LayerDriver(self.runtime, clock, copies, self.slot_compute, self.L)
         self.hooks: list = []  # removed by close()
 
     # ------------------------------------------------------------------------------------- one MoE layer

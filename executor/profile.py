@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from traces import TraceError, read_trace
+from traces.cli import plain
 from traces.io import atomic_path, safe_name
 from traces.presets import get_preset
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         from .profile_loop import loop_main
 
         return loop_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m executor profile", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m executor profile", description=plain(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", type=Path, help="take the model shape from this trace's metadata")

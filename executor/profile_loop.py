@@ -115,7 +115,7 @@ def profile_copy_cost(path: Path) -> float:
 def loop_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m executor profile loop",
                                  description="per-layer cost of a policy's decision loop (see python -m executor profile -h)")
-    ap.add_argument("--profile", type=Path, help="a profile from `executor profile`: adds its copy.main_thread_s per copy")
+    ap.add_argument("--profile", type=Path, help="a profile from python -m executor profile: adds its copy.main_thread_s per copy")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-o", "--output", type=Path, required=True)
     ap.add_argument("overrides", nargs="*", help="hydra overrides: trace, cache, predictor, horizon, ...")

@@ -27,6 +27,7 @@ import numpy as np
 from policies.base import CacheContext
 from policies.cache import ExpertCache, partitions_for
 from policies.eviction.lru import LRU
+from traces.cli import plain
 from traces.io import atomic_path
 
 
@@ -147,7 +148,7 @@ def measure(model, seqs: list[list[int]], biases: list[float], slots: int) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m executor router-bias", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m executor router-bias", description=plain(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="a local transformers MoE model directory")
     ap.add_argument("--trace", type=Path, required=True, help="a trace with token ids (its sequences are replayed)")

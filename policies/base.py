@@ -218,16 +218,6 @@ class Step:
     sequences: np.ndarray  # sequence ids in the batch (for latency accounting)
 
 
-def steps_by_size(steps: list) -> list[tuple[int, list[int], np.ndarray]]:
-    """The steps grouped by how many tokens they compute, for one numpy call per group: (tokens per step,
-    the steps' indices in ``steps``, their token indices as an int [steps, tokens] array)."""
-    by_size: dict[int, list[int]] = {}
-    for i, st in enumerate(steps):
-        by_size.setdefault(len(st.tokens), []).append(i)
-    return [(ntok, idx, np.stack([np.asarray(steps[i].tokens, dtype=np.int64) for i in idx]).reshape(len(idx), ntok))
-            for ntok, idx in by_size.items()]
-
-
 def top_scores(scores: np.ndarray, limit: int, min_score: float) -> list[int]:
     """Experts to prefetch from a score vector: best first, at most ``limit``, score >= ``min_score`` (> 0)."""
     if limit <= 0:

@@ -1,12 +1,16 @@
-"""Perfect knowledge of a replay's future, for clairvoyant policies (Belady, the oracle predictor) and the bounds:
-which layer-steps use each key (:class:`FutureIndex`), and the resident keys of a partition ordered by next use
+"""A replay's access stream and perfect knowledge of its future: the distinct keys every layer-step needs
+(:func:`step_keys`), which layer-steps use each key (:class:`FutureIndex`, for clairvoyant policies: Belady,
+the oracle predictor, the bounds), and the resident keys of a partition ordered by next use
 (:class:`FarthestNextUse`)."""
 
 from __future__ import annotations
 
 import bisect
+import gc
 import heapq
 from collections.abc import Callable
+from contextlib import contextmanager
+from itertools import repeat
 
 import numpy as np
 
@@ -37,6 +41,10 @@ class FutureIndex:
         i = bisect.bisect_left(u, now)
         return u[i] if i < len(u) else self.horizon
 
+    def uses_of(self, key: int) -> list[int]:
+        """The sorted layer-steps that use ``key`` (empty if none)."""
+        return self._uses.get(key, [])
+
 
 class FarthestNextUse:
     """The keys of one cache partition by next use, farthest first: the victim order of MIN-style rules
@@ -46,16 +54,28 @@ class FarthestNextUse:
     the first one strictly after ``now``. Every use of a resident key must be touched, so a key's recorded next
     use is still ``next_use(key, now + 1)`` when a victim is chosen later. A lazy max-heap: a touch pushes an
     entry, ``remove`` forgets the key, and stale entries are dropped when they reach the top. Ties of next use
-    go to the lowest key, or the highest with ``high_key_first``."""
+    go to the lowest key, or the highest with ``high_key_first``. A key's touches come at non-decreasing
+    layer-steps in any replay, so its next use is found by moving a cursor along its uses (each use is passed
+    once over the replay) rather than by a search per touch."""
 
     def __init__(self, future: FutureIndex, high_key_first: bool = False):
         self._future = future
         self._sign = -1 if high_key_first else 1
         self._next: dict[int, int] = {}  # resident key -> its next use
         self._heap: list[tuple[int, int, int]] = []  # (-next use, sign * key, key)
+        self._pos: dict[int, int] = {}  # key -> index of its first use after its last touch
 
     def touch(self, key: int, now: int) -> None:
-        nu = self._future.next_use(key, now + 1)
+        u = self._future.uses_of(key)
+        i = self._pos.get(key, 0)
+        if i and u[i - 1] > now:  # touched at an earlier layer-step than before: search instead
+            i = bisect.bisect_right(u, now)
+        else:
+            n = len(u)
+            while i < n and u[i] <= now:
+                i += 1
+        self._pos[key] = i
+        nu = u[i] if i < len(u) else self._future.horizon
         if self._next.get(key) != nu:
             self._next[key] = nu
             heapq.heappush(self._heap, (-nu, self._sign * key, key))
@@ -85,3 +105,74 @@ class FarthestNextUse:
         for entry in skipped:
             heapq.heappush(heap, entry)
         return found
+
+
+def steps_by_size(steps: list) -> list[tuple[int, list[int], np.ndarray]]:
+    """The steps grouped by how many tokens they compute, for one numpy call per group: (tokens per step,
+    the steps' indices in ``steps``, their token indices as an int [steps, tokens] array)."""
+    by_size: dict[int, list[int]] = {}
+    for i, st in enumerate(steps):
+        by_size.setdefault(len(st.tokens), []).append(i)
+    return [(ntok, idx, np.stack([np.asarray(steps[i].tokens, dtype=np.int64) for i in idx]).reshape(len(idx), ntok))
+            for ntok, idx in by_size.items()]
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic GC for a block that allocates containers by the hundred thousand (the replay loop,
+    the per-layer-step keys), none of them in reference cycles, so refcounting frees them. With the GC on,
+    its collections run every few hundred allocations and keep re-traversing the long-lived ones: 15% or more
+    of a replay, and most of building the keys. Resumed after (gc.freeze/unfreeze instead would leave the
+    next collections miscalibrated)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def step_keys(trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
+    """Per layer-step of the replay: the distinct keys (first-seen order) and their use counts. ``trace``: a
+    ``traces.Trace`` (its ``experts`` [T, L, K] and ``meta.num_layers`` are read); ``steps``: the scheduler's.
+
+    Steps with the same number of tokens are keyed in one numpy call. When each row's keys are distinct
+    (one token per step: a token's top-k experts are distinct), the use counts are ``dict.fromkeys(row, 1)``
+    and the distinct keys are the row itself (a view), so nothing runs per key in Python; other rows count
+    their keys one by one."""
+    with gc_paused():  # hundreds of thousands of small lists and dicts
+        return _step_keys(trace, steps, offsets)
+
+
+def _step_keys(trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
+    L = trace.meta.num_layers
+    K = trace.experts.shape[2]
+    needed: list = [None] * (len(steps) * L)
+    uses: list = [None] * (len(steps) * L)
+    off = np.asarray(offsets, dtype=np.int64)[:L]
+    for ntok, idx, tokens in steps_by_size(steps):
+        # [steps, L, ntok * K]: per layer, token by token, each token's experts in trace order
+        keys = trace.experts[tokens].astype(np.int64).transpose(0, 2, 1, 3).reshape(len(idx), L, ntok * K)
+        rows = (keys + off[None, :, None]).reshape(len(idx) * L, ntok * K)
+        rows.flags.writeable = False  # its rows are handed out as views
+        srt = np.sort(rows, axis=1)
+        distinct = (srt[:, 1:] != srt[:, :-1]).all(axis=1) if rows.shape[1] > 1 else np.ones(len(rows), bool)
+        pos = (np.asarray(idx, dtype=np.int64)[:, None] * L + np.arange(L)).ravel().tolist()
+        lists = rows.tolist()
+        if distinct.all():  # the common case, in C: one dict and one view per row
+            for p, u, view in zip(pos, map(dict.fromkeys, lists, repeat(1)), rows):
+                uses[p] = u
+                needed[p] = view
+            continue
+        for p, row, once, view in zip(pos, lists, distinct.tolist(), rows):
+            if once:
+                uses[p] = dict.fromkeys(row, 1)
+                needed[p] = view
+            else:
+                u: dict[int, int] = {}
+                for k in row:
+                    u[k] = u.get(k, 0) + 1
+                uses[p] = u
+                needed[p] = np.fromiter(u.keys(), dtype=np.int64, count=len(u))
+    return needed, uses

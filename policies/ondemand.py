@@ -10,24 +10,30 @@ from .runtime import PolicyRuntime
 
 
 def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | None = None,
-                    layer_hits: list[int] | None = None) -> tuple[int, int]:
+                    layer_hits: list[int] | None = None, uses: list[dict[int, int]] | None = None) -> tuple[int, int]:
     """Replay ``steps`` on demand; returns (hits, requests), requests counted as (token, expert) uses. The
     runtime's predictor must never predict (or its horizon be 0). If ``orders`` is a list, the compute order of
-    every layer-step is appended to it; ``layer_hits`` (one int per layer) gets each layer's hits added."""
+    every layer-step is appended to it; ``layer_hits`` (one int per layer) gets each layer's hits added;
+    ``uses[i]`` (key -> tokens at layer-step i) may be precomputed. As in the driver loop, a computed key is
+    released only while demands are deferred (else releasing only unprotects it, which nothing reads before the
+    next layer-step)."""
     L = runtime.cfg.num_layers
     max_ls = len(steps) * L - 1
     cache = runtime.cache
+    complete, deferred, begin_layer, release = cache.complete, runtime.deferred, runtime.begin_layer, runtime.release
     for si, step in enumerate(steps):
+        tokens = step.tokens
         for layer in range(L):
-            plan = runtime.begin_layer(si, layer, step.tokens, max_ls)
+            plan = begin_layer(si, layer, tokens, max_ls, uses[si * L + layer] if uses else None)
             for k in plan.demand:
-                cache.complete(k)
+                complete(k)
             if orders is not None:
                 orders.append(plan.order)
             if layer_hits is not None:
                 layer_hits[layer] += plan.use_counts[0]
-            for k in plan.order:
-                for s in runtime.release(k):
-                    cache.complete(s)
+            if deferred:
+                for k in plan.order:
+                    for s in release(k):
+                        complete(s)
     st = cache.stats
     return st.hits, st.hits + st.misses + st.late_hits

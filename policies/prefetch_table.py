@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .base import Predictor, steps_by_size, top_scores_rows
+from .base import Predictor, top_scores_rows
+from .future import steps_by_size
 
 
 class PrefetchTable:

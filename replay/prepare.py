@@ -3,39 +3,19 @@ the steps, key every layer-step, build the policies, the runtime and the hardwar
 
 from __future__ import annotations
 
-import gc
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 
-from policies.base import steps_by_size
 from policies.cache import ExpertCache, capacities_for, partitions_for
-from policies.future import FutureIndex
+from policies.future import FutureIndex, step_keys
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
 
 from .errors import RunConfigError
 from .hardware import build_models
 from .trace_source import resolve_trace
-
-
-@contextmanager
-def gc_paused():
-    """Pause the cyclic GC for a block that allocates containers by the hundred thousand (the replay loop,
-    the per-layer-step keys), none of them in reference cycles, so refcounting frees them. With the GC on,
-    its collections run every few hundred allocations and keep re-traversing the long-lived ones: 15% or more
-    of a replay, and most of building the keys. Resumed after (gc.freeze/unfreeze instead would leave the
-    next collections miscalibrated)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def instantiate(node, what: str):
@@ -46,50 +26,6 @@ def instantiate(node, what: str):
         return hy_instantiate(node["policy"])
     except Exception as exc:
         raise RunConfigError(f"{what}.policy: cannot instantiate {node['policy'].get('_target_')!r}: {exc}") from exc
-
-
-def step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
-    """Per layer-step of the replay: the distinct keys (first-seen order) and their use counts.
-
-    Steps with the same number of tokens are keyed in one numpy call. When each row's keys are distinct
-    (one token per step: a token's top-k experts are distinct), the use counts are ``dict.fromkeys(row, 1)``
-    and the distinct keys are the row itself (a view), so nothing runs per key in Python; other rows count
-    their keys one by one."""
-    with gc_paused():  # hundreds of thousands of small lists and dicts
-        return _step_keys(trace, steps, offsets)
-
-
-def _step_keys(trace: Trace, steps, offsets: np.ndarray) -> tuple[list[np.ndarray], list[dict[int, int]]]:
-    L = trace.meta.num_layers
-    K = trace.experts.shape[2]
-    needed: list = [None] * (len(steps) * L)
-    uses: list = [None] * (len(steps) * L)
-    off = np.asarray(offsets, dtype=np.int64)[:L]
-    for ntok, idx, tokens in steps_by_size(steps):
-        # [steps, L, ntok * K]: per layer, token by token, each token's experts in trace order
-        keys = trace.experts[tokens].astype(np.int64).transpose(0, 2, 1, 3).reshape(len(idx), L, ntok * K)
-        rows = (keys + off[None, :, None]).reshape(len(idx) * L, ntok * K)
-        rows.flags.writeable = False  # its rows are handed out as views
-        srt = np.sort(rows, axis=1)
-        distinct = (srt[:, 1:] != srt[:, :-1]).all(axis=1) if rows.shape[1] > 1 else np.ones(len(rows), bool)
-        pos = (np.asarray(idx, dtype=np.int64)[:, None] * L + np.arange(L)).ravel().tolist()
-        lists = rows.tolist()
-        if distinct.all():  # the common case, in C: one dict and one view per row
-            for p, u, view in zip(pos, map(dict.fromkeys, lists, repeat(1)), rows):
-                uses[p] = u
-                needed[p] = view
-            continue
-        for p, row, once, view in zip(pos, lists, distinct.tolist(), rows):
-            if once:
-                uses[p] = dict.fromkeys(row, 1)
-                needed[p] = view
-            else:
-                u: dict[int, int] = {}
-                for k in row:
-                    u[k] = u.get(k, 0) + 1
-                uses[p] = u
-                needed[p] = np.fromiter(u.keys(), dtype=np.int64, count=len(u))
-    return needed, uses
 
 
 @dataclass

@@ -110,16 +110,19 @@ def min_loads(cache: kc.CacheState) -> list[tuple[int, int, int | None]]:
 
 
 def hit_curves(experts: np.ndarray, num_experts: list[int], capacities, policies=("lru", "lfu", "belady"),
-               **params) -> dict[str, np.ndarray]:
+               steps: tuple[np.ndarray, np.ndarray] | None = None, **params) -> dict[str, np.ndarray]:
     """Hit uses per (capacity, layer), int64 [C, L], of each on-demand policy with per-layer caches of
     ``capacities`` slots, for ``experts`` int [T, L, K] replayed one token per step in trace order: the
     simulator's decisions (``sim.engine.replay`` at batch size 1 with no prefetch gives the same hits).
-    ``params``: the policies' parameters (``keep_counts``, ``half_life_steps``, ``window_steps``, ``defer``)."""
+    ``steps``: ``(step_ptr, step_tokens)`` (:func:`replay_kernels.keys.steps_csr`) to replay in a scheduler's
+    steps instead. ``params``: the policies' parameters (``keep_counts``, ``half_life_steps``, ``window_steps``,
+    ``defer``)."""
     T, L, _ = experts.shape
     offsets = np.zeros(L, dtype=np.int64)
     np.cumsum(np.asarray(num_experts[:-1], dtype=np.int64), out=offsets[1:])
     num_keys = int(sum(num_experts))
-    ptr, keys, counts = layer_step_keys(experts, offsets, np.arange(T + 1), np.arange(T), num_keys)
+    step_ptr, step_tokens = steps if steps is not None else (np.arange(T + 1), np.arange(T))
+    ptr, keys, counts = layer_step_keys(experts, offsets, step_ptr, step_tokens, num_keys)
     stream = pack_stream(ptr, keys, num_keys if "belady" in policies else None)  # shared by every cache
     part_of = np.repeat(np.arange(L, dtype=np.int64), num_experts)
     out = {}

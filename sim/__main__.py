@@ -1,11 +1,4 @@
-"""``python -m sim [overrides]``: replay a trace against policies (hydra; ``-m`` sweeps, ``--help`` lists groups).
-
-Examples::
-
-    python -m sim trace.path=TRACE.parquet cache=lru predictor=transition horizon=adaptive \
-        hardware=a100-pcie4 cache.fraction=0.5
-    python -m sim -m strategy=ondemand-lru,transition-fixed cache.fraction=0.25,0.5
-"""
+"""``python -m sim [-m] [OVERRIDE ...]``: the discrete-event simulator (hydra; see :data:`USAGE`)."""
 
 from __future__ import annotations
 
@@ -22,6 +15,34 @@ from replay.run_dirs import register_resolvers
 log = logging.getLogger("sim")
 
 register_resolvers()  # before hydra composes the run and sweep folder names
+
+USAGE = """\
+usage: python -m sim [-m] [OVERRIDE ...]
+
+Replay a routing trace against expert cache / prefetch / horizon / scheduling policies on a model of the
+hardware (discrete-event simulator), and bound it by Belady's MIN and a perfect-foresight prefetcher. Writes
+results.json and per_layer.parquet (chrome_trace.json with output.chrome_trace=true) to
+outputs/<time>_<trace>_<cache>_<predictor>/, or for a sweep (-m) to multirun/<time>/<job>_<overrides>/.
+
+common overrides (group=option, key=value):
+  trace=NAME | trace.path=FILE.parquet  the routing trace (default mixtral-synth; conf/trace)
+  strategy=NAME                        a cache + predictor + horizon bundle (conf/strategy)
+  cache=NAME cache.fraction=F          eviction policy and its size (or cache.slots=N, cache.scope=global)
+  predictor=NAME horizon=fixed|adaptive horizon.distance=D   prefetching
+  scheduler=fifo|route_grouping batch_size=B                 batching
+  hardware=NAME                        copy and compute models (conf/hardware; profiled: a measured profile)
+  seed=S max_tokens=N split.test_fraction=F output.chrome_trace=true bounds.cache_dir=null
+  -m KEY=A,B ...                       a sweep over every combination (multirun)
+  +experiment=smoke|demo               ready-made sweeps
+  --cfg job                            print the composed config and exit
+
+examples:
+  python -m sim trace=deepseek-synth strategy=transition-adaptive hardware=t4 cache.fraction=0.25
+  python -m sim -m strategy=ondemand-lru,transition-fixed cache.fraction=0.25,0.5
+  python -m sim -m +experiment=smoke
+
+The real executor runs the same configs: python -m executor --help. The config groups and every key follow.
+"""
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -41,5 +62,11 @@ def main(cfg: DictConfig) -> float | None:
     return res["stall_s"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(USAGE)  # then hydra's own help: the config groups and the composed config
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,11 +14,11 @@ from __future__ import annotations
 import simpy
 
 from policies.base import Step
+from policies.future import gc_paused
 from policies.runtime import PolicyRuntime
 from replay.channels import CopyChannels, make_channels
 from replay.driver import replay_steps
 from replay.hardware import ComputeModel, CopyModel
-from replay.prepare import gc_paused
 from replay.results import ReplayResult
 
 from .backends import ChannelCopies, ModelCompute, VirtualClock

@@ -1,7 +1,8 @@
 """Plain reference implementations of the eviction policies, for hit-for-hit checks.
 
 Deliberately naive: lists, dicts and linear scans, sharing no code with ``policies/``. ``ref_replay``
-replays a trace on demand with batch size 1 under the same driver semantics as the simulator:
+replays a trace on demand with batch size 1 under the one documented cache semantics (the simulator's, which
+``traces stats`` reports too: ``traces/cachesim.py``'s ``SEMANTICS`` and ``docs/architecture.md``):
 
 - time ``now = token * L + layer``; the needed keys of a (token, layer) are its experts, first-seen order;
 - every needed key is looked up first (a resident key is a hit and is touched, in needed order);

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from conftest import random_trace
 
-from policies.future import FutureIndex
+from policies.future import FutureIndex, step_keys
 from policies.schedulers.fifo import FIFOScheduler
-from replay.prepare import step_keys
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
 

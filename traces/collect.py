@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import plain
 from .io import read_trace, write_trace
 from .schema import PHASE_DECODE, PHASE_PREFILL, Trace, TraceError, TraceMeta
 from .shards import check_manifest, checkpoint_id, run_settings
@@ -287,7 +288,7 @@ def merge_shards(paths: list[Path], out: Path, hidden: bool, hidden_dtype=np.flo
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("collect", help="record routing from a local HF MoE model while it generates",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="local path of a transformers MoE causal LM")
     src.add_argument("--tiny-arch", help="a tiny random model of this model type (e.g. mixtral), for tests/demos")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import plain
 from .import_vllm import import_vllm
 from .io import check_trace, write_trace
 from .presets import get_preset, select_layers
@@ -219,7 +220,7 @@ def build_meta(args: argparse.Namespace, fmt: str) -> TraceMeta:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("import", help="convert routing recorded elsewhere into a trace",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", type=Path, metavar="SRC")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("-o", "--output", required=True, type=Path)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import plain
 from .collect import byte_tokens, collect
 from .io import atomic_dir, atomic_path
 
@@ -146,7 +147,7 @@ def build_reference(cfg: RefConfig, out_dir: Path) -> dict:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-ref", help="train the small reference MoE on stdlib source and record its routing",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=RefConfig.steps)
     p.add_argument("--seed", type=int, default=RefConfig.seed)
     p.add_argument("-o", "--out-dir", type=Path, default=Path("data/reference-moe"),

@@ -3,11 +3,11 @@
 ``python -m traces stats TRACE [--json] [--plot OUT.png]``
 
 All statistics are per layer and overall (the mean over layers). Adjacent-token overlap and reuse distance are
-measured within a sequence (pairs spanning two sequences are skipped); cache hit rates use the reference
-simulation in :mod:`traces.cachesim` (continuous stream over all sequences, see there). Popularity is the most
-used expert's share over the uniform share (``max_over_uniform``: ``per_layer`` and ``mean``/``min``/``max``)
-and the share the ``n`` most used experts take (``top_share``, n = each capacity). The synthetic presets'
-calibration (:mod:`traces.calibration`) reads its statistics from this JSON.
+measured within a sequence (pairs spanning two sequences are skipped); cache hit rates are the simulator's, computed
+with its policy objects by :mod:`traces.cachesim` (continuous stream over all sequences; ``traces stats --help``
+states the rule). Popularity is the most used expert's share over the uniform share (``max_over_uniform``:
+``per_layer`` and ``mean``/``min``/``max``) and the share the ``n`` most used experts take (``top_share``, n = each
+capacity). The synthetic presets' calibration (:mod:`traces.calibration`) reads its statistics from this JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cachesim import POLICIES, hit_rates, layer_next_use
+from .cachesim import POLICIES, SEMANTICS, hit_rates, layer_next_use
 from .io import atomic_path, read_trace
 from .schema import Trace
 
@@ -251,7 +251,8 @@ def plot_hit_rates(stats: dict, name: str, out: Path) -> Path:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``stats`` subcommand."""
-    p = subparsers.add_parser("stats", help="popularity, locality, reuse, cross-layer and cache hit-rate statistics")
+    p = subparsers.add_parser("stats", help="popularity, locality, reuse, cross-layer and cache hit-rate statistics",
+                              description=SEMANTICS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", type=Path, help="trace file (.parquet)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table (no plot)")
     p.add_argument("--plot", type=Path, help="hit-rate plot path (default: <trace stem>.stats.png beside the trace)")

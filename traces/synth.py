@@ -286,7 +286,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "synth", help="generate a synthetic routing trace (model presets; each says what it was fitted to)",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"presets (written into the trace's metadata `source`):\n{presets}",
+        epilog=f"presets (written into the trace's metadata field source):\n{presets}",
     )
     p.add_argument("--preset", choices=sorted(MODEL_PRESETS), help="model shape and its fitted or borrowed knobs")
     p.add_argument("--tokens", type=int, default=1000, help="total tokens (default 1000)")
