@@ -7,14 +7,15 @@ and after every wait), so the cache itself is only ever touched by the main thre
 
 from __future__ import annotations
 
-import heapq
 import time
 
 from policies.base import Step
+from policies.link_budget import DEMAND
 from policies.runtime import PolicyRuntime
 from replay.results import LayerStats, ReplayResult
 
 from .compute import LayerCompute
+from .link import MeasuredLink
 from .transfer import TransferEngine
 
 
@@ -40,7 +41,7 @@ def execute(
     L = num_layers
     max_ls = len(steps) * L - 1
     stats = LayerStats.zeros(L)
-    pending_prefetch: list[tuple[int, int]] = []
+    link = MeasuredLink(transfer)
     events: list = []
     stall_total = compute_total = 0.0
     step_s: list[float] = []
@@ -58,7 +59,7 @@ def execute(
         waited = 0.0
         while key in runtime.deferred:
             for k in runtime.retry_deferred():
-                submit(k, 0)
+                submit(k, DEMAND)
             if key in runtime.deferred:
                 waited += transfer.wait_any()
                 sync()
@@ -71,7 +72,7 @@ def execute(
     # their copies count in bytes_moved, not in the timed run.
     preload = sorted(cache.policy.pinned())
     for k in preload:
-        submit(k, 0)
+        submit(k, DEMAND)
     for k in preload:
         transfer.wait(k)
     transfer.landed()  # pinned keys were never in flight in the cache: nothing to mark
@@ -89,17 +90,12 @@ def execute(
             compute_total += dense
             sync()
             now = si * L + layer
-            plan = runtime.begin_layer(si, layer, step.tokens, max_ls, uses[now])
-            while pending_prefetch and pending_prefetch[0][0] <= now:
-                _, k = heapq.heappop(pending_prefetch)
-                if k not in plan.uses and transfer.cancel(k):
-                    runtime.cancel(k)
+            plan = runtime.begin_layer(si, layer, step.tokens, max_ls, uses[now], link)
             t2 = clock()
             for k in plan.demand:
-                submit(k, 0)
-            for k, target in plan.prefetch:
-                submit(k, 1 + target - now)
-                heapq.heappush(pending_prefetch, (target, k))
+                submit(k, DEMAND)
+            for k, _, prio in plan.prefetch:
+                submit(k, prio)
             for k in plan.needed:
                 if plan.outcome[k] == "late":
                     transfer.upgrade(k)
@@ -119,13 +115,14 @@ def execute(
                     events.append((t1 - t_run, dt, layer, k))
                 expert_s += dt
                 for s in runtime.release(k):
-                    submit(s, 0)
+                    submit(s, DEMAND)
                 release_s += clock() - t2
             t4 = clock()
             compute_total += expert_s
             stall_total += layer_stall
             demand_loads += stats.record(layer, plan, layer_stall)
             runtime.end_layer(dense + expert_s, layer_stall, transfer.bandwidth_bytes_per_s(), plan)
+            link.observe_layer(dense + expert_s)
             ph["end"] += clock() - t4
             ph["expert"] += expert_s
             ph["wait"] += layer_stall

@@ -30,7 +30,6 @@ it. The routing table grows by ``MoE layers x top-k`` ints per token for the lif
 
 from __future__ import annotations
 
-import heapq
 import time
 from pathlib import Path
 
@@ -42,9 +41,11 @@ from torch import nn
 from policies.base import EvictionPolicy, Horizon, Predictor
 from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.horizons.fixed import FixedHorizon
+from policies.link_budget import DEMAND
 from policies.predictors.none import NoPredictor
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 
+from .link import MeasuredLink
 from .model_store import OffloadError, check_store, find_moe_blocks, layout_of, write_model_store
 from .tier import ExpertReader, StoreLayout, aligned_buffer
 from .transfer import TransferEngine
@@ -77,7 +78,8 @@ class ExpertOffload:
     """The fast side of all offloaded blocks: slots, copies, the policy runtime and the metrics."""
 
     def __init__(self, layout: StoreLayout, reader: ExpertReader, slots_per_layer: int, top_k: int,
-                 eviction: EvictionPolicy, predictor: Predictor, horizon: Horizon, io_threads: int = 1):
+                 eviction: EvictionPolicy, predictor: Predictor, horizon: Horizon, io_threads: int = 1,
+                 link_budget: bool = True, admission: bool = True):
         ne = list(layout.num_experts)
         self.layout, self.reader, self.L = layout, reader, len(ne)
         caps = capacities_for(ne, "per_layer", slots_per_layer, None)
@@ -89,15 +91,15 @@ class ExpertOffload:
         # PolicyRuntime reads routing as experts[tokens, layer]: each pass appends its tokens and each layer writes
         # its router's choice before begin_layer, so the runtime sees what a replay of this generation shows it.
         self.routes, self.token_ids = _Growing((self.L, top_k)), _Growing(())
-        self.runtime = PolicyRuntime(self.cache, predictor, horizon, RuntimeConfig(self.L, ne, layout.stride_bytes),
-                                     self.routes, self.token_ids)
+        rcfg = RuntimeConfig(self.L, ne, layout.stride_bytes, link_budget=link_budget, admission=admission)
+        self.runtime = PolicyRuntime(self.cache, predictor, horizon, rcfg, self.routes, self.token_ids)
         self.slots_per_layer = slots_per_layer
         self._buf = aligned_buffer(sum(caps) * layout.stride_bytes)
         self.slots = torch.frombuffer(memoryview(self._buf), dtype=torch.float32)
         self.transfer = TransferEngine(reader, memoryview(self._buf), io_threads)
         self.step, self._last_layer = -1, self.L
         self._tokens = np.zeros(0, dtype=np.int64)
-        self._pending: list[tuple[int, int]] = []  # (target layer-step, key) of issued prefetches
+        self.link = MeasuredLink(self.transfer)  # what the runtime's link budget and prefetch review read
         self.next_token_ids: np.ndarray | None = None  # set by the embedding hook for the next forward pass
         self.requests = 0
         self.stall_s = self.expert_s = 0.0
@@ -117,7 +119,7 @@ class ExpertOffload:
         rt, waited = self.runtime, 0.0
         while key in rt.deferred:
             for k in rt.retry_deferred():
-                self._submit(k, 0)
+                self._submit(k, DEMAND)
             if key in rt.deferred:
                 waited += self.transfer.wait_any()
                 self._sync()
@@ -159,18 +161,12 @@ class ExpertOffload:
         tokens = self._begin_step_rows(layer, idx.shape[0])
         self.routes.a[tokens, layer] = idx
         self._sync()
-        now = self.step * self.L + layer
-        plan = rt.begin_layer(self.step, layer, tokens, NO_END)
+        plan = rt.begin_layer(self.step, layer, tokens, NO_END, link=self.link)
         self.requests += sum(plan.uses.values())
-        while self._pending and self._pending[0][0] <= now:  # prefetches whose target passed unused
-            _, k = heapq.heappop(self._pending)
-            if k not in plan.uses and tr.cancel(k):
-                rt.cancel(k)
         for k in plan.demand:
-            self._submit(k, 0)
-        for k, target in plan.prefetch:
-            self._submit(k, 1 + target - now)
-            heapq.heappush(self._pending, (target, k))
+            self._submit(k, DEMAND)
+        for k, _, prio in plan.prefetch:
+            self._submit(k, prio)
         for k in plan.needed:
             if plan.outcome[k] == "late":
                 tr.upgrade(k)
@@ -190,7 +186,7 @@ class ExpertOffload:
             out = F.linear(experts.act_fn(gate) * up, dn) * top_k_weights[tok_t, pos_t, None]
             outs[e] = (tok_t, pos_t, out)
             for s in rt.release(k):
-                self._submit(s, 0)
+                self._submit(s, DEMAND)
         if eager:
             y = torch.zeros_like(x)
             for e in sorted(outs):
@@ -206,6 +202,7 @@ class ExpertOffload:
         self.stall_s += stall
         self.expert_s += layer_s - stall
         rt.end_layer(layer_s - stall, stall, tr.bandwidth_bytes_per_s(), plan)
+        self.link.observe_layer(layer_s - stall)
         return y
 
     # ------------------------------------------------------------------------------------------ results
@@ -274,13 +271,16 @@ class OffloadedMoE(nn.Module):
 
 def offload_model(model: nn.Module, store: str | Path, slots_per_layer: int, *, eviction: EvictionPolicy | None = None,
                   predictor: Predictor | None = None, horizon: Horizon | None = None, io_threads: int = 1,
-                  odirect: bool | None = None, reuse_store: bool = False) -> ExpertOffload:
+                  odirect: bool | None = None, reuse_store: bool = False, link_budget: bool = True,
+                  admission: bool = True) -> ExpertOffload:
     """Offload ``model``'s routed experts in place; returns the :class:`ExpertOffload` (metrics, ``close``).
 
     ``store``: the packed expert file, written from the model's weights (or, with ``reuse_store``, an existing
     one, checked against the model's shapes: a missing, short or foreign file raises). ``slots_per_layer``:
     RAM slots per MoE layer, 1 .. experts - 1. Policies default to LRU, no predictor, horizon 0.
-    ``odirect``: None = O_DIRECT where the filesystem allows it (else buffered reads with a warning)."""
+    ``odirect``: None = O_DIRECT where the filesystem allows it (else buffered reads with a warning).
+    ``link_budget``: queue only prefetches that can land before their layer (:mod:`policies.link_budget`);
+    ``admission``: a prefetch evicts only a victim predicted less likely than it (:mod:`policies.admission`)."""
     from policies.eviction.lru import LRU
 
     blocks = find_moe_blocks(model)
@@ -296,7 +296,7 @@ def offload_model(model: nn.Module, store: str | Path, slots_per_layer: int, *, 
     reader = ExpertReader(store, direct=odirect)
     try:
         owner = ExpertOffload(layout, reader, slots_per_layer, top_k, eviction or LRU(), predictor or NoPredictor(),
-                              horizon or FixedHorizon(0), io_threads)
+                              horizon or FixedHorizon(0), io_threads, link_budget, admission)
     except BaseException:
         reader.close()
         raise

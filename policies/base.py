@@ -145,11 +145,14 @@ class HorizonFeedback:
     layer_compute_s: float  # compute time of the layer just finished
     stall_s: float  # time that layer waited for experts
     bandwidth_bytes_per_s: float  # recent achieved copy bandwidth (0 if no copy finished yet)
-    experts_needed: int  # distinct experts the layer used
+    experts_needed: int  # distinct experts the layer used that needed a copy: demand loads + prefetched for it
     prefetch_hits: int  # of those, how many were resident/in flight thanks to a prefetch
     prefetch_issued: int  # prefetches issued since the last feedback
     prefetch_wasted: int  # prefetched experts evicted unused since the last feedback
     late_hits: int = 0  # needed experts still in flight when the layer wanted them
+    misses: int = 0  # needed experts neither resident nor in flight (demand loads)
+    predicted: int = 0  # experts the predictor named for this layer-step one layer-step ahead that needed a copy
+    predicted_used: int = 0  # of those, how many this layer-step used (prefetched or not: known at distance 0 too)
 
 
 @dataclass
@@ -204,6 +207,8 @@ class Predictor(Protocol):
     # Observation.
     # Optional class attribute ``never_predicts = True``: ``predict`` always scores zero and ``observe`` does
     # nothing (on-demand loading), so the runtime asks neither.
+    # Optional class attribute ``clairvoyant = True``: the predictor reads the replay's FutureIndex (the oracle);
+    # its prefetches are then admitted on the exact scale (policies/admission.py) and never speculative.
 
 
 @runtime_checkable

@@ -5,8 +5,11 @@ policy it is MIN at the run's capacity (``replay.bounds``); ``traces stats`` dra
 
 from __future__ import annotations
 
-from .base import Step
-from .runtime import PolicyRuntime
+from .base import CacheContext, EvictionPolicy, Step
+from .cache import ExpertCache
+from .horizons.fixed import FixedHorizon
+from .predictors.none import NoPredictor
+from .runtime import PolicyRuntime, RuntimeConfig
 
 
 def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | None = None,
@@ -31,3 +34,13 @@ def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | No
                     cache.complete(s)
     st = cache.stats
     return st.hits, st.hits + st.misses + st.late_hits
+
+
+def ondemand_loads(policy: EvictionPolicy, ctx: CacheContext, cfg: RuntimeConfig, experts, token_ids,
+                   steps: list[Step]) -> list[tuple[int, int, int | None]]:
+    """The loads ``policy`` (a fresh instance) makes on demand over ``steps``, in order: (layer-step, key, victim
+    or None). What :class:`policies.clairvoyant.ClairvoyantLoads` plans a perfect-foresight run with."""
+    cache = ExpertCache(policy, ctx)
+    cache.load_log = []
+    ondemand_replay(steps, PolicyRuntime(cache, NoPredictor(), FixedHorizon(0), cfg, experts, token_ids))
+    return cache.load_log

@@ -13,6 +13,8 @@ import numpy as np
 
 from policies.base import FutureIndex, steps_by_size
 from policies.cache import ExpertCache, capacities_for, partitions_for
+from policies.clairvoyant import ClairvoyantLoads
+from policies.ondemand import ondemand_loads
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
 
@@ -155,15 +157,21 @@ def prepare(cfg) -> Prepared:
         meta.num_experts, partition_of, capacity, meta.top_k, meta.expert_bytes, int(cfg.batch_size), future,
         train=train, popularity=popularity, model_path=meta.model_path,
     )
+    pf = cfg.get("prefetch") or {}
     rcfg = RuntimeConfig(
         meta.num_layers, meta.num_experts, meta.expert_bytes,
         min_score=float(cfg.predictor.get("min_score", 0.05)), max_per_layer=cfg.predictor.get("max_per_layer"),
+        admission=bool(pf.get("admission", True)), link_budget=bool(pf.get("link_budget", True)),
+        speculative_below=float(pf.get("speculative_below", 0.5)),
     )
     predictor.reset(pctx)
     horizon.reset(hctx)
     hidden = test.hidden_states() if getattr(predictor, "needs_hidden", False) else None
     runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden,
-                            test.seq_id)
+                            test.seq_id, future=future)
+    if runtime.clairvoyant and rcfg.admission:  # perfect foresight of the eviction policy's own loads
+        loads = ondemand_loads(instantiate(cfg.cache, "cache"), cctx, rcfg, test.experts, test.token_id, steps)
+        runtime.use_loads(ClairvoyantLoads(loads, future))
     return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
                     runtime, copy_model, compute, plan_wall_s)
 

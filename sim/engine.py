@@ -9,15 +9,16 @@ the stall.
 
 from __future__ import annotations
 
-import heapq
 import time
 
 import simpy
 
 from policies.base import Step
+from policies.link_budget import DEMAND
 from policies.runtime import PolicyRuntime
 from replay.channels import CopyChannels, make_channels
 from replay.hardware import ComputeModel, CopyModel
+from replay.link import SimLink
 from replay.prepare import gc_paused
 from replay.results import LayerStats, LayerTally, ReplayResult
 
@@ -79,7 +80,7 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
     if uses is not None and fused and fused_applies(runtime, chan, log):
         return replay_fused(steps, runtime, chan, compute, L, uses, LayerTally(L), result)
     max_ls = len(steps) * L - 1
-    pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
+    link = SimLink(chan, compute, int(runtime.experts.shape[2]))
     t = 0.0
     stall_total = compute_total = 0.0
     demand_loads = 0
@@ -92,7 +93,6 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
     inflight = cache.inflight
     advance, submit = chan.advance, chan.submit
     queued, copying = chan.queued, chan.copying  # busy() is ``queued or copying``; read them directly per layer
-    heappush, heappop = heapq.heappush, heapq.heappop
 
     for si, step in enumerate(steps):
         t_step = t
@@ -105,20 +105,13 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
             compute_total += dense
             if queued or copying:
                 advance(t)
-            plan = runtime.begin_layer(si, layer, step.tokens, max_ls, uses[si * L + layer] if uses else None)
+            plan = runtime.begin_layer(si, layer, step.tokens, max_ls, uses[si * L + layer] if uses else None, link)
             if plan.demand or plan.prefetch:
                 advance(t)
-            now = plan.layer_step
-            # prefetches whose target layer has come and gone without starting: drop them
-            while pending_prefetch and pending_prefetch[0][0] <= now:
-                _, k = heappop(pending_prefetch)
-                if chan.is_queued(k) and k not in plan.uses and chan.cancel(k):
-                    runtime.cancel(k)
             for k in plan.demand:
-                submit(k, 0)
-            for k, target in plan.prefetch:
-                submit(k, 1 + target - now)
-                heappush(pending_prefetch, (target, k))
+                submit(k, DEMAND)
+            for k, _, prio in plan.prefetch:
+                submit(k, prio)
             for k in plan.late:
                 chan.upgrade(k)
             t_layer = t
@@ -154,7 +147,7 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
                     if started:
                         advance(t)
                         for s in started:
-                            submit(s, 0)
+                            submit(s, DEMAND)
             stall_total += layer_stall
             # LayerStats.record's sums, from the plan's counts
             h, lt, m = plan.use_counts

@@ -16,10 +16,11 @@ equal, float for float, to the general loop's on every policy family it accepts.
 
 from __future__ import annotations
 
-import heapq
 import time
 
+from policies.link_budget import DEMAND
 from policies.runtime import PolicyRuntime
+from replay.link import SimLink
 from replay.serial_channel import SerialChannel
 
 
@@ -36,6 +37,7 @@ def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
         and fixed
         and runtime._feedback is None
         and runtime._on_predict is None
+        and runtime.loads is None
         and runtime.cache.load_log is None
     )
 
@@ -62,7 +64,7 @@ def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
     while key in inflight or key in deferred:
         if not chan.has(key):  # deferred: no slot yet; wait for any copy to land, then retry
             for k in runtime.retry_deferred():
-                chan.submit(k, 0)
+                chan.submit(k, DEMAND)
             if key in deferred:
                 if not chan.busy():
                     raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
@@ -93,7 +95,8 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     tab = rt._table
     L = num_layers
     max_ls = len(steps) * L - 1
-    pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
+    link = SimLink(chan, compute, int(rt.experts.shape[2]))
+    pending = rt.pending
     t = 0.0
     stall_total = compute_total = 0.0
     demand_loads = 0
@@ -104,10 +107,11 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     deferred = rt.deferred
     advance, submit, upgrade, wait_until_landed = chan.advance, chan.submit, chan.upgrade, chan.wait_until_landed
     queued, copying = chan.queued, chan.copying
-    heappush, heappop = heapq.heappush, heapq.heappop
 
     K = int(rt.experts.shape[2])
     d = 0 if rt.silent else int(distance())  # constant: fused_applies requires a fixed distance
+    if not rt.silent:
+        rt.note_distance(0, d)
     e1 = expert_s[1] if len(expert_s) > 1 else 0.0
     quiet_uses = 0  # uses in quiet layers: all hits, added to the cache's stats at the end (nothing reads them before)
     for si, step in enumerate(steps):
@@ -146,16 +150,18 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
             # A quiet layer: every expert resident (not in flight, not an unused prefetch), every prediction
             # already present, no expired prefetch to drop. Then no copy starts and the experts just compute.
             if (quiet and present.issuperset(needed) and inflight.isdisjoint(needed)
-                    and (not pu or pu.isdisjoint(needed)) and (not pending_prefetch or pending_prefetch[0][0] > now)):
+                    and (not pu or pu.isdisjoint(needed)) and pending.review_at() > now):
                 on_hits(needed, now)
                 block = e1 * nuses if once else sum([expert_s[u[k]] for k in needed])  # hits_compute_s, inlined
                 t += block
                 compute_total += block
                 quiet_uses += nuses
                 continue
-            rt.now = now  # read by retry_deferred
+            rt.at(si, layer, step.tokens, len(needed))
             # PolicyRuntime.begin_layer's steps for a layer where something happens, without its LayerPlan
             hits, late, misses, (h, lt, m), rt._prefetch_hits = use_layer(needed, u, now, once)
+            if pending.review_at() <= now:
+                rt.review_prefetches(u, link)
             demand = []
             protected = bool(misses)  # rt.protected is read by the reservations and by release: built only then
             if misses:
@@ -167,19 +173,14 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                     if not protected:
                         rt.protected = set(needed)
                         protected = True
-                    rt.reserve_prefetches(chosen, now, now + ahead, prefetch, None)
+                    rt.reserve_prefetches(chosen, now, now + ahead, prefetch, None, link)
             # --- sim.engine._replay
             if demand or prefetch:
                 advance(t)
-            while pending_prefetch and pending_prefetch[0][0] <= now:
-                _, k = heappop(pending_prefetch)
-                if k in queued and k not in u and chan.cancel(k):
-                    rt.cancel(k)
             for k in demand:
-                submit(k, 0)
-            for k, target in prefetch:
-                submit(k, 1 + target - now)
-                heappush(pending_prefetch, (target, k))
+                submit(k, DEMAND)
+            for k, _, prio in prefetch:
+                submit(k, prio)
             for k in late:
                 upgrade(k)
             layer_stall = 0.0
@@ -206,7 +207,7 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
                     if started:
                         advance(t)
                         for s in started:
-                            submit(s, 0)
+                            submit(s, DEMAND)
             stall_total += layer_stall
             stall_l[layer] += layer_stall
             late_l[layer] += lt

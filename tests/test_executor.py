@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from executor.profile import fit_alpha_beta
 from executor.tier import HEADER_BYTES, ExpertReader, StoreLayout, TierError, aligned_buffer, write_store
 from executor.transfer import TransferEngine
+from policies.link_budget import prefetch_target
 from traces import write_trace
 
 LAYOUT = StoreLayout([4, 4], hidden=32, intermediate=48, seed=1)
@@ -165,6 +166,8 @@ class CopiesOnlyWhenWaited:
     key that layer does not use is still queued there: the loop must cancel it. ``now`` is the layer-step
     (counted by the fake compute's dense calls)."""
 
+    channels = 1  # LinkFacts: no copy time is ever measured here (copy_s None), so the link budget stays off
+
     def __init__(self):
         self.now, self.seq = -1, 0
         self.queued: dict[int, tuple[int, int]] = {}  # key -> (priority, seq)
@@ -180,8 +183,8 @@ class CopiesOnlyWhenWaited:
         self.seq += 1
         self.submitted += 1
         self.queued[key] = (priority, self.seq)
-        if priority:  # the loop queues a prefetch at priority 1 + target - now
-            self.prefetches.append((self.now + priority - 1, key))
+        if priority:  # a prefetch's priority names its target layer-step (policies.link_budget)
+            self.prefetches.append((prefetch_target(priority), key))
 
     def upgrade(self, key):
         if key in self.queued:
@@ -217,6 +220,12 @@ class CopiesOnlyWhenWaited:
 
     def bandwidth_bytes_per_s(self):
         return 1e9
+
+    def copy_s(self):
+        return None
+
+    def backlog_s(self, priority):
+        return 0.0
 
 
 class CountingCompute:

@@ -12,6 +12,8 @@ from . import target_layer
 
 
 class OraclePredictor:
+    clairvoyant = True  # reads the future: prefetches admitted on the exact scale (policies/admission.py)
+
     def __init__(self) -> None:
         self._future: FutureIndex | None = None
         self._num_experts: list[int] = []
