@@ -63,4 +63,5 @@ class ScoreAdmission:
         a_k = target - now
         if a_v < a_k:
             return False
-        return score(a_k, key) > score(a_v, victim)
+        p = score(a_k, key)
+        return p - score(a_v, victim) > 1.0 - p

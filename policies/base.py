@@ -153,6 +153,7 @@ class HorizonFeedback:
     misses: int = 0  # needed experts neither resident nor in flight (demand loads)
     predicted: int = 0  # experts the predictor named for this layer-step one layer-step ahead that needed a copy
     predicted_used: int = 0  # of those, how many this layer-step used (prefetched or not: known at distance 0 too)
+    prefetch_harm: int = 0  # experts loaded again now that a prefetch evicted within the last 2 x L layer-steps
 
 
 @dataclass

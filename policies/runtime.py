@@ -154,6 +154,10 @@ class PolicyRuntime:
         # adaptive horizon's precision signal): (target layer-step, keys)
         self._shadow: tuple[int, list[int]] = (-1, [])
         self._shadow_seen = (0, 0)  # (named, used) at the current layer-step
+        # experts a prefetch evicted -> that layer-step; one loaded again within two rounds of the layers counts
+        # as a copy the prefetch cost (``HorizonFeedback.prefetch_harm``)
+        self._victims: dict[int, int] = {}
+        self._harm = 0
 
     def set_schedule(self, steps: list) -> None:
         """Optional, before the first ``begin_layer``: the whole replay's steps. With a stateless predictor
@@ -214,6 +218,7 @@ class PolicyRuntime:
         self.protected = set(needed)
         hits, late, misses, counts, self._prefetch_hits = cache.use_layer(needed, uses, now)
         plan = LayerPlan(now, needed, uses, hits, late, misses, counts)
+        self._harm = self.count_reloads(misses) if self._victims else 0
         if link is not None and self.pending.review_at() <= now:
             self.review_prefetches(uses, link)
         if self._feedback is not None:
@@ -238,6 +243,15 @@ class PolicyRuntime:
         uses: the adaptive horizon's precision signal (kept also while the horizon is 0)."""
         target, keys = self._shadow
         self._shadow_seen = (len(keys), sum(1 for k in keys if k in uses)) if target == self.now else (0, 0)
+
+    def count_reloads(self, keys) -> int:
+        """How many of ``keys`` (loaded now) a prefetch evicted within the last two rounds of the layers."""
+        victims, window, n = self._victims, 2 * self.cfg.num_layers, 0
+        for k in keys:
+            t = victims.pop(k, None)
+            if t is not None and self.now - t <= window:
+                n += 1
+        return n
 
     def note_distance(self, now: int, d: int) -> None:
         if not self.horizon_trajectory or self.horizon_trajectory[-1][1] != d:
@@ -382,8 +396,12 @@ class PolicyRuntime:
             ok, ev = cache.reserve(key, now, keep, prefetch=True, admit=admit)
             if not ok:
                 break
-            if ev is not None and evicted is not None:
-                evicted.append(ev)
+            if self._victims:
+                self._harm += self.count_reloads((key,))
+            if ev is not None:
+                self._victims[ev] = now
+                if evicted is not None:
+                    evicted.append(ev)
             prefetch.append((key, target, prio))
             self._decided.append(prio)
             self.pending.add(key, target, prio, spec)
@@ -440,6 +458,7 @@ class PolicyRuntime:
                 prefetch_wasted=wasted - self._last_wasted,
                 late_hits=len(plan.late),
                 misses=len(plan.misses),
+                prefetch_harm=self._harm,
                 predicted=named,
                 predicted_used=used,
             ))

@@ -123,6 +123,9 @@ def results_dict(p, res: ReplayResult, expert_bytes: int, driver: str) -> dict:
         "tokens": int(sum(res.step_tokens)),
         # policy-specific counters (e.g. the expertflow cache's mispredictions); {} for most policies
         "policy_stats": dict(getattr(p.runtime.cache.policy, "policy_stats", dict)()),
+        # the prefetch distance over the run, run-length encoded: [layer-step, distance] at every change (null on
+        # demand: nothing is predicted)
+        "horizon_trajectory": [list(x) for x in p.runtime.horizon_trajectory] if not p.runtime.silent else None,
     }
 
 

@@ -10,8 +10,10 @@ from policies.horizons.adaptive import AdaptiveHorizon
 from policies.horizons.fixed import FixedHorizon
 
 
-def fb(stall_s=0.0, issued=0, wasted=0, late=0, compute_s=1e-3, bw=0.0, needed=2):
-    return HorizonFeedback(compute_s, stall_s, bw, needed, 0, issued, wasted, late)
+def fb(stall_s=0.0, issued=0, wasted=0, late=0, compute_s=1e-3, bw=0.0, needed=2, misses=None, predicted=0, used=0):
+    """A feedback; by default every needed expert was a demand miss (``misses`` = ``needed``)."""
+    misses = needed if misses is None else misses
+    return HorizonFeedback(compute_s, stall_s, bw, needed, 0, issued, wasted, late, misses, predicted, used)
 
 
 def test_adaptive_formula_hand_example():
@@ -30,9 +32,9 @@ def test_adaptive_formula_hand_example():
     assert h.base_distance() == 12 and h.distance() == 10
 
 
-def small_adaptive(**kw):
-    h = AdaptiveHorizon(min_distance=1, max_distance=4, prior_bandwidth_bytes_per_s=2e10, prior_layer_compute_s=1e-3,
-                        **kw)
+def small_adaptive(min_distance=1, **kw):
+    h = AdaptiveHorizon(min_distance=min_distance, max_distance=4, prior_bandwidth_bytes_per_s=2e10,
+                        prior_layer_compute_s=1e-3, **kw)
     h.reset(HorizonContext(num_layers=8, top_k=2, expert_bytes=10_000_000, batch_size=1, num_experts=[8] * 8))
     return h  # S = ceil(2e7 / 2e7) = 1
 
@@ -46,8 +48,11 @@ def test_adaptive_widens_on_stalls_and_stays_bounded():
         seen.append(h.distance())
     assert seen[0] == 2 and seen[1] == 3 and max(seen) == 4 and seen[-1] == 4
     h2 = small_adaptive()
-    h2.feedback(fb(late=1))
+    h2.feedback(fb(late=1, misses=0))
     assert h2.distance() == 2
+    h3 = small_adaptive()  # late hits that do not dominate the misses (and no stall): no reason to widen
+    h3.feedback(fb(late=1, misses=2))
+    assert h3.distance() == 1
 
 
 def test_adaptive_widen_on_late_ignores_demand_stalls():
@@ -56,7 +61,7 @@ def test_adaptive_widen_on_late_ignores_demand_stalls():
     for _ in range(5):
         h.feedback(fb(stall_s=1e-3, issued=2))
     assert h.distance() == 1
-    h.feedback(fb(stall_s=1e-3, issued=2, late=1))
+    h.feedback(fb(stall_s=1e-3, issued=2, late=2, misses=1))
     assert h.distance() == 2
     with pytest.raises(PolicyConfigError, match="widen_on"):
         AdaptiveHorizon(widen_on="sometimes")
@@ -86,3 +91,41 @@ def test_fixed_horizon():
     for bad in (-1, 1.5, True):
         with pytest.raises(PolicyConfigError):
             FixedHorizon(bad)
+
+
+def test_adaptive_counts_only_experts_that_needed_a_copy():
+    """S uses the experts a layer-step had to copy, not all it used: 2 copies of 10 MB at 20 GB/s over 1 ms of
+    compute is S = 1; the layer's 40 resident experts do not push it to the maximum."""
+    h = small_adaptive(min_distance=0)
+    h.feedback(fb(needed=2, compute_s=1e-3, bw=2e10))
+    assert h.base_distance() == 1
+    h.feedback(fb(needed=8, compute_s=1e-3, bw=2e10))  # EWMA 0.8 * 2 + 0.2 * 8 = 3.2 -> ceil(3.2 / 2) = 2
+    assert h.experts_per_layer == pytest.approx(3.2) and h.base_distance() == 2
+
+
+def test_adaptive_backs_off_to_on_demand_and_comes_back():
+    """Named experts that go unused (precision below min_precision) take the horizon down to 0; while it is 0
+    the runtime still reports what distance 1 would have named, and once that is used again it widens."""
+    h = small_adaptive(min_distance=0)
+    seen = []
+    for _ in range(8):
+        h.feedback(fb(stall_s=1e-3, predicted=4, used=1))  # 25% of what it names is used
+        seen.append(h.distance())
+    assert seen[-1] == 0 and all(a >= b for a, b in zip(seen, seen[1:]))
+    for _ in range(3):
+        h.feedback(fb(stall_s=0.0, predicted=0, misses=0))  # nothing named, nothing stalled: stays put
+    assert h.distance() == 0
+    back = []
+    for _ in range(12):
+        h.feedback(fb(stall_s=1e-3, predicted=4, used=4))  # now all of it would be used, and misses stall
+        back.append(h.distance())
+    assert back[-1] > 0 and h.precision > 0.5
+    with pytest.raises(PolicyConfigError, match="min_precision"):
+        AdaptiveHorizon(min_precision=1.5)
+
+
+def test_adaptive_waste_backs_off_to_zero_when_allowed():
+    h = small_adaptive(min_distance=0)
+    for _ in range(12):
+        h.feedback(fb(issued=2, wasted=2, misses=0))
+    assert h.distance() == 0
