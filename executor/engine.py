@@ -13,6 +13,7 @@ from policies.base import Step
 from policies.link_budget import DEMAND
 from policies.runtime import PolicyRuntime
 from replay.results import LayerStats, ReplayResult
+from replay.window import take_mark
 
 from .compute import LayerCompute
 from .link import MeasuredLink
@@ -28,12 +29,14 @@ def execute(
     uses: list[dict[int, int]],
     log: bool = False,
     phases: dict[str, float] | None = None,
+    warmup_steps: int = 0,
 ) -> ReplayResult:
     """Replay ``steps``; with ``phases`` (a dict), also add there the wall seconds the main thread spent in each
     part of the loop (instrumentation only: the decisions are the same with or without it):
     ``dense`` and ``expert`` compute, ``decide`` (landed copies + ``begin_layer`` + cancels), ``submit``
     (queueing copies), ``wait`` (the stall), ``release`` and ``end`` (stats + ``end_layer``), and the counts
-    ``layer_steps`` and ``expert_runs``. ``total_s - sum(parts)`` is loop overhead not in any part."""
+    ``layer_steps`` and ``expert_runs``. ``total_s - sum(parts)`` is loop overhead not in any part. The result's
+    ``mark`` holds the totals when step ``warmup_steps`` (the first measured one, :mod:`replay.window`) began."""
     cache = runtime.cache
     clock = time.perf_counter
     ph = {k: 0.0 for k in ("dense", "decide", "submit", "wait", "expert", "release", "end", "layer_steps",
@@ -79,7 +82,12 @@ def execute(
     first_record = len(transfer.records)
 
     t_run = clock()
+    mark = None
     for si, step in enumerate(steps):
+        if si == warmup_steps:
+            mark = take_mark(si, clock() - t_run, stall_total, compute_total, demand_loads, transfer.copies_started,
+                             transfer.bytes_started, cache.stats, stats.requests, stats.hits, stats.late_hits,
+                             stats.misses, stats.stall_s)
         t_step = clock()
         ntok = len(step.tokens)
         for layer in range(L):
@@ -139,5 +147,5 @@ def execute(
         step_phase=[s.phase for s in steps], step_tokens=[len(s.tokens) for s in steps],
         bytes_moved=transfer.bytes_started, copies=transfer.copies_started, demand_loads=demand_loads,
         layers=stats, wall_s=total, events=events, copy_records=transfer.records[first_record:],
-        preload_copies=len(preload),
+        preload_copies=len(preload), mark=mark,
     )

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from replay.bounds import belady_bounds, bounds
+from replay.bounds import add_bounds, belady_bounds, bounds
 from replay.hardware import load_profile
 from replay.outputs import write_outputs
 from replay.prepare import prepare
@@ -125,7 +125,8 @@ def execute_config(cfg, out_dir: Path) -> dict:
         closers = [transfer.close, reader.close]
     log = bool(cfg.output.get("chrome_trace", False))
     try:
-        res = execute(p.steps, p.runtime, transfer, compute, p.meta.num_layers, p.uses, log=log)
+        res = execute(p.steps, p.runtime, transfer, compute, p.meta.num_layers, p.uses, log=log,
+                      warmup_steps=p.warmup_steps)
     finally:
         for close in closers:
             close()
@@ -136,9 +137,10 @@ def execute_config(cfg, out_dir: Path) -> dict:
     )
     results["tier"] = ("disk-odirect" if reader.direct else "disk-buffered") if gpu is None else gpu.tier
     if models_this_run(cfg.hardware, layout.stride_bytes, results["tier"]):
-        results.update(bounds(p))
+        add_bounds(results, bounds(p))
     else:
-        results.update(belady_bounds(p), **dict.fromkeys(ORACLE_KEYS))
+        add_bounds(results, {**belady_bounds(p), **dict.fromkeys(ORACLE_KEYS)})
+        results["whole_run"].update(dict.fromkeys(ORACLE_KEYS))
         results["run"].update(hardware=f"local-{results['tier']}", bandwidth_gbps=None, copy_model=None)
     if gpu is not None:
         results["run"]["backend"] = "cuda"

@@ -13,14 +13,19 @@ from .runtime import PolicyRuntime, RuntimeConfig
 
 
 def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | None = None,
-                    layer_hits: list[int] | None = None) -> tuple[int, int]:
-    """Replay ``steps`` on demand; returns (hits, requests), requests counted as (token, expert) uses. The
-    runtime's predictor must never predict (or its horizon be 0). If ``orders`` is a list, the compute order of
-    every layer-step is appended to it; ``layer_hits`` (one int per layer) gets each layer's hits added."""
+                    layer_hits: list[int] | None = None, count_from: int = 0) -> tuple[int, int]:
+    """Replay ``steps`` on demand; returns (hits, requests) of the steps from ``count_from`` on, requests counted
+    as (token, expert) uses. The runtime's predictor must never predict (or its horizon be 0). If ``orders`` is a
+    list, the compute order of every layer-step is appended to it; ``layer_hits`` (one int per layer) gets each
+    layer's hits added (all steps)."""
     L = runtime.cfg.num_layers
     max_ls = len(steps) * L - 1
     cache = runtime.cache
+    st = cache.stats
+    base = (0, 0)
     for si, step in enumerate(steps):
+        if si == count_from:
+            base = (st.hits, st.hits + st.misses + st.late_hits)
         for layer in range(L):
             plan = runtime.begin_layer(si, layer, step.tokens, max_ls)
             for k in plan.demand:
@@ -32,8 +37,7 @@ def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | No
             for k in plan.order:
                 for s in runtime.release(k):
                     cache.complete(s)
-    st = cache.stats
-    return st.hits, st.hits + st.misses + st.late_hits
+    return st.hits - base[0], st.hits + st.misses + st.late_hits - base[1]
 
 
 def ondemand_loads(policy: EvictionPolicy, ctx: CacheContext, cfg: RuntimeConfig, experts, token_ids,

@@ -58,7 +58,7 @@ def bounds_digest(p) -> str:
     _feed(h, p.test.experts)
     _feed(h, [np.asarray(st.tokens, dtype=np.int64) for st in p.steps])
     _feed(h, [np.asarray(p.partition_of), list(p.capacity), p.copy_model, p.compute, int(p.copy_bytes),
-              int(p.meta.num_layers), list(p.rcfg.num_experts), int(p.rcfg.expert_bytes)])
+              int(p.meta.num_layers), list(p.rcfg.num_experts), int(p.rcfg.expert_bytes), int(p.warmup_steps)])
     return h.hexdigest()
 
 

@@ -149,14 +149,16 @@ def oracle_stall(
     window: int | None = None,
     simpy_channels: bool = False,
     resume_scan: bool = True,
-) -> float:
+    window_from: int | None = None,
+) -> float | tuple[float, float]:
     """Stall of one perfect-foresight schedule. ``uses[i]`` maps key -> tokens at layer-step i;
     ``min_loads`` (for ``conservative``) lists MIN's (layer-step, key, victim) in order, and ``orders`` MIN's
     compute order per layer-step, which the schedule then follows (so it only ever moves MIN's loads
     earlier); ``window`` bounds
     how far ahead ``aggressive`` looks (default: 4 steps' worth of layers). The copies run on the direct
     :class:`~replay.serial_channel.SerialChannel` where it applies (``simpy_channels`` forces SimPy's: same result);
-    ``resume_scan=False`` rescans the aggressive window from ``now`` every time (same result, slower)."""
+    ``resume_scan=False`` rescans the aggressive window from ``now`` every time (same result, slower). With
+    ``window_from`` (a layer-step) it returns (the whole replay's stall, the stall from that layer-step on)."""
     L = num_layers
     st = _OracleState(future, partition_of, capacity, copy_model.channels)
     if schedule == "aggressive":
@@ -178,12 +180,15 @@ def oracle_stall(
         chan = make_channels(copy_model, expert_bytes, landed)
     st.submit = lambda key: chan.submit(key, 0)
     t = stall = 0.0
+    stall_before = 0.0  # the stall when layer-step ``window_from`` began
     dense_memo: dict[int, float] = {}
     for si, step in enumerate(steps):
         n = len(step.tokens)
         dense = dense_memo.setdefault(n, compute.dense_time_s(n))
         for layer in range(L):
             i = si * L + layer
+            if i == window_from:
+                stall_before = stall
             t += dense
             st.now = i
             st.protected = set(uses[i])
@@ -215,4 +220,4 @@ def oracle_stall(
                 remaining.discard(key)
                 st.protected.discard(key)
                 st.computed(key, i)
-    return stall
+    return stall if window_from is None else (stall, stall - stall_before)

@@ -10,6 +10,7 @@ import pandas as pd
 from traces.io import atomic_path
 
 from .results import ReplayResult
+from .window import window_layers
 
 
 def write_json(path: Path, obj) -> None:
@@ -18,7 +19,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def per_layer_frame(res: ReplayResult) -> pd.DataFrame:
-    ls = res.layers
+    """Per-layer figures of the measured window (after the warm-up, as results.json's top level)."""
+    ls = window_layers(res)
     df = pd.DataFrame(
         {
             "layer": range(len(ls.requests)),

@@ -21,6 +21,7 @@ from traces import Trace, TraceError, split_by_sequence
 from .errors import RunConfigError
 from .hardware import build_models
 from .trace_source import resolve_trace
+from .window import warmup_steps
 
 
 @contextmanager
@@ -113,6 +114,8 @@ class Prepared:
     copy_model: object
     compute: object
     plan_wall_s: float
+    warmup_tokens: int = 0  # tokens replayed first but not counted (replay/window.py)
+    warmup_steps: int = 0  # the steps they fill: the measured window starts at this step
 
     @property
     def copy_bytes(self) -> int:
@@ -150,6 +153,7 @@ def prepare(cfg) -> Prepared:
     t_plan = time.perf_counter()
     steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), routes)
     plan_wall_s = time.perf_counter() - t_plan
+    warm_tokens, warm_steps = warmup_steps(steps, cfg.get("warmup_tokens"))
     needed, uses = step_keys(test, steps, meta.layer_offsets)
     future = FutureIndex(needed)
     popularity = np.bincount(train.flat_ids().ravel(), minlength=meta.total_experts).astype(float)
@@ -173,7 +177,7 @@ def prepare(cfg) -> Prepared:
         loads = ondemand_loads(instantiate(cfg.cache, "cache"), cctx, rcfg, test.experts, test.token_id, steps)
         runtime.use_loads(ClairvoyantLoads(loads, future))
     return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
-                    runtime, copy_model, compute, plan_wall_s)
+                    runtime, copy_model, compute, plan_wall_s, warm_tokens, warm_steps)
 
 
 def predicted_routes(trace: Trace, source: str) -> np.ndarray:

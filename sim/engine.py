@@ -21,6 +21,7 @@ from replay.hardware import ComputeModel, CopyModel
 from replay.link import SimLink
 from replay.prepare import gc_paused
 from replay.results import LayerStats, LayerTally, ReplayResult
+from replay.window import take_mark
 
 from .fused import expert_times_s, fused_applies, hits_compute_s, replay_fused, wait_ready
 
@@ -36,16 +37,20 @@ def replay(
     uses: list[dict[int, int]] | None = None,
     simpy_channels: bool = False,
     fused: bool = True,
+    warmup_steps: int = 0,
 ) -> ReplayResult:
     """Replay ``steps`` through ``runtime``; ``uses[i]`` (key -> tokens at layer-step i) may be precomputed.
     ``simpy_channels`` forces the SimPy copy channels even where the direct :class:`SerialChannel` applies
     (the two give identical results, float for float); ``fused=False`` forces this module's general loop where
-    :mod:`sim.fused`'s would apply (identical results too)."""
+    :mod:`sim.fused`'s would apply (identical results too). The result's ``mark`` holds the totals when step
+    ``warmup_steps`` (the first measured one, :mod:`replay.window`) began."""
     with gc_paused():
-        return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused)
+        return _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused,
+                       warmup_steps)
 
 
-def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused) -> ReplayResult:
+def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, uses, simpy_channels, fused,
+            warm) -> ReplayResult:
     wall0 = time.perf_counter()
     cache = runtime.cache
     if simpy_channels:
@@ -55,10 +60,15 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
     runtime.set_schedule(steps)  # lets a stateless predictor score many layer-steps in one numpy call
     L = num_layers
 
-    def result(t, stall_total, compute_total, step_s, demand_loads, tally, wall_s) -> ReplayResult:
+    pinned = len(cache.policy.pinned())
+
+    def mark_now(si, t, stall_total, compute_total, demand_loads, requests, hits, late, misses, stall_l):
+        return take_mark(si, t, stall_total, compute_total, demand_loads, chan.copies_started + pinned,
+                         chan.bytes_started + pinned * expert_bytes, cache.stats, requests, hits, late, misses, stall_l)
+
+    def result(t, stall_total, compute_total, step_s, demand_loads, tally, wall_s, mark) -> ReplayResult:
         stats = LayerStats.zeros(L)
         stats.absorb(tally)
-        pinned = len(cache.policy.pinned())
         return ReplayResult(
             total_s=t,
             stall_s=stall_total,
@@ -74,11 +84,12 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
             wall_s=wall_s,
             events=events,
             copy_records=chan.records,
+            mark=mark,
         )
 
     events: list = []
     if uses is not None and fused and fused_applies(runtime, chan, log):
-        return replay_fused(steps, runtime, chan, compute, L, uses, LayerTally(L), result)
+        return replay_fused(steps, runtime, chan, compute, L, uses, LayerTally(L), result, warm, mark_now)
     max_ls = len(steps) * L - 1
     link = SimLink(chan, compute, int(runtime.experts.shape[2]))
     t = 0.0
@@ -94,7 +105,10 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
     advance, submit = chan.advance, chan.submit
     queued, copying = chan.queued, chan.copying  # busy() is ``queued or copying``; read them directly per layer
 
+    mark = None
     for si, step in enumerate(steps):
+        if si == warm:
+            mark = mark_now(si, t, stall_total, compute_total, demand_loads, req_l, hit_l, late_l, miss_l, stall_l)
         t_step = t
         ntok = len(step.tokens)
         dense = dense_cache.get(ntok)
@@ -159,4 +173,4 @@ def _replay(steps, runtime, copy_model, compute, expert_bytes, num_layers, log, 
             demand_loads += len(plan.misses)
             runtime.end_layer(t - t_layer - layer_stall + dense, layer_stall, chan.bw_ewma_bytes_per_s, plan)
         step_s.append(t - t_step)
-    return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0)
+    return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0, mark)

@@ -74,10 +74,11 @@ def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
     return chan.now if chan.now > t else t
 
 
-def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, num_layers: int, uses, tally, result):
+def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, num_layers: int, uses, tally, result,
+                 warm: int = 0, mark_now=None):
     """Replay ``steps`` (``uses[i]``: key -> tokens at layer-step i, required) into ``tally`` (an empty
     :class:`~replay.results.LayerTally`); ``result`` builds the :class:`~replay.results.ReplayResult` from the totals
-    (the engine's, passed in so there is one)."""
+    and ``mark_now`` the window mark when step ``warm`` begins (the engine's, passed in so there is one)."""
     wall0 = time.perf_counter()
     rt = runtime
     cache = rt.cache
@@ -114,7 +115,16 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
         rt.note_distance(0, d)
     e1 = expert_s[1] if len(expert_s) > 1 else 0.0
     quiet_uses = 0  # uses in quiet layers: all hits, added to the cache's stats at the end (nothing reads them before)
+    mark = None
+    done_uses = 0  # (token, expert) uses per layer in the steps replayed so far
     for si, step in enumerate(steps):
+        if si == warm and mark_now is not None:  # the per-layer requests and hits this loop only sums at the end
+            stats.hits += quiet_uses
+            quiet_uses = 0
+            hits_l = [done_uses - lt - m for lt, m in zip(late_l, miss_l)]
+            mark = mark_now(si, t, stall_total, compute_total, demand_loads, [done_uses] * L, hits_l, late_l, miss_l,
+                            stall_l)
+        done_uses += K * len(step.tokens)
         t_step = t
         ntok = len(step.tokens)
         nuses = ntok * K  # (token, expert) uses per layer-step: every token routes to K experts
@@ -223,4 +233,4 @@ def replay_fused(steps, runtime: PolicyRuntime, chan: SerialChannel, compute, nu
     rt.now = max_ls
     rt._last_issued = rt.prefetch_issued  # PolicyRuntime.end_layer's bookkeeping, once (no feedback reads it)
     rt._last_wasted = stats.prefetch_wasted
-    return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0)
+    return result(t, stall_total, compute_total, step_s, demand_loads, tally, time.perf_counter() - wall0, mark)

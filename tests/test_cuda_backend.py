@@ -267,7 +267,7 @@ def test_replay_loop_drives_the_cuda_engine_unchanged(tmp_path, cache, predictor
     eng = CudaTransferEngine(CpuCopyDevice(host, slots), streams=2, window=2)
     compute = LayerCompute(layout, memoryview(slots.numpy()).cast("B"))
     try:
-        res = execute(p.steps, p.runtime, eng, compute, p.meta.num_layers, p.uses)
+        res = execute(p.steps, p.runtime, eng, compute, p.meta.num_layers, p.uses, warmup_steps=p.warmup_steps)
     finally:
         eng.close()
     real = results_dict(p, res, layout.stride_bytes, "executor")
