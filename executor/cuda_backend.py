@@ -204,6 +204,13 @@ class CudaTransferEngine:
         with self._cv:
             return self.sched.backlog_s(priority)
 
+    def busy_share(self) -> float:
+        """The device-timed copies' duration over the time elapsed and the streams (0..1)."""
+        with self._cv:
+            busy = sum(r.end_s - r.start_s for r in self.sched.records)
+        now = self.now()
+        return min(1.0, busy / (now * self.channels)) if now > 0 else 0.0
+
     def bandwidth_bytes_per_s(self, last: int = 8) -> float:
         recs = self.sched.records[-last:]
         busy = sum(r.end_s - r.start_s for r in recs)

@@ -32,3 +32,6 @@ class MeasuredLink:
 
     def cancel(self, key: int) -> bool:
         return self.transfer.cancel(key)
+
+    def busy_share(self) -> float:
+        return self.transfer.busy_share()

@@ -57,6 +57,9 @@ class InstantTransfer:
     def backlog_s(self, priority: int) -> float:
         return 0.0
 
+    def busy_share(self) -> float:
+        return 0.0
+
 
 class NullCompute:
     """A compute engine that does nothing: with InstantTransfer, what remains of a replay is the loop's own cost."""

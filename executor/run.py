@@ -58,7 +58,7 @@ def check_memory(nbytes: int, avail: int | None = None) -> None:
         )
 
 
-ORACLE_KEYS = ("oracle_stall_s", "oracle_aggressive_stall_s", "oracle_conservative_stall_s")
+ORACLE_KEYS = ("oracle_stall_s", "oracle_aggressive_stall_s", "oracle_conservative_stall_s", "oracle_preloaded_stall_s")
 
 
 def models_this_run(hw, expert_bytes: int, tier: str) -> bool:

@@ -181,6 +181,13 @@ class TransferEngine:
             n = sum(1 for q in self._queued.values() if q[0] <= priority)
             return n * c + sum(max(0.0, c - (now - s)) for s in self._copying.values())
 
+    def busy_share(self) -> float:
+        """The measured copies' duration over the time elapsed and the threads (0..1)."""
+        with self._cv:
+            now = self.now()
+            busy = sum(r.end_s - r.start_s for r in self.records)
+        return min(1.0, busy / (now * self.channels)) if now > 0 else 0.0
+
     def bandwidth_bytes_per_s(self, last: int = 8) -> float:
         """Achieved bandwidth over the most recent copies (bytes over their summed durations)."""
         recs = self.records[-last:]

@@ -86,6 +86,10 @@ class LinkFacts(Protocol):
         """Drop ``key``'s queued copy; False if it has started (it will land) or is not queued."""
         ...
 
+    def busy_share(self) -> float:
+        """The share of the run so far the link spent copying (0..1; 0 before any copy)."""
+        ...
+
 
 def late_allowance(p: float) -> float:
     """How late (in copies) a prefetch of predicted probability ``p`` may land after its target starts."""

@@ -93,6 +93,7 @@ class RuntimeConfig:
     admission: bool = True  # a prefetch evicts only a victim worth less than it (policies/admission.py)
     link_budget: bool = True  # queue no prefetch that cannot land before its target (policies/link_budget.py)
     speculative_below: float = 0.5  # prefetches scoring below this go to the low-priority, cancellable class
+    admission_margin: float = 0.1  # predicted probabilities closer than this do not justify a swap (admission.py)
 
 
 class PolicyRuntime:
@@ -137,7 +138,8 @@ class PolicyRuntime:
         if cfg.admission and not self.silent:
             if self.clairvoyant and future is None:
                 raise PolicyConfigError("admission: a clairvoyant predictor needs the replay's FutureIndex (future)")
-            self._admission = ExactAdmission(future) if self.clairvoyant else ScoreAdmission(list(cfg.num_experts))
+            self._admission = (ExactAdmission(future) if self.clairvoyant
+                               else ScoreAdmission(list(cfg.num_experts), cfg.admission_margin))
         # a clairvoyant predictor's prefetches: the eviction policy's own on-demand loads, started early
         # (policies/clairvoyant.py; set with use_loads, else the predictor's choices judged by ExactAdmission)
         self.loads: ClairvoyantLoads | None = None
@@ -380,6 +382,7 @@ class PolicyRuntime:
         keep = None
         ahead = target - now
         budget = link is not None and cfg.link_budget
+        busy = 1.0 if link is None else link.busy_share()
         for key in chosen:
             if key in present:
                 continue
@@ -392,7 +395,7 @@ class PolicyRuntime:
                     break
             if keep is None:
                 keep = self.protected | set(chosen) | cache.prefetched_unused
-            admit = None if self._admission is None else partial(self._admits, key=key, target=target)
+            admit = None if self._admission is None else partial(self._admits, key=key, target=target, busy=busy)
             ok, ev = cache.reserve(key, now, keep, prefetch=True, admit=admit)
             if not ok:
                 break
@@ -407,8 +410,8 @@ class PolicyRuntime:
             self.pending.add(key, target, prio, spec)
             self.prefetch_issued += 1
 
-    def _admits(self, victim: int, key: int, target: int) -> bool:
-        return self._admission.admits(victim, key, target, self.now, self.score)
+    def _admits(self, victim: int, key: int, target: int, busy: float) -> bool:
+        return self._admission.admits(victim, key, target, self.now, self.score, busy)
 
     def limit(self, target_layer: int, ntok: int) -> int:
         """Prefetches per target layer: ``max_per_layer``, by default no more than the batch can use (k per

@@ -37,6 +37,7 @@ class CopyQueue:
         self.records: list[CopyRecord] | None = [] if log else None
         self.bytes_started = 0
         self.copies_started = 0
+        self.busy_s = 0.0  # seconds copies spent on the link, summed over the copies that landed
         self.bw_ewma_bytes_per_s = 0.0
         self._seq = 0
 
@@ -94,6 +95,7 @@ class CopyQueue:
     def _landed(self, key: int, prio: int, start_s: float, end: float) -> None:
         self.copying.discard(key)
         self.started_s.pop(key, None)
+        self.busy_s += end - start_s
         if end > start_s:
             rate = self.expert_bytes / (end - start_s)
             self.bw_ewma_bytes_per_s = rate if not self.bw_ewma_bytes_per_s else 0.8 * self.bw_ewma_bytes_per_s + 0.2 * rate

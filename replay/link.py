@@ -43,3 +43,8 @@ class SimLink:
 
     def cancel(self, key: int) -> bool:
         return self.chan.cancel(key)
+
+    def busy_share(self) -> float:
+        """Landed copies' link time over the time elapsed (for several channels, over channels x time)."""
+        now = self.chan.now
+        return min(1.0, self.chan.busy_s / (now * self.channels)) if now > 0 else 0.0

@@ -167,6 +167,7 @@ def prepare(cfg) -> Prepared:
         min_score=float(cfg.predictor.get("min_score", 0.05)), max_per_layer=cfg.predictor.get("max_per_layer"),
         admission=bool(pf.get("admission", True)), link_budget=bool(pf.get("link_budget", True)),
         speculative_below=float(pf.get("speculative_below", 0.5)),
+        admission_margin=float(pf.get("admission_margin", 0.1)),
     )
     predictor.reset(pctx)
     horizon.reset(hctx)

@@ -227,6 +227,9 @@ class CopiesOnlyWhenWaited:
     def backlog_s(self, priority):
         return 0.0
 
+    def busy_share(self):
+        return 0.0
+
 
 class CountingCompute:
     def __init__(self, transfer):

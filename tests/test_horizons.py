@@ -18,7 +18,7 @@ def fb(stall_s=0.0, issued=0, wasted=0, late=0, compute_s=1e-3, bw=0.0, needed=2
 
 def test_adaptive_formula_hand_example():
     h = AdaptiveHorizon(min_distance=0, max_distance=10, prior_bandwidth_bytes_per_s=1e10,
-                        prior_layer_compute_s=1e-3)
+                        prior_layer_compute_s=1e-3, prior_precision=1.0)
     # N_e = min(top_k * batch, mean E) = min(2 * 1, 8) = 2; S = ceil(2 * 10 MB / (10 GB/s * 1 ms)) = 2
     h.reset(HorizonContext(num_layers=4, top_k=2, expert_bytes=10_000_000, batch_size=1, num_experts=[8] * 4))
     assert h.base_distance() == 2 and h.distance() == 2
@@ -32,9 +32,10 @@ def test_adaptive_formula_hand_example():
     assert h.base_distance() == 12 and h.distance() == 10
 
 
-def small_adaptive(min_distance=1, **kw):
+def small_adaptive(min_distance=1, prior_precision=1.0, **kw):
+    """S = 1 from the priors; the predictor trusted until feedback says otherwise (``prior_precision``)."""
     h = AdaptiveHorizon(min_distance=min_distance, max_distance=4, prior_bandwidth_bytes_per_s=2e10,
-                        prior_layer_compute_s=1e-3, **kw)
+                        prior_layer_compute_s=1e-3, prior_precision=prior_precision, **kw)
     h.reset(HorizonContext(num_layers=8, top_k=2, expert_bytes=10_000_000, batch_size=1, num_experts=[8] * 8))
     return h  # S = ceil(2e7 / 2e7) = 1
 
@@ -111,9 +112,9 @@ def test_adaptive_backs_off_to_on_demand_and_comes_back():
     for _ in range(8):
         h.feedback(fb(stall_s=1e-3, predicted=4, used=1))  # 25% of what it names is used
         seen.append(h.distance())
-    assert seen[-1] == 0 and all(a >= b for a, b in zip(seen, seen[1:]))
+    assert seen[-3:] == [0, 0, 0] and max(seen) > 0  # trusted at first (prior 1), off once the evidence is in
     for _ in range(3):
-        h.feedback(fb(stall_s=0.0, predicted=0, misses=0))  # nothing named, nothing stalled: stays put
+        h.feedback(fb(stall_s=1e-3, predicted=0))  # nothing named: no evidence either way, stays put
     assert h.distance() == 0
     back = []
     for _ in range(12):
@@ -129,3 +130,30 @@ def test_adaptive_waste_backs_off_to_zero_when_allowed():
     for _ in range(12):
         h.feedback(fb(issued=2, wasted=2, misses=0))
     assert h.distance() == 0
+
+
+def test_adaptive_starts_off_until_the_precision_is_known():
+    """By default (prior_precision 0) nothing is prefetched until what the predictor names has been seen used."""
+    h = small_adaptive(min_distance=0, prior_precision=0.0)
+    assert h.distance() == 0
+    on = []
+    for _ in range(6):
+        h.feedback(fb(stall_s=0.0, misses=0, compute_s=1e-3, predicted=2, used=2))
+        on.append(h.distance() > 0)
+    assert on[0] is False and on[-1] is True  # EWMA 0.2, 0.36, 0.49, 0.59, ...: on after the fourth
+    assert on.index(True) == 3
+
+
+def test_adaptive_narrows_when_the_stall_grows_with_prefetching():
+    """The stall per layer-step while prefetching (EWMA) above the stall while not (by stall_tolerance) narrows."""
+    h = small_adaptive(min_distance=0, prior_precision=0.0)
+    for _ in range(5):
+        h.feedback(fb(stall_s=1e-3, predicted=0))  # off (no evidence yet): the on-demand stall is 1 ms
+    for _ in range(6):
+        h.feedback(fb(stall_s=1e-3, predicted=2, used=2, misses=0))  # the precision comes in: on
+    assert h.distance() > 0 and h.stall_off == pytest.approx(1e-3)
+    seen = []
+    for _ in range(10):
+        h.feedback(fb(stall_s=3e-3, predicted=2, used=2, misses=0, late=0))  # prefetching, and stalling more
+        seen.append(h.distance())
+    assert seen[-1] == 0 and h.stall_on > 1.05 * h.stall_off

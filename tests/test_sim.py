@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from traces import write_trace
@@ -73,13 +73,17 @@ def test_invariants_and_bounds(tmp_path, policy):
     policy=st.sampled_from(POLICIES),
     hw=st.sampled_from(["t4", "h100-pcie5", "cpu-nvme"]),
 )
+# found by hypothesis on the original main: Belady + oracle prefetch three layers ahead beat both perfect-foresight
+# schedules (the oracle prefetched whatever its target used; it now makes MIN's own loads early, policies/clairvoyant.py)
+@example(seed=1, slots=4, batch=1, policy=["cache=belady", "predictor=oracle", "horizon=fixed", "horizon.distance=3"],
+         hw="cpu-nvme")
 def test_property_bounds(tmp_path, seed, slots, batch, policy, hw):
     tr = random_trace(tokens=60, layers=3, experts=6, top_k=2, sequences=3, seed=seed)
     res, _ = run_sim(tmp_path, [*policy, f"cache.slots={slots}", "cache.fraction=null", f"batch_size={batch}", f"hardware={hw}"], tr)
     eb = res["run"]["expert_bytes"]
-    min_misses_unique = res["belady_misses_unique"]
-    assert res["bytes_moved"] >= min_misses_unique * eb
-    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12
+    whole = res["whole_run"]
+    assert whole["bytes_moved"] >= whole["belady_misses_unique"] * eb
+    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12  # in the measured window
     assert res["stall_s"] >= 0
     if res["run"]["predictor"] == "none" and not res["preload_bytes"]:  # a pinned preload is a prefetch
         assert res["hit_rate"] <= res["belady_hit_rate"] + 1e-12

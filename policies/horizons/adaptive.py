@@ -15,7 +15,8 @@ Estimates, all EWMAs with weight ``alpha`` on the newest sample (the first real 
 - ``P``: precision of the predictor where it matters, ``fb.predicted_used / fb.predicted`` (layer-steps with
   ``fb.predicted > 0`` only): of the experts it named one layer-step ahead that were neither resident nor in
   flight, the share that layer-step used. The runtime measures it at every distance, 0 included, so the horizon
-  can tell when turning prefetching back on would pay. Prior 1 (no evidence against prefetching yet).
+  can tell when turning prefetching back on would pay. Prior ``prior_precision`` (0 by default), not replaced
+  by the first sample: prefetching stays off until a few layer-steps of evidence say it would be used.
 
 Base horizon (layers whose compute hides the copies one layer-step needs)::
 
@@ -69,6 +70,7 @@ class AdaptiveHorizon:
         widen_on: str = "any",
         min_precision: float = 0.5,
         stall_tolerance: float = 0.05,
+        prior_precision: float = 0.0,
     ) -> None:
         if not 0 <= int(min_distance) <= int(max_distance):
             raise PolicyConfigError(
@@ -88,6 +90,9 @@ class AdaptiveHorizon:
         if not float(stall_tolerance) >= 0:
             raise PolicyConfigError(f"adaptive horizon: stall_tolerance expected >= 0, got {stall_tolerance}")
         self.stall_tolerance = float(stall_tolerance)
+        if not 0.0 <= float(prior_precision) <= 1.0:
+            raise PolicyConfigError(f"adaptive horizon: prior_precision expected in [0, 1], got {prior_precision}")
+        self.prior_precision = float(prior_precision)
         self.widen_on = widen_on
         self.min_distance = int(min_distance)
         self.max_distance = int(max_distance)
@@ -107,8 +112,7 @@ class AdaptiveHorizon:
         self.layer_compute_s = self.prior_layer_compute_s
         self._measured_bw = self._measured_compute = self._measured_needed = False
         self.wasted = self.issued = 0.0
-        self.precision = 1.0
-        self._measured_precision = False
+        self.precision = self.prior_precision
         self.stall_on: float | None = None  # EWMA of the stall per layer-step with prefetching on / off
         self.stall_off: float | None = None
         self.link_bound = 0.0  # EWMA of the share of a layer-step's time spent waiting for copies
@@ -156,9 +160,7 @@ class AdaptiveHorizon:
         self.wasted = self._ewma(self.wasted, float(fb.prefetch_wasted + fb.prefetch_harm))
         self.issued = self._ewma(self.issued, float(fb.prefetch_issued))
         if fb.predicted > 0:
-            p = fb.predicted_used / fb.predicted
-            self.precision = self._ewma(self.precision, p) if self._measured_precision else p
-            self._measured_precision = True
+            self.precision = self._ewma(self.precision, fb.predicted_used / fb.predicted)
         grows = (self.stall_on is not None and self.stall_off is not None
                  and self.stall_on > (1.0 + self.stall_tolerance) * self.stall_off)
         if self.issued > 0 and self.wasted / self.issued > self.waste_threshold:
