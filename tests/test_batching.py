@@ -6,7 +6,8 @@ caches of 1/8 to 3/4 of the experts and fixed distances 1-4 (docs/batching.md):
   demand load behind it by up to one copy; no random case has needed the tolerance so far);
 - with a predictor no better than popularity (uniform random routing: the transition table learns nothing), the
   adaptive horizon's stall is within 3% of P on demand (prefetching backs off when it cannot help);
-- the perfect-foresight bound is at most every run's stall, in the measured window (the top level).
+- the perfect-foresight bound is at most every run's stall over the whole replay (and in the measured window up to
+  1%, see ``check_bound``).
 Both the measured window and the whole replay (``whole_run``) are checked where the rule holds for both."""
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ def misses(r: dict) -> float:
 
 
 def check_bound(r: dict) -> None:
-    """The perfect-foresight bound is at most the run's stall. It is the best of three clairvoyant schedules, not
-    a proven optimum: a run that evicts with Belady (itself clairvoyant) has beaten it by a hair, 0.08% (the
-    runtime's oracle + Belady on qwen-synth at batch 16, where it prefetches almost nothing and times MIN's
-    demand loads slightly better) and 0.13% (Belady + transition on a random trace), so those get 0.5%."""
-    tol = 0.005 if r["run"]["cache"] == "belady" else 0.0
-    assert r["oracle_stall_s"] <= (1 + tol) * r["stall_s"] + 1e-12, (r["run"]["policy"], r["oracle_stall_s"], r["stall_s"])
+    """The perfect-foresight bound is at most the run's stall over the whole replay. In the measured window it is
+    the schedules' stall after the same warm-up, and a run that stalled more during the warm-up enters the window
+    with less copying still queued than the efficient schedules do: it has come in under their window stall by
+    up to 0.55% (the runtime's oracle + Belady on a 14-step deepseek-synth replay at batch 16), so 1% there."""
+    w = r["whole_run"]
+    assert w["oracle_stall_s"] <= w["stall_s"] + 1e-12, (r["run"]["policy"], w["oracle_stall_s"], w["stall_s"])
+    assert r["oracle_stall_s"] <= 1.01 * r["stall_s"] + 1e-12, (r["run"]["policy"], r["oracle_stall_s"], r["stall_s"])
 
 
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

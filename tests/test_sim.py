@@ -49,8 +49,10 @@ def test_invariants_and_bounds(tmp_path, policy):
     assert res["stall_s"] >= 0
     assert res["total_s"] >= res["allresident_total_s"] - 1e-12
     assert res["total_s"] == pytest.approx(res["allresident_total_s"] + res["stall_s"], rel=1e-9)
-    # the integrated perfect-foresight schedule is a bound on every policy's stall
-    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12
+    # the integrated perfect-foresight schedule is a bound on every policy's stall, over the whole replay (in the
+    # measured window to 1%: see test_batching.check_bound)
+    assert res["whole_run"]["oracle_stall_s"] <= res["whole_run"]["stall_s"] + 1e-12
+    assert res["oracle_stall_s"] <= 1.01 * res["stall_s"] + 1e-12
     # nobody loads fewer experts than MIN at the same capacity; each of MIN's loads serves at least one missed use
     min_misses = round((1 - res["belady_hit_rate"]) * res["expert_requests"])
     assert res["copies"] >= res["belady_misses_unique"] > 0
@@ -83,7 +85,8 @@ def test_property_bounds(tmp_path, seed, slots, batch, policy, hw):
     eb = res["run"]["expert_bytes"]
     whole = res["whole_run"]
     assert whole["bytes_moved"] >= whole["belady_misses_unique"] * eb
-    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12  # in the measured window
+    assert whole["oracle_stall_s"] <= whole["stall_s"] + 1e-12
+    assert res["oracle_stall_s"] <= 1.01 * res["stall_s"] + 1e-12  # the measured window: test_batching.check_bound
     assert res["stall_s"] >= 0
     if res["run"]["predictor"] == "none" and not res["preload_bytes"]:  # a pinned preload is a prefetch
         assert res["hit_rate"] <= res["belady_hit_rate"] + 1e-12
