@@ -150,6 +150,23 @@ def test_upgrade_and_cancel_act_on_the_host_queue_only():
     assert keys(dev) == [0, 3, 1, 2] and not s.busy() and s.done == {0, 1, 2, 3}
 
 
+def test_scheduler_backlog_counts_the_host_queue_and_the_streams():
+    dev = FakeDevice()
+    now = [0.0]
+    s = CopyScheduler(dev, streams=1, window=2, clock=lambda: now[0])
+    assert s.backlog_s(99) == 0.0  # no copy timed yet
+    s.submit(0, slot=0, priority=0)
+    dev.land(0)
+    s.poll()
+    assert s.copy_ewma_s == pytest.approx(0.5)  # the fake device times every copy at 0.5 s
+    s.submit(1, slot=1, priority=3)  # onto the idle stream
+    s.submit(2, slot=2, priority=3)
+    s.submit(3, slot=3, priority=7)
+    now[0] = 0.2  # 0.2 s after copy 1 was enqueued: 0.3 s of it left
+    assert s.backlog_s(0) == pytest.approx(0.3) and s.backlog_s(3) == pytest.approx(0.8)
+    assert s.backlog_s(7) == pytest.approx(1.3)
+
+
 def test_streams_fill_evenly_and_only_stream_heads_retire():
     dev = FakeDevice()
     s = CopyScheduler(dev, streams=2, window=2, clock=lambda: 0.0)

@@ -113,6 +113,28 @@ def test_demand_overtakes_queued_prefetches_and_cancel(store):
     r.close()
 
 
+def test_transfer_engine_reports_its_link_facts(store):
+    """What the runtime's link budget reads from the CPU tier: nothing before a copy landed, then the measured copy
+    time, the queued work at a priority or better, and the share of time the threads were reading."""
+    r = ExpertReader(store)
+    slots = aligned_buffer(8 * LAYOUT.stride_bytes)
+    eng = TransferEngine(r, memoryview(slots), io_threads=1)
+    assert eng.channels == 1 and eng.copy_s() is None and eng.backlog_s(99) == 0.0 and eng.busy_share() == 0.0
+    eng.submit(0, 0, 0)
+    eng.wait(0)
+    c = eng.copy_s()
+    assert c > 0 and 0 < eng.busy_share() <= 1
+    with eng._cv:  # hold the queue so nothing starts: 2 copies at priority 5, 1 at priority 9
+        for k, prio in ((1, 5), (2, 5), (3, 9)):
+            eng.submit(k, k, prio)
+        assert eng.backlog_s(4) == 0.0 and eng.backlog_s(5) == pytest.approx(2 * c)
+        assert eng.backlog_s(9) == pytest.approx(3 * c)
+    for k in (1, 2, 3):
+        eng.wait(k)
+    eng.close()
+    r.close()
+
+
 def test_failed_read_reaches_the_waiter_and_threads_stop(store):
     r = ExpertReader(store, direct=False)
     with open(store, "r+b") as f:
