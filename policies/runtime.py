@@ -347,7 +347,8 @@ class PolicyRuntime:
             if self._victims:
                 self._harm += self.count_reloads((key,))
             if ev is not None:
-                self._victims[ev] = now
+                if self._feedback is not None:  # only a horizon that listens hears of the harm
+                    self._victims[ev] = now
                 if evicted is not None:
                     evicted.append(ev)
             prefetch.append((key, target, prio))
