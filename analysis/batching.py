@@ -121,29 +121,41 @@ def trajectories(runs_dir: Path, names: list[str]) -> list[dict]:
         for p in find_results(runs_dir / n):
             res = json.loads(p.read_text())
             run = res.get("run", {})
-            if run.get("horizon") == "adaptive" and res.get("horizon_trajectory"):
+            traj = res.get("horizon_trajectory")
+            if run.get("horizon") == "adaptive" and traj:
+                layers, steps = run.get("num_layers"), (res.get("whole_run") or {}).get("steps")
+                if layers and steps and traj[-1][0] < layers * steps:  # results written before the closing point
+                    traj = [*traj, [layers * steps, traj[-1][1]]]
                 out.append({"trace": run.get("trace_name"), "batch": run.get("batch_size"),
-                            "fraction": run.get("capacity_fraction"), "trajectory": res["horizon_trajectory"]})
+                            "fraction": run.get("capacity_fraction"), "trajectory": traj})
     return out
 
 
 def trajectory_figure(trajs: list[dict], out: Path) -> Path | str:
+    """Per trace (the larger cache size), the adaptive horizon's distance over each run, one band per batch size
+    (0 at the band's grey line, 4 near the next); the x axis is the share of the run's layer-steps (runs of
+    different batch sizes differ in length)."""
     if not trajs:
         return "no adaptive runs"
     traces = sorted({t["trace"] for t in trajs})
-    fig, axes = plt.subplots(1, len(traces), figsize=(5.2 * len(traces), 3.4), squeeze=False)
     batches = sorted({t["batch"] for t in trajs})
-    colors = dict(zip(batches, plt.get_cmap("viridis")(np.linspace(0, 0.9, len(batches)))))
+    fig, axes = plt.subplots(1, len(traces), figsize=(5.2 * len(traces), 0.5 * len(batches) + 1.2), squeeze=False)
     for ax, tr in zip(axes[0], traces):
-        for t in sorted((t for t in trajs if t["trace"] == tr), key=lambda t: (t["fraction"], t["batch"])):
-            if t["fraction"] != max(x["fraction"] for x in trajs if x["trace"] == tr):
-                continue  # one cache size per panel: the larger
+        mine = [t for t in trajs if t["trace"] == tr]
+        frac = max(t["fraction"] for t in mine)
+        for t in mine:
+            if t["fraction"] != frac:
+                continue
             pts = np.asarray(t["trajectory"], dtype=float)
-            ax.step(pts[:, 0], pts[:, 1], where="post", color=colors[t["batch"]], label=f"batch {t['batch']}")
-        ax.set_xlabel("layer-step")
-        ax.set_ylabel("prefetch distance")
-        ax.set_title(f"{tr}: adaptive horizon", fontsize=10)
-        ax.legend(fontsize=7)
+            x = pts[:, 0] / pts[-1, 0] if pts[-1, 0] > 0 else np.zeros(len(pts))
+            if x[-1] < 1:  # a run that never changed its distance (no closing point): flat to the end
+                x, pts = np.r_[x, 1.0], np.vstack([pts, pts[-1]])
+            base = 5 * batches.index(t["batch"])
+            ax.axhline(base, color="0.85", lw=0.5)
+            ax.step(x, base + pts[:, 1], where="post", lw=0.8, color="C0")
+        ax.set_yticks([5 * i + 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_xlabel("share of the run (layer-steps)")
+        ax.set_title(f"{tr}, {frac:.0%} cached: prefetch distance 0-4", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "horizon_trajectory.png")
 

@@ -110,9 +110,10 @@ def results_dict(p, res: ReplayResult, expert_bytes: int, driver: str) -> dict:
         "scheduler_wall_s": p.plan_wall_s,
         # policy-specific counters (e.g. the expertflow cache's mispredictions); {} for most policies
         "policy_stats": dict(getattr(p.runtime.cache.policy, "policy_stats", dict)()),
-        # the prefetch distance over the run, run-length encoded: [layer-step, distance] at every change (null on
-        # demand: nothing is predicted)
-        "horizon_trajectory": [list(x) for x in p.runtime.horizon_trajectory] if not p.runtime.silent else None,
+        # the prefetch distance over the run, run-length encoded: [layer-step, distance] at every change, then
+        # [layer-steps replayed, last distance] (null on demand: nothing is predicted)
+        "horizon_trajectory": trajectory(p.runtime.horizon_trajectory, len(p.steps) * p.meta.num_layers)
+        if not p.runtime.silent else None,
     })
     return out
 
@@ -152,6 +153,12 @@ def _metrics(p, res: ReplayResult, st, expert_bytes: int, first_step: int) -> di
         "request_tpot_s": request_tpot(p.steps[first_step:], res.step_s),
         "tokens": int(sum(res.step_tokens)),
     }
+
+
+def trajectory(changes: list[tuple[int, int]], end: int) -> list[list[int]]:
+    """The horizon's (layer-step, distance) changes, closed with (``end``, the last distance)."""
+    out = [[int(t), int(d)] for t, d in changes]
+    return out + [[int(end), out[-1][1]]] if out else out
 
 
 def request_tpot(steps, step_s: list[float]) -> float | None:
@@ -194,6 +201,7 @@ def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
         "capacity_slots_per_layer": slots_per_layer,
         "capacity_fraction": sum(capacity) / meta.total_experts if scope == "global" else slots_per_layer / float(np.mean(meta.num_experts)),
         "expert_bytes": meta.expert_bytes,
+        "num_layers": int(meta.num_layers),
         "batch_size": int(cfg.batch_size),
         "seed": int(cfg.seed),
     }
