@@ -9,7 +9,7 @@ import sys
 
 from traces.cli import add_subcommands
 
-SUBCOMMAND_MODULES = ("report", "predictors", "validate", "paper")
+SUBCOMMAND_MODULES = ("report", "predictors", "validate", "paper", "batching")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ RUN_FIELDS = (
 MEASURED = ("stall_s", "total_s", "hit_rate", "bytes_moved")
 NUMERIC = (
     *MEASURED, "belady_hit_rate", "belady_misses_unique", "oracle_stall_s", "oracle_aggressive_stall_s",
-    "oracle_conservative_stall_s", "tpot_s", "tpot_p50_s", "tpot_p90_s", "ttft_s", "tokens_per_s", "late_hit_rate",
+    "oracle_conservative_stall_s", "oracle_preloaded_stall_s", "tpot_s", "tpot_p50_s", "tpot_p90_s", "ttft_s", "tokens_per_s", "late_hit_rate",
     "miss_rate", "prefetch_precision", "prefetch_recall", "prefetch_issued", "wasted_bytes", "preload_bytes",
     "copies", "expert_requests", "allresident_total_s", "fast_memory_bytes", "all_experts_bytes", "steps",
     "distinct_experts_per_layer_step", "request_tpot_s", "scheduler_wall_s", "tokens", "sim_wall_s",

@@ -2,9 +2,12 @@
 
 A copy stream executes what was enqueued on it in order, and an enqueued copy cannot be taken back. So the
 scheduler keeps every submitted copy in a host-side priority queue (0 = demand, prefetches >= 1, FIFO within a
-priority) and enqueues at most ``window`` copies per stream ahead (the one running included). A demand that
-arrives later is therefore at most ``window`` copies behind on its stream, never behind the whole prefetch
-backlog; ``upgrade`` and ``cancel`` act on the host queue only (a copy already on a stream runs to the end).
+priority; :mod:`policies.link_budget`) and enqueues on a stream only what may not delay a later demand: a demand
+while the stream holds fewer than ``window`` copies (the one running included), a prefetch only onto an idle
+stream. A demand that arrives later therefore waits behind at most the one copy running on its stream (and
+earlier demands), never behind a prefetch committed to the stream after it; the price is that a stream of
+prefetches idles for the host's hand-off between two of them. ``upgrade`` and ``cancel`` act on the host
+queue only (a copy already on a stream runs to the end).
 
 No torch and no threads here: the device is an injected ``ops`` object with
 ``issue(key, slot, stream) -> handle`` (enqueue one copy, returns at once), ``done(handle) -> bool`` (has it
@@ -19,6 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from policies.link_budget import DEMAND
+
 from .transfer import CopyRecord
 
 
@@ -31,6 +36,7 @@ class InFlight:
     stream: int
     order: int  # issue order across all streams
     handle: object
+    issued_s: float = 0.0  # clock when it was enqueued on its stream
 
 
 class CopyScheduler:
@@ -48,6 +54,7 @@ class CopyScheduler:
         self.records: list[CopyRecord] = []
         self._landed: list[int] = []
         self.bytes_started = self.copies_started = 0
+        self.copy_ewma_s: float | None = None  # EWMA of the device-timed copy durations
 
     # -- the TransferEngine verbs -------------------------------------------------------------------------
     def submit(self, key: int, slot: int, priority: int) -> None:
@@ -92,16 +99,19 @@ class CopyScheduler:
         return len(self._flight[stream])
 
     def dispatch(self) -> int:
-        """Enqueue the best queued copies on the least-loaded streams while some stream has room."""
+        """Enqueue the best queued copies on the least-loaded streams while a stream has room for them: a demand
+        below ``window`` copies, a prefetch only on an idle stream (see the module docstring)."""
         issued = 0
         while self._heap:
-            stream = min(range(len(self._flight)), key=lambda s: (len(self._flight[s]), s))
-            if len(self._flight[stream]) >= self.window:
-                break
-            prio, seq, key = heapq.heappop(self._heap)
+            prio, seq, key = self._heap[0]
             q = self._queued.get(key)
             if q is None or q[3] != seq:
+                heapq.heappop(self._heap)
                 continue  # cancelled, or superseded by an upgrade or a resubmission
+            stream = min(range(len(self._flight)), key=lambda s: (len(self._flight[s]), s))
+            if len(self._flight[stream]) >= (self.window if prio == DEMAND else 1):
+                break
+            heapq.heappop(self._heap)
             del self._queued[key]
             try:
                 handle = self.ops.issue(key, q[1], stream)
@@ -109,7 +119,7 @@ class CopyScheduler:
                 self.errors[key] = exc
                 continue
             self._issued += 1
-            f = InFlight(key, q[1], prio, q[2], stream, self._issued, handle)
+            f = InFlight(key, q[1], prio, q[2], stream, self._issued, handle, self.clock())
             self._flight[stream].append(f)
             self._flight_keys[key] = f
             issued += 1
@@ -128,11 +138,25 @@ class CopyScheduler:
         del self._flight_keys[f.key]
         start, end = self.ops.times(f.handle)
         nbytes = self.ops.nbytes
+        d = end - start
+        if d > 0:
+            self.copy_ewma_s = d if self.copy_ewma_s is None else 0.8 * self.copy_ewma_s + 0.2 * d
         self.done.add(f.key)
         self.bytes_started += nbytes
         self.copies_started += 1
         self.records.append(CopyRecord(f.key, f.slot, f.priority, f.submit_s, start, end, nbytes, f.stream))
         self._landed.append(f.key)
+
+    def backlog_s(self, priority: int) -> float:
+        """Copy work (seconds, summed over streams) ahead of a copy submitted now at ``priority``: every queued
+        copy at a priority <= it and the copies on the streams (a stream's head less the time it has run)."""
+        c = self.copy_ewma_s
+        if c is None:
+            return 0.0
+        now = self.clock()
+        n = sum(1 for q in self._queued.values() if q[0] <= priority)
+        on_streams = sum(len(dq) * c - (min(c, max(0.0, now - dq[0].issued_s)) if dq else 0.0) for dq in self._flight)
+        return n * c + on_streams
 
     def oldest(self) -> InFlight | None:
         """The copy issued first among those on streams (the next to wait on), or None."""

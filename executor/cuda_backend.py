@@ -4,12 +4,13 @@ CPU backend (``TransferEngine``, ``LayerCompute``), so ``executor/engine.py`` dr
 
 * Host tier: the packed ``*.experts`` file (``executor/tier.py``) is read once into one pinned tensor
   ``[experts, stride / 4]`` float32; a copy moves one whole stride (as the CPU backend reads one).
-* ``CudaTransferEngine``: the ordering is ``copy_schedule.CopyScheduler`` (host priority queue, at most
-  ``window`` copies enqueued per stream ahead, so a later demand overtakes queued prefetches; upgrade/cancel
-  act on the host queue). ``CudaOps`` is the only part touching CUDA: ``copy_(non_blocking=True)`` on a copy
+* ``CudaTransferEngine``: the ordering is ``copy_schedule.CopyScheduler`` (host priority queue; a demand is
+  enqueued on a stream holding fewer than ``window`` copies, a prefetch only on an idle stream, so a later
+  demand waits behind at most the copy running on its stream; upgrade/cancel act on the host queue).
+  ``CudaOps`` is the only part touching CUDA: ``copy_(non_blocking=True)`` on a copy
   stream between two timing events. One thread blocks on the oldest copy's event (a blocking-sync event: it
-  sleeps, no spinning), retires what landed (``event.query()``) and refills the streams, so the window stays
-  full while the main thread computes. ``wait(key)`` returns the seconds the caller waited.
+  sleeps, no spinning), retires what landed (``event.query()``) and refills the streams, so they stay busy
+  while the main thread computes. ``wait(key)`` returns the seconds the caller waited.
 * ``GpuLayerCompute``: the compute stream waits on the slot's copy event (``stream.wait_event``) before using
   the weights, and a copy into a slot waits on the last compute that read it. ``run_dense`` and ``run_expert``
   return after the compute stream finished, so the engine's wall-clock split of compute vs stall stays
@@ -34,7 +35,7 @@ from .copy_schedule import CopyScheduler
 from .gpu_telemetry import NvmlSampler
 from .tier import ExpertReader, StoreLayout, TierError
 
-WINDOW = 2  # copies enqueued per stream ahead of the host queue: bounds how long a new demand can be delayed
+WINDOW = 2  # demand copies enqueued per stream (the running one included); a prefetch only on an idle stream
 
 
 def require_cuda() -> None:
@@ -129,6 +130,7 @@ class CudaTransferEngine:
         if streams < 1:
             raise TierError(f"executor.io_threads (copy streams with backend=cuda): expected >= 1, got {streams}")
         self.ops = ops
+        self.channels = streams  # copies that run at once (LinkFacts)
         self.sched = CopyScheduler(ops, streams, window, self.now)
         self._cv = threading.Condition()
         self._stop = False
@@ -210,6 +212,21 @@ class CudaTransferEngine:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
+
+    def copy_s(self) -> float | None:
+        """EWMA of the device-timed copy durations (None before the first copy landed)."""
+        return self.sched.copy_ewma_s
+
+    def backlog_s(self, priority: int) -> float:
+        with self._cv:
+            return self.sched.backlog_s(priority)
+
+    def busy_share(self) -> float:
+        """The device-timed copies' duration over the time elapsed and the streams (0..1)."""
+        with self._cv:
+            busy = sum(r.end_s - r.start_s for r in self.sched.records)
+        now = self.now()
+        return min(1.0, busy / (now * self.channels)) if now > 0 else 0.0
 
     def bandwidth_bytes_per_s(self, last: int = 8) -> float:
         recs = self.sched.records[-last:]

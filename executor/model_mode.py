@@ -54,6 +54,7 @@ from replay.driver import LayerDriver
 
 from .backends import WallClock
 from .cuda_backend import WINDOW, require_cuda
+from .link import MeasuredLink
 from .model_slots import DiskSlots, GpuSlots
 from .model_store import OffloadError, check_store, find_moe_blocks, layout_of, write_model_store
 from .tier import ExpertReader, StoreLayout
@@ -87,7 +88,8 @@ class ExpertOffload:
     :class:`~executor.model_slots.DiskSlots` or ``GpuSlots`` of ``sum(capacities)`` slots) is owned and closed."""
 
     def __init__(self, layout: StoreLayout, fast: DiskSlots | GpuSlots, slots_per_layer: int, top_k: int,
-                 eviction: EvictionPolicy, predictor: Predictor, horizon: Horizon):
+                 eviction: EvictionPolicy, predictor: Predictor, horizon: Horizon, link_budget: bool = True,
+                 admission: bool = True):
         ne = list(layout.num_experts)
         self.layout, self.fast, self.L = layout, fast, len(ne)
         caps = capacities_for(ne, "per_layer", slots_per_layer, None)
@@ -99,8 +101,8 @@ class ExpertOffload:
         # PolicyRuntime reads routing as experts[tokens, layer]: each pass appends its tokens and each layer writes
         # its router's choice before begin_layer, so the runtime sees what a replay of this generation shows it.
         self.routes, self.token_ids = _Growing((self.L, top_k)), _Growing(())
-        self.runtime = PolicyRuntime(self.cache, predictor, horizon, RuntimeConfig(self.L, ne, layout.stride_bytes),
-                                     self.routes, self.token_ids)
+        rcfg = RuntimeConfig(self.L, ne, layout.stride_bytes, link_budget=link_budget, admission=admission)
+        self.runtime = PolicyRuntime(self.cache, predictor, horizon, rcfg, self.routes, self.token_ids)
         self.slots_per_layer = slots_per_layer
         self.slots, self.transfer = fast.slots, fast.transfer
         self.step, self._last_layer = -1, self.L
@@ -114,7 +116,8 @@ class ExpertOffload:
         self.slot_compute = SlotCompute(self, clock)
         copies = fast.copies(self.cache)
         copies.preload(sorted(self.cache.policy.pinned()))  # a pinning policy's experts, into their slots first
-        self.driver = LayerDriver(self.runtime, clock, copies, self.slot_compute, self.L)
+        # what the runtime's link budget and prefetch review read: the copies' measured timing and backlog
+        self.driver = LayerDriver(self.runtime, clock, copies, self.slot_compute, MeasuredLink(self.transfer), self.L)
         self.hooks: list = []  # removed by close()
 
     # ------------------------------------------------------------------------------------- one MoE layer
@@ -296,7 +299,8 @@ class OffloadedMoE(nn.Module):
 def offload_model(model: nn.Module, store: str | Path, slots_per_layer: int, *, eviction: EvictionPolicy | None = None,
                   predictor: Predictor | None = None, horizon: Horizon | None = None, io_threads: int = 1,
                   odirect: bool | None = None, reuse_store: bool = False, backend: str = "cpu",
-                  copy_window: int = WINDOW, make_ops=None) -> ExpertOffload:
+                  copy_window: int = WINDOW, make_ops=None, link_budget: bool = True,
+                  admission: bool = True) -> ExpertOffload:
     """Offload ``model``'s routed experts in place; returns the :class:`ExpertOffload` (metrics, ``close``).
 
     ``store``: the packed expert file, written from the model's weights (or, with ``reuse_store``, an existing
@@ -306,7 +310,9 @@ def offload_model(model: nn.Module, store: str | Path, slots_per_layer: int, *, 
     the filesystem allows it, else buffered reads with a warning). ``backend="cuda"``: GPU slots on the current
     device, the experts in pinned host memory, ``io_threads`` copy streams with ``copy_window`` copies each
     enqueued ahead; the caller moves the rest of the model to that device (offload first: the experts never go
-    there). ``make_ops(host, slots, streams)``: a device standing in for CUDA (tests)."""
+    there). ``make_ops(host, slots, streams)``: a device standing in for CUDA (tests).
+    ``link_budget``: queue only prefetches that can land before their layer (:mod:`policies.link_budget`);
+    ``admission``: a prefetch evicts only a victim predicted less likely than it (:mod:`policies.admission`)."""
     from policies.eviction.lru import LRU
 
     if backend not in ("cpu", "cuda"):
@@ -335,7 +341,7 @@ def offload_model(model: nn.Module, store: str | Path, slots_per_layer: int, *, 
             raise
     try:
         owner = ExpertOffload(layout, fast, slots_per_layer, top_k, eviction or LRU(), predictor or NoPredictor(),
-                              horizon or FixedHorizon(0))
+                              horizon or FixedHorizon(0), link_budget, admission)
     except BaseException:
         fast.close()
         raise

@@ -18,6 +18,8 @@ from .tier import TierError
 class InstantTransfer:
     """A transfer engine whose copies land at once (at the loop's next look): the replay loop's own cost."""
 
+    channels = 1
+
     def __init__(self):
         self._landed: list[int] = []
         self.records: list = []
@@ -47,6 +49,15 @@ class InstantTransfer:
         return 0.0
 
     def bandwidth_bytes_per_s(self) -> float:
+        return 0.0
+
+    def copy_s(self) -> float:
+        return 0.0  # copies take no time: every prefetch fits the link budget (whose checks still run)
+
+    def backlog_s(self, priority: int) -> float:
+        return 0.0
+
+    def busy_share(self) -> float:
         return 0.0
 
 

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from replay.bounds import belady_bounds, bounds
+from replay.bounds import add_bounds, belady_bounds, bounds
 from replay.hardware import load_profile
 from replay.outputs import write_outputs
 from replay.prepare import prepare
@@ -57,7 +57,7 @@ def check_memory(nbytes: int, avail: int | None = None) -> None:
         )
 
 
-ORACLE_KEYS = ("oracle_stall_s", "oracle_aggressive_stall_s", "oracle_conservative_stall_s")
+ORACLE_KEYS = ("oracle_stall_s", "oracle_aggressive_stall_s", "oracle_conservative_stall_s", "oracle_preloaded_stall_s")
 
 
 def models_this_run(hw, expert_bytes: int, tier: str) -> bool:
@@ -150,7 +150,8 @@ def execute_config(cfg, out_dir: Path) -> dict:
         closers = [transfer.close, reader.close]
     log = bool(cfg.output.get("chrome_trace", False))
     try:
-        res = execute(ReplayProgress(p.steps), p.runtime, transfer, compute, p.meta.num_layers, p.uses, log=log)
+        res = execute(ReplayProgress(p.steps), p.runtime, transfer, compute, p.meta.num_layers, p.uses, log=log,
+                      warmup_steps=p.warmup_steps)
     finally:
         for close in closers:
             close()
@@ -161,9 +162,10 @@ def execute_config(cfg, out_dir: Path) -> dict:
     )
     results["tier"] = ("disk-odirect" if reader.direct else "disk-buffered") if gpu is None else gpu.tier
     if models_this_run(cfg.hardware, layout.stride_bytes, results["tier"]):
-        results.update(bounds(p))
+        add_bounds(results, bounds(p))
     else:
-        results.update(belady_bounds(p), **dict.fromkeys(ORACLE_KEYS))
+        add_bounds(results, {**belady_bounds(p), **dict.fromkeys(ORACLE_KEYS)})
+        results["whole_run"].update(dict.fromkeys(ORACLE_KEYS))
         results["run"].update(hardware=f"local-{results['tier']}", bandwidth_gbps=None, copy_model=None)
     if gpu is not None:
         results["run"]["backend"] = "cuda"

@@ -39,8 +39,10 @@ class TransferEngine:
         self._cv = threading.Condition()
         self._queue: list[tuple[int, int, int]] = []  # (priority, seq, key)
         self._queued: dict[int, tuple[int, int, float, int]] = {}  # key -> (priority, slot, submit_s, live seq)
-        self._copying: set[int] = set()
+        self._copying: dict[int, float] = {}  # key -> when its read started
         self._done: set[int] = set()
+        self._copy_ewma_s: float | None = None  # EWMA of measured copy durations (the link budget's copy time)
+        self.channels = io_threads  # reads in flight at once
         self._errors: dict[int, BaseException] = {}
         self._seq = 0
         self._stop = False
@@ -138,7 +140,7 @@ class TransferEngine:
                         if q is not None and q[3] == seq:  # else cancelled, upgraded or resubmitted since
                             item = (key, q[0], q[1], q[2])
                             del self._queued[key]
-                            self._copying.add(key)
+                            self._copying[key] = self.now()
                             break
                     if item is None:
                         self._cv.wait()
@@ -151,8 +153,10 @@ class TransferEngine:
                 n, err = 0, exc
             end = self.now()
             with self._cv:
-                self._copying.discard(key)
+                self._copying.pop(key, None)
                 if err is None:
+                    d = end - start
+                    self._copy_ewma_s = d if self._copy_ewma_s is None else 0.8 * self._copy_ewma_s + 0.2 * d
                     self._done.add(key)
                     self.bytes_started += n
                     self.copies_started += 1
@@ -161,6 +165,28 @@ class TransferEngine:
                 else:
                     self._errors[key] = err
                 self._cv.notify_all()
+
+    def copy_s(self) -> float | None:
+        """EWMA of the measured copy durations (None before the first copy landed)."""
+        return self._copy_ewma_s
+
+    def backlog_s(self, priority: int) -> float:
+        """Copy work (seconds, summed over threads) ahead of a copy submitted now at ``priority``: the rest of
+        the reads in progress and every queued copy at a priority <= it, at the measured copy time."""
+        c = self._copy_ewma_s
+        if c is None:
+            return 0.0
+        with self._cv:
+            now = self.now()
+            n = sum(1 for q in self._queued.values() if q[0] <= priority)
+            return n * c + sum(max(0.0, c - (now - s)) for s in self._copying.values())
+
+    def busy_share(self) -> float:
+        """The measured copies' duration over the time elapsed and the threads (0..1)."""
+        with self._cv:
+            now = self.now()
+            busy = sum(r.end_s - r.start_s for r in self.records)
+        return min(1.0, busy / (now * self.channels)) if now > 0 else 0.0
 
     def bandwidth_bytes_per_s(self, last: int = 8) -> float:
         """Achieved bandwidth over the most recent copies (bytes over their summed durations)."""

@@ -71,11 +71,15 @@ class HorizonFeedback:
     layer_compute_s: float  # compute time of the layer just finished
     stall_s: float  # time that layer waited for experts
     bandwidth_bytes_per_s: float  # recent achieved copy bandwidth (0 if no copy finished yet)
-    experts_needed: int  # distinct experts the layer used
+    experts_needed: int  # distinct experts the layer used that needed a copy: demand loads + prefetched for it
     prefetch_hits: int  # of those, how many were resident/in flight thanks to a prefetch
     prefetch_issued: int  # prefetches issued since the last feedback
     prefetch_wasted: int  # prefetched experts evicted unused since the last feedback
     late_hits: int = 0  # needed experts still in flight when the layer wanted them
+    misses: int = 0  # needed experts neither resident nor in flight (demand loads)
+    predicted: int = 0  # experts the predictor named for this layer-step one layer-step ahead that needed a copy
+    predicted_used: int = 0  # of those, how many this layer-step used (prefetched or not: known at distance 0 too)
+    prefetch_harm: int = 0  # experts loaded again now that a prefetch evicted within the last 2 x L layer-steps
 
 
 @dataclass
@@ -157,6 +161,9 @@ class Predictor(ABC):
     needs_hidden: ClassVar[bool] = False
     #: ``reset`` learns from the training split's token ids (a trace without them cannot train it).
     needs_token_ids: ClassVar[bool] = False
+    #: reads the replay's FutureIndex (the oracle): its prefetches are admitted on the exact scale
+    #: (policies/admission.py), planned from the eviction policy's own loads, and never speculative.
+    clairvoyant: ClassVar[bool] = False
 
     @abstractmethod
     def reset(self, ctx: PredictorContext) -> None: ...

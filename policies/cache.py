@@ -8,6 +8,7 @@ through hooks. The driver decides what is protected (experts the current layer s
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,16 +163,18 @@ class ExpertCache:
         else:
             self.stats.misses += n
 
-    def reserve(self, key: int, now: int, protected: set[int], prefetch: bool = False) -> tuple[bool, int | None]:
+    def reserve(self, key: int, now: int, protected: set[int], prefetch: bool = False,
+                admit: Callable[[int], bool] | None = None) -> tuple[bool, int | None]:
         """Claim a slot for ``key`` (a copy is about to start). Returns (ok, evicted key or None).
-        Not ok when the partition is full of protected, pinned or in-flight keys (the copy must wait or drop)."""
+        Not ok when the partition is full of protected, pinned or in-flight keys (the copy must wait or drop), or
+        when ``admit`` (given: the admission rule of a prefetch, :mod:`policies.admission`) refuses the victim the
+        eviction policy chose; then nothing changes."""
         part = self._part[key]
         res = self.resident[part]
         inflight = self.inflight
         if key in res or key in inflight:
             return True, None
         evicted = None
-        stats = self.stats
         if len(res) >= self.capacity[part]:
             if self.skips_candidates:
                 evicted = self.policy.victim_skipping(part, protected, inflight, now)
@@ -186,6 +189,35 @@ class ExpertCache:
                     return False, None
                 if evicted not in candidates:
                     raise RuntimeError(f"{type(self.policy).__name__}.victim returned {evicted}, not a candidate")
+            if admit is not None and not admit(evicted):
+                return False, None
+        self._take(key, part, now, evicted, prefetch)
+        return True, evicted
+
+    def reserve_as(self, key: int, now: int, protected: set[int], victim: int | None,
+                   prefetch: bool = False) -> bool:
+        """Claim a slot for ``key`` in the place of ``victim`` (a load planned ahead, :mod:`policies.clairvoyant`:
+        the eviction policy's own choice in an earlier replay), or in a free slot when ``victim`` is None. Not ok
+        (nothing changes) when ``victim`` is not resident or is protected, pinned or in flight, or when None is
+        given and the partition is full."""
+        part = self._part[key]
+        res = self.resident[part]
+        if key in res or key in self.inflight:
+            return True
+        if victim is None:
+            if len(res) >= self.capacity[part]:
+                return False
+        elif (victim not in res or victim in protected or victim in self.inflight or victim in self.policy.pinned()
+              or self._part[victim] != part):
+            return False
+        self._take(key, part, now, victim, prefetch)
+        return True
+
+    def _take(self, key: int, part: int, now: int, evicted: int | None, prefetch: bool) -> None:
+        """``key`` takes ``evicted``'s slot (a free one if None) and its copy starts."""
+        res = self.resident[part]
+        stats = self.stats
+        if evicted is not None:
             # remove the victim (inline: this runs once per eviction, the cache's most frequent change); the key
             # takes its slot (what freeing it and popping the free list, last in first out, would give)
             res.discard(evicted)
@@ -200,7 +232,7 @@ class ExpertCache:
             self.slot_of[key] = self.free_slots[part].pop()
         res.add(key)
         self.present.add(key)
-        inflight.add(key)
+        self.inflight.add(key)
         stats.inserts += 1
         if prefetch:
             stats.prefetch_inserts += 1
@@ -208,7 +240,6 @@ class ExpertCache:
         self.policy.on_insert(key, now)
         if self.load_log is not None:
             self.load_log.append((now, key, evicted))
-        return True, evicted
 
     def complete(self, key: int) -> None:
         """The copy of ``key`` finished: it is now usable."""

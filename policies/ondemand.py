@@ -5,23 +5,31 @@ policy it is MIN at the run's capacity (``replay.bounds``); ``traces stats`` dra
 
 from __future__ import annotations
 
-from .base import Step
-from .runtime import PolicyRuntime
+from .base import CacheContext, EvictionPolicy, Step
+from .cache import ExpertCache
+from .horizons.fixed import FixedHorizon
+from .predictors.none import NoPredictor
+from .runtime import PolicyRuntime, RuntimeConfig
 
 
 def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | None = None,
-                    layer_hits: list[int] | None = None, uses: list[dict[int, int]] | None = None) -> tuple[int, int]:
-    """Replay ``steps`` on demand; returns (hits, requests), requests counted as (token, expert) uses. The
-    runtime's predictor must never predict (or its horizon be 0). If ``orders`` is a list, the compute order of
-    every layer-step is appended to it; ``layer_hits`` (one int per layer) gets each layer's hits added;
-    ``uses[i]`` (key -> tokens at layer-step i) may be precomputed. As in the driver loop, a computed key is
-    released only while demands are deferred (else releasing only unprotects it, which nothing reads before the
-    next layer-step)."""
+                    layer_hits: list[int] | None = None, uses: list[dict[int, int]] | None = None,
+                    count_from: int = 0) -> tuple[int, int]:
+    """Replay ``steps`` on demand; returns (hits, requests) of the steps from ``count_from`` on, requests counted
+    as (token, expert) uses. The runtime's predictor must never predict (or its horizon be 0). If ``orders`` is a
+    list, the compute order of every layer-step is appended to it; ``layer_hits`` (one int per layer) gets each
+    layer's hits added (all steps); ``uses[i]`` (key -> tokens at layer-step i) may be precomputed. As in the
+    driver loop, a computed key is released only while demands are deferred (else releasing only unprotects it,
+    which nothing reads before the next layer-step)."""
     L = runtime.cfg.num_layers
     max_ls = len(steps) * L - 1
     cache = runtime.cache
     complete, deferred, begin_layer, release = cache.complete, runtime.deferred, runtime.begin_layer, runtime.release
+    st = cache.stats
+    base = (0, 0)
     for si, step in enumerate(steps):
+        if si == count_from:
+            base = (st.hits, st.hits + st.misses + st.late_hits)
         tokens = step.tokens
         for layer in range(L):
             plan = begin_layer(si, layer, tokens, max_ls, uses[si * L + layer] if uses else None)
@@ -35,5 +43,14 @@ def ondemand_replay(steps: list[Step], runtime: PolicyRuntime, orders: list | No
                 for k in plan.order:
                     for s in release(k):
                         complete(s)
-    st = cache.stats
-    return st.hits, st.hits + st.misses + st.late_hits
+    return st.hits - base[0], st.hits + st.misses + st.late_hits - base[1]
+
+
+def ondemand_loads(policy: EvictionPolicy, ctx: CacheContext, cfg: RuntimeConfig, experts, token_ids,
+                   steps: list[Step]) -> list[tuple[int, int, int | None]]:
+    """The loads ``policy`` (a fresh instance) makes on demand over ``steps``, in order: (layer-step, key, victim
+    or None). What :class:`policies.clairvoyant.ClairvoyantLoads` plans a perfect-foresight run with."""
+    cache = ExpertCache(policy, ctx)
+    cache.load_log = []
+    ondemand_replay(steps, PolicyRuntime(cache, NoPredictor(), FixedHorizon(0), cfg, experts, token_ids))
+    return cache.load_log

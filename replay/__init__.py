@@ -2,8 +2,9 @@
 
 - :mod:`replay.prepare`: a configured run made ready to replay (trace, split, steps, keys, policies, models);
 - :mod:`replay.driver`: THE per-layer-step driver loop, with pluggable clock, copy and compute backends;
-- :mod:`replay.results`: the replay's result and the public ``results.json`` schema; :mod:`replay.outputs`
-  writes them;
+- :mod:`replay.results`: the replay's result and the public ``results.json`` schema; :mod:`replay.window` its
+  measured window (after the warm-up); :mod:`replay.outputs` writes them;
+- :mod:`replay.link`: the simulator's facts for the policy runtime's link-time budget;
 - :mod:`replay.hardware`: copy and compute models of hardware (presets and measured profiles);
 - :mod:`replay.channels`, :mod:`replay.serial_channel`: simulated copy channels (the simulator's copies and the
   bounds' schedules);

@@ -22,9 +22,10 @@ def bounds(p: Prepared) -> dict:
     return cached_bounds(p, lambda: compute_bounds(p), project_path(str(cache_dir)) if cache_dir else None)
 
 
-def min_replay(p: Prepared) -> tuple[float, ExpertCache, list[list[int]]]:
-    """Belady's MIN, on demand, at the run's capacity (timing-free): its hit rate, its cache (``stats.inserts``
-    are the loads MIN needs; ``load_log`` lists them) and each layer-step's compute order."""
+def min_replay(p: Prepared) -> tuple[tuple[float, float], ExpertCache, list[list[int]]]:
+    """Belady's MIN, on demand, at the run's capacity (timing-free): its hit rate (over the measured window, and
+    over the whole replay), its cache (``stats.inserts`` are the loads MIN needs; ``load_log`` lists them) and
+    each layer-step's compute order."""
     from policies.eviction.belady import Belady
     from policies.horizons.fixed import FixedHorizon
     from policies.predictors.none import NoPredictor
@@ -33,28 +34,51 @@ def min_replay(p: Prepared) -> tuple[float, ExpertCache, list[list[int]]]:
     b_rt = PolicyRuntime(b_cache, NoPredictor(), FixedHorizon(0), p.rcfg, p.test.experts, p.test.token_id)
     b_cache.load_log = []
     orders: list[list[int]] = []
-    hits, requests = ondemand_replay(p.steps, b_rt, orders)
-    return hits / requests, b_cache, orders
+    hits, requests = ondemand_replay(p.steps, b_rt, orders, count_from=p.warmup_steps)
+    st = b_cache.stats
+    return (hits / requests, st.hits / (st.hits + st.misses + st.late_hits)), b_cache, orders
 
 
 def belady_bounds(p: Prepared) -> dict:
     """The time-free half of :func:`bounds`: MIN's hit rate and loads at the run's capacity."""
-    rate, cache, _ = min_replay(p)
-    return {"belady_hit_rate": rate, "belady_misses_unique": cache.stats.inserts}
+    rates, cache, _ = min_replay(p)
+    return _belady(p, rates, cache)
+
+
+def _belady(p: Prepared, rates: tuple[float, float], cache: ExpertCache) -> dict:
+    first = p.warmup_steps * p.meta.num_layers
+    return {
+        "belady_hit_rate": rates[0],
+        "belady_misses_unique": sum(1 for now, _, _ in cache.load_log if now >= first),  # MIN's loads in the window
+        "whole_run": {"belady_hit_rate": rates[1], "belady_misses_unique": cache.stats.inserts},
+    }
 
 
 def compute_bounds(p: Prepared) -> dict:
-    """:func:`bounds`, always computed."""
+    """:func:`bounds`, always computed: the measured window's at the top level, the whole replay's under
+    ``whole_run`` (merge them into a results dict with :func:`add_bounds`)."""
     meta = p.meta
-    b_rate, b_cache, min_orders = min_replay(p)
+    rates, b_cache, min_orders = min_replay(p)
     args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, p.copy_bytes,
             meta.num_layers)
-    o_aggr = oracle_stall(*args, schedule="aggressive")
-    o_cons = oracle_stall(*args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders)
-    return {
-        "belady_hit_rate": b_rate,
-        "belady_misses_unique": b_cache.stats.inserts,  # expert loads MIN needs at this capacity
-        "oracle_stall_s": min(o_aggr, o_cons),
-        "oracle_aggressive_stall_s": o_aggr,
-        "oracle_conservative_stall_s": o_cons,
-    }
+    first = p.warmup_steps * meta.num_layers
+    o_aggr = oracle_stall(*args, schedule="aggressive", window_from=first)
+    o_cons = oracle_stall(*args, schedule="conservative", min_loads=b_cache.load_log, orders=min_orders,
+                          window_from=first)
+    o_pre = oracle_stall(*args, schedule="aggressive", window_from=first, preload=True)
+    out = _belady(p, rates, b_cache)
+    for i, block in ((1, out), (0, out["whole_run"])):  # the window's, the whole replay's
+        block.update({
+            "oracle_stall_s": min(o_aggr[i], o_cons[i], o_pre[i]),
+            "oracle_aggressive_stall_s": o_aggr[i],
+            "oracle_conservative_stall_s": o_cons[i],
+            "oracle_preloaded_stall_s": o_pre[i],
+        })
+    return out
+
+
+def add_bounds(results: dict, b: dict) -> None:
+    """Merge bounds (:func:`bounds`, :func:`belady_bounds`) into a results dict, the whole replay's included."""
+    b = dict(b)
+    results.setdefault("whole_run", {}).update(b.pop("whole_run", {}))
+    results.update(b)

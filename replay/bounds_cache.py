@@ -61,7 +61,7 @@ def bounds_digest(p) -> str:
     _feed(h, p.test.experts)
     _feed(h, [np.asarray(st.tokens, dtype=np.int64) for st in p.steps])
     _feed(h, [np.asarray(p.partition_of), list(p.capacity), p.copy_model, p.compute, int(p.copy_bytes),
-              int(p.meta.num_layers), list(p.rcfg.num_experts), int(p.rcfg.expert_bytes)])
+              int(p.meta.num_layers), list(p.rcfg.num_experts), int(p.rcfg.expert_bytes), int(p.warmup_steps)])
     return h.hexdigest()
 
 
@@ -72,21 +72,25 @@ BOUND_KEYS = {
     "oracle_stall_s": (False, math.inf),
     "oracle_aggressive_stall_s": (False, math.inf),
     "oracle_conservative_stall_s": (False, math.inf),
+    "oracle_preloaded_stall_s": (False, math.inf),
 }
+WHOLE_RUN = "whole_run"  # the same bounds over the whole replay (the top level is the measured window's)
 
 
-def entry_problem(obj) -> str | None:
-    """Why ``obj`` (a parsed cache file) is not a usable set of bounds, or None."""
+def entry_problem(obj, where: str = "") -> str | None:
+    """Why ``obj`` (a parsed cache file) is not a usable set of bounds, or None: :data:`BOUND_KEYS` at the top
+    level and again under ``whole_run``."""
     if not isinstance(obj, dict):
-        return f"expected a JSON object of bounds, got {type(obj).__name__}"
-    if set(obj) != set(BOUND_KEYS):
-        return f"expected the keys {sorted(BOUND_KEYS)}, got {sorted(obj)}"
+        return f"expected a JSON object of bounds{where}, got {type(obj).__name__}"
+    want = set(BOUND_KEYS) if where else {*BOUND_KEYS, WHOLE_RUN}
+    if set(obj) != want:
+        return f"expected the keys {sorted(want)}{where}, got {sorted(obj)}"
     for k, (integer, top) in BOUND_KEYS.items():
         v = obj[k]
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
         if isinstance(v, bool) or not ok or not math.isfinite(v) or not 0 <= v <= top:
-            return f"'{k}' is {v!r}, expected {'an integer' if integer else 'a number'} in [0, {top}]"
-    return None
+            return f"'{k}'{where} is {v!r}, expected {'an integer' if integer else 'a number'} in [0, {top}]"
+    return None if where else entry_problem(obj[WHOLE_RUN], f" under '{WHOLE_RUN}'")
 
 
 def cached_bounds(p, compute: Callable[[], dict], cache_dir: str | Path | None) -> dict:

@@ -32,9 +32,12 @@ class CopyQueue:
         self.entry: dict[int, int] = {}  # key -> seq of its live heap entry (a cancelled one's stays stale)
         self.submit_s: dict[int, float] = {}
         self.copying: set[int] = set()
+        self.started_s: dict[int, float] = {}  # key -> when its copy started, while it is copying
+        self.copy_time_s = model.seconds(expert_bytes)  # one copy alone on the link
         self.records: list[CopyRecord] | None = [] if log else None
         self.bytes_started = 0
         self.copies_started = 0
+        self.busy_s = 0.0  # seconds copies spent on the link, summed over the copies that landed
         self.bw_ewma_bytes_per_s = 0.0
         self._seq = 0
 
@@ -60,6 +63,18 @@ class CopyQueue:
     def busy(self) -> bool:
         return bool(self.queued) or bool(self.copying)
 
+    def backlog_s(self, priority: int) -> float:
+        """Copy work (seconds, summed over workers) a copy submitted now at ``priority`` finds ahead of it: what
+        remains of the copies in flight and every queued copy at a priority <= it (the link-time budget's fact,
+        :class:`policies.link_budget.LinkFacts`)."""
+        n = sum(1 for p in self.queued.values() if p <= priority)
+        return n * self.copy_time_s + self.in_flight_s()
+
+    def in_flight_s(self) -> float:
+        """What remains of the copies in flight, in seconds of one copy alone (summed)."""
+        now, c = self.now, self.copy_time_s
+        return sum(max(0.0, c - (now - self.started_s.get(k, now))) for k in self.copying)
+
     def _kick(self) -> None:
         raise NotImplementedError
 
@@ -73,11 +88,14 @@ class CopyQueue:
 
     def _start(self, key: int, prio: int) -> None:
         self.copying.add(key)
+        self.started_s[key] = self.now
         self.bytes_started += self.expert_bytes
         self.copies_started += 1
 
     def _landed(self, key: int, prio: int, start_s: float, end: float) -> None:
         self.copying.discard(key)
+        self.started_s.pop(key, None)
+        self.busy_s += end - start_s
         if end > start_s:
             rate = self.expert_bytes / (end - start_s)
             self.bw_ewma_bytes_per_s = rate if not self.bw_ewma_bytes_per_s else 0.8 * self.bw_ewma_bytes_per_s + 0.2 * rate

@@ -5,36 +5,41 @@ Per layer-step (:meth:`LayerDriver.layer_step`):
 1. the dense part of the layer runs (``compute.dense``);
 2. landed copies become usable (``copies.sync``), then ``runtime.begin_layer`` decides: which needed experts
    hit, which are late (still in flight), which miss (demand copies, slots reserved), what to prefetch;
-3. prefetches whose target layer-step has come without them being used, and whose copy has not started,
-   are cancelled; the demand and prefetch copies are submitted, late ones upgraded to demand priority;
+3. the demand and prefetch copies are submitted at the priorities the runtime gave them (demand first), late
+   ones upgraded to demand priority (the runtime itself cancels, on the ``link``, queued prefetches that can
+   no longer help: :mod:`policies.prefetch_queue`);
 4. the resident experts compute as one block (``compute.resident``), then the others in order, each waiting
    for its copy (a deferred demand first waits for a slot); after each, ``runtime.release`` may start deferred
    demands (only while any are deferred: otherwise releasing only unprotects the key, which nothing reads
    before the next ``begin_layer``);
 5. ``runtime.end_layer`` gets the layer's compute time (clock time since the submits, less the stall, plus the
-   dense part), its stall and the recent copy bandwidth.
+   dense part), its stall and the recent copy bandwidth; the ``link`` gets the compute time too (a measured
+   link estimates a layer-step's compute from it).
 
-The backends (:mod:`replay.backends`) own time, copies and compute; the loop owns the order of calls, the
-pending prefetches and the tallies. ``sim/fused.py`` is the simulator's fast path for common configurations,
-pinned equal to this loop, float for float, by ``tests/test_sim_fused.py``.
+The backends (:mod:`replay.backends`) own time, copies and compute, the ``link``
+(:class:`~policies.link_budget.LinkFacts`) tells the runtime about the copies' backlog and timing; the loop
+owns the order of calls and the tallies. :func:`replay_steps` takes a :class:`~replay.window.WindowMark` of the
+totals when the measured window's first step begins (``warmup_steps``). ``sim/fused.py`` is the simulator's
+fast path for common configurations, pinned equal to this loop, float for float, by ``tests/test_sim_fused.py``.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
 
 from policies.base import Step
+from policies.link_budget import DEMAND, LinkFacts
 from policies.runtime import LayerPlan, PolicyRuntime
 
 from .backends import Clock, ComputeBackend, CopyBackend
 from .results import LayerStats, LayerTally, ReplayResult
+from .window import WindowMark, take_mark
 
 PHASES = ("dense", "decide", "submit", "wait", "expert", "release", "end", "layer_steps", "expert_runs")
 
 
 class LayerDriver:
-    """The loop state of one replay (or one live model): pending prefetches, totals and per-layer tallies.
+    """The loop state of one replay (or one live model): totals and per-layer tallies.
 
     ``events`` (a list) collects compute spans for the Chrome trace. ``phases`` (a dict) gets the host seconds
     spent in each part of the loop added to it (instrumentation only, the decisions are the same): ``dense``,
@@ -42,15 +47,15 @@ class LayerDriver:
     ``end`` (tallies + ``end_layer``), and the counts ``layer_steps`` and ``expert_runs``."""
 
     def __init__(self, runtime: PolicyRuntime, clock: Clock, copies: CopyBackend, compute: ComputeBackend,
-                 num_layers: int, events: list | None = None, phases: dict[str, float] | None = None):
-        self.runtime, self.clock, self.copies, self.compute = runtime, clock, copies, compute
+                 link: LinkFacts, num_layers: int, events: list | None = None,
+                 phases: dict[str, float] | None = None):
+        self.runtime, self.clock, self.copies, self.compute, self.link = runtime, clock, copies, compute, link
         self.num_layers = num_layers
         self.events = events
         self.phases = phases
         if phases is not None:
             for k in PHASES:
                 phases.setdefault(k, 0.0)
-        self.pending: list[tuple[int, int]] = []  # heap of (target layer-step, key) of submitted prefetches
         self.tally = LayerTally(num_layers)
         self.stall_s = 0.0  # the compute stream's waits for copies
         self.compute_s = 0.0  # its dense and expert compute
@@ -67,23 +72,17 @@ class LayerDriver:
         if ph is not None:
             t1 = time.perf_counter()
         copies.sync()
-        plan = rt.begin_layer(step, layer, tokens, max_layer_step, uses)
+        plan = rt.begin_layer(step, layer, tokens, max_layer_step, uses, self.link)
         if plan.demand or plan.prefetch:
             copies.start()
-        now = plan.layer_step
-        pending, puses = self.pending, plan.uses
-        while pending and pending[0][0] <= now:  # prefetches whose target came and went without starting
-            _, k = heapq.heappop(pending)
-            if k not in puses and copies.cancel(k):
-                rt.cancel(k)
+        puses = plan.uses
         if ph is not None:
             t2 = time.perf_counter()
         submit = copies.submit
         for k in plan.demand:
-            submit(k, 0)
-        for k, target in plan.prefetch:
-            submit(k, 1 + target - now)
-            heapq.heappush(pending, (target, k))
+            submit(k, DEMAND)
+        for k, _, priority in plan.prefetch:
+            submit(k, priority)
         for k in plan.late:
             copies.upgrade(k)
         if ph is not None:
@@ -108,7 +107,7 @@ class LayerDriver:
                 copies.begin_wait()
                 while k in deferred:  # no slot yet: retry as copies land and computed experts free slots
                     for s in rt.retry_deferred():
-                        submit(s, 0)
+                        submit(s, DEMAND)
                     if k in deferred:
                         copies.wait_any(k)
                 if k in inflight:
@@ -128,7 +127,7 @@ class LayerDriver:
                 if started:
                     copies.start()
                     for s in started:
-                        submit(s, 0)
+                        submit(s, DEMAND)
                 if ph is not None:
                     release_s += time.perf_counter() - t4
         if ph is not None:
@@ -142,7 +141,9 @@ class LayerDriver:
         tally.late[layer] += lt
         tally.misses[layer] += m
         self.demand_loads += len(plan.misses)
-        rt.end_layer(clock.now() - t_layer - layer_stall + dense, layer_stall, copies.bandwidth_bytes_per_s(), plan)
+        compute_s = clock.now() - t_layer - layer_stall + dense
+        rt.end_layer(compute_s, layer_stall, copies.bandwidth_bytes_per_s(), plan)
+        self.link.observe_layer(compute_s)
         if ph is not None:
             ph["end"] += time.perf_counter() - t5
             ph["expert"] += expert_s
@@ -152,33 +153,44 @@ class LayerDriver:
             ph["expert_runs"] += len(plan.order)
         return plan
 
+    def mark(self, step: int, t: float) -> WindowMark:
+        """The totals now, at clock time ``t``, as step ``step`` (the measured window's first) begins."""
+        bytes_moved, copies, _ = self.copies.totals()
+        tally = self.tally
+        return take_mark(step, t, self.stall_s, self.compute_s, self.demand_loads, copies, bytes_moved,
+                         self.runtime.cache.stats, tally.requests, tally.hits, tally.late, tally.misses, tally.stall_s)
+
 
 def replay_steps(steps: list[Step], runtime: PolicyRuntime, clock: Clock, copies: CopyBackend,
-                 compute: ComputeBackend, num_layers: int, uses: list[dict[int, int]] | None = None,
-                 log: bool = False, phases: dict[str, float] | None = None) -> ReplayResult:
+                 compute: ComputeBackend, link: LinkFacts, num_layers: int, uses: list[dict[int, int]] | None = None,
+                 log: bool = False, phases: dict[str, float] | None = None, warmup_steps: int = 0) -> ReplayResult:
     """Replay ``steps`` x layers through :class:`LayerDriver`: pinned experts preloaded first (counted, not
     timed), then every layer-step; ``uses[i]`` (key -> tokens at layer-step i) may be precomputed. The caller has
-    handed the runtime the steps (``runtime.set_schedule``), if it wants a stateless predictor scored ahead."""
+    handed the runtime the steps (``runtime.set_schedule``), if it wants a stateless predictor scored ahead.
+    The result's ``mark`` holds the totals when step ``warmup_steps`` began (:mod:`replay.window`)."""
     wall0 = time.perf_counter()
     pinned = sorted(runtime.cache.policy.pinned())
     copies.preload(pinned)
     clock.start()
-    driver = LayerDriver(runtime, clock, copies, compute, num_layers, [] if log else None, phases)
+    driver = LayerDriver(runtime, clock, copies, compute, link, num_layers, [] if log else None, phases)
     L = num_layers
     max_ls = len(steps) * L - 1
     step_s: list[float] = []
     layer_step = driver.layer_step
+    mark = None
     for si, step in enumerate(steps):
         t_step = clock.now()
+        if si == warmup_steps:
+            mark = driver.mark(si, t_step)
         tokens = step.tokens
         for layer in range(L):
             layer_step(si, layer, tokens, max_ls, uses[si * L + layer] if uses else None)
         step_s.append(clock.now() - t_step)
-    return replay_result(steps, driver, clock.now(), step_s, len(pinned), time.perf_counter() - wall0)
+    return replay_result(steps, driver, clock.now(), step_s, len(pinned), time.perf_counter() - wall0, mark)
 
 
 def replay_result(steps: list[Step], driver: LayerDriver, total_s: float, step_s: list[float], preloaded: int,
-                  wall_s: float) -> ReplayResult:
+                  wall_s: float, mark: WindowMark | None) -> ReplayResult:
     """The :class:`ReplayResult` of a finished replay from its driver's totals (the fused fast path fills a
     driver's totals the same way)."""
     stats = LayerStats.zeros(driver.num_layers)
@@ -189,4 +201,5 @@ def replay_result(steps: list[Step], driver: LayerDriver, total_s: float, step_s
         step_phase=[s.phase for s in steps], step_tokens=[len(s.tokens) for s in steps], bytes_moved=bytes_moved,
         copies=copies, demand_loads=driver.demand_loads, layers=stats, wall_s=wall_s,
         events=driver.events if driver.events is not None else [], copy_records=records, preload_copies=preloaded,
+        mark=mark,
     )

@@ -14,6 +14,7 @@ from traces.io import atomic_path
 
 from .errors import OutputWriteError
 from .results import ReplayResult
+from .window import window_layers
 
 
 def write_json(path: Path, obj) -> None:
@@ -38,7 +39,8 @@ def run_line(results: dict) -> str:
 
 
 def per_layer_frame(res: ReplayResult) -> pd.DataFrame:
-    ls = res.layers
+    """Per-layer figures of the measured window (after the warm-up, as results.json's top level)."""
+    ls = window_layers(res)
     df = pd.DataFrame(
         {
             "layer": range(len(ls.requests)),

@@ -9,13 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.cache import ExpertCache, capacities_for, partitions_for
+from policies.clairvoyant import ClairvoyantLoads
 from policies.future import FutureIndex, step_keys
+from policies.ondemand import ondemand_loads
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
 
 from .errors import RunConfigError
 from .hardware import build_models
 from .trace_source import resolve_trace
+from .window import warmup_steps
 
 
 def instantiate(node, what: str):
@@ -48,6 +51,8 @@ class Prepared:
     copy_model: object
     compute: object
     plan_wall_s: float
+    warmup_tokens: int = 0  # tokens replayed first but not counted (replay/window.py)
+    warmup_steps: int = 0  # the steps they fill: the measured window starts at this step
 
     @property
     def copy_bytes(self) -> int:
@@ -86,6 +91,7 @@ def prepare(cfg) -> Prepared:
     t_plan = time.perf_counter()
     steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), routes)
     plan_wall_s = time.perf_counter() - t_plan
+    warm_tokens, warm_steps = warmup_steps(steps, cfg.get("warmup_tokens"))
     needed, uses = step_keys(test, steps, meta.layer_offsets)
     future = FutureIndex(needed)
     popularity = np.bincount(train.flat_ids().ravel(), minlength=meta.total_experts).astype(float)
@@ -93,17 +99,24 @@ def prepare(cfg) -> Prepared:
         meta.num_experts, partition_of, capacity, meta.top_k, meta.expert_bytes, int(cfg.batch_size), future,
         train=train, popularity=popularity, model_path=meta.model_path,
     )
+    pf = cfg.get("prefetch") or {}
     rcfg = RuntimeConfig(
         meta.num_layers, meta.num_experts, meta.expert_bytes,
         min_score=float(cfg.predictor.get("min_score", 0.05)), max_per_layer=cfg.predictor.get("max_per_layer"),
+        admission=bool(pf.get("admission", True)), link_budget=bool(pf.get("link_budget", True)),
+        speculative_below=float(pf.get("speculative_below", 0.5)),
+        admission_margin=float(pf.get("admission_margin", 0.1)),
     )
     predictor.reset(pctx)
     horizon.reset(hctx)
     hidden = test.hidden_states() if predictor.needs_hidden else None
     runtime = PolicyRuntime(ExpertCache(eviction, cctx), predictor, horizon, rcfg, test.experts, test.token_id, hidden,
-                            test.seq_id)
+                            test.seq_id, future=future)
+    if runtime.clairvoyant and rcfg.admission:  # perfect foresight of the eviction policy's own loads
+        loads = ondemand_loads(instantiate(cfg.cache, "cache"), cctx, rcfg, test.experts, test.token_id, steps)
+        runtime.use_loads(ClairvoyantLoads(loads, future))
     return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
-                    runtime, copy_model, compute, plan_wall_s)
+                    runtime, copy_model, compute, plan_wall_s, warm_tokens, warm_steps)
 
 
 def check_replay_span(max_tokens, test_fraction) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .trace_source import trace_name
+from .window import WindowMark, windowed
 
 RESULTS_SCHEMA = "expertflow.results/1"
 
@@ -76,23 +77,57 @@ class ReplayResult:
     events: list = field(default_factory=list)  # compute spans for the Chrome trace (if logged)
     copy_records: list | None = None
     preload_copies: int = 0  # pinned experts (static policies) loaded before the replay: counted, not timed
+    mark: WindowMark | None = None  # the totals when the measured window began (replay/window.py)
+
+
+# the figures results.json also keeps for the whole replay, warm-up included, under ``whole_run``
+WHOLE_RUN_KEYS = ("stall_s", "total_s", "tpot_s", "tpot_p50_s", "tpot_p90_s", "ttft_s", "tokens_per_s", "hit_rate",
+                  "late_hit_rate", "miss_rate", "prefetch_precision", "prefetch_recall", "prefetch_issued",
+                  "wasted_bytes", "bytes_moved", "copies", "expert_requests", "allresident_total_s", "steps",
+                  "tokens", "request_tpot_s", "distinct_experts_per_layer_step")
 
 
 def results_dict(p, res: ReplayResult, expert_bytes: int, driver: str) -> dict:
     """The metrics every driver reports (the public results.json schema), from a prepared run ``p``
-    (:class:`~replay.prepare.Prepared`) and its replay's result."""
+    (:class:`~replay.prepare.Prepared`) and its replay's result: the measured window (after the warm-up,
+    :mod:`replay.window`) at the top level, the whole replay under ``whole_run``."""
+    stats = p.runtime.cache.stats
+    win_res, win_stats = windowed(res, stats, res.mark)
+    first = res.mark.step if res.mark is not None else 0
+    out = _metrics(p, win_res, win_stats, expert_bytes, first)
+    whole = _metrics(p, res, stats, expert_bytes, 0)
+    info = run_info(p.cfg, p.meta, p.capacity, p.scope, p.copy_model)
+    info.update(driver=driver, expert_bytes=expert_bytes)
+    out.update({
+        "schema": RESULTS_SCHEMA,
+        "run": info,
+        "warmup_tokens": p.warmup_tokens,  # replayed first, not counted in the top-level figures
+        "warmup_steps": first,
+        "whole_run": {k: whole[k] for k in WHOLE_RUN_KEYS},
+        "preload_bytes": res.preload_copies * expert_bytes,  # of whole_run.bytes_moved: pinned experts loaded first
+        "fast_memory_bytes": int(sum(p.capacity)) * expert_bytes,  # expert slots in fast memory
+        "all_experts_bytes": int(p.meta.total_experts) * expert_bytes,  # what holding every expert would take
+        "scheduler_wall_s": p.plan_wall_s,
+        # policy-specific counters (e.g. the expertflow cache's mispredictions); {} for most policies
+        "policy_stats": dict(p.runtime.cache.policy.policy_stats()),
+        # the prefetch distance over the run, run-length encoded: [layer-step, distance] at every change, then
+        # [layer-steps replayed, last distance] (null on demand: nothing is predicted)
+        "horizon_trajectory": trajectory(p.runtime.horizon_trajectory, len(p.steps) * p.meta.num_layers)
+        if not p.runtime.silent else None,
+    })
+    return out
+
+
+def _metrics(p, res: ReplayResult, st, expert_bytes: int, first_step: int) -> dict:
+    """The figures of ``res`` and the cache counters ``st`` over the steps from ``first_step`` on."""
     from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
-    st = p.runtime.cache.stats
     requests = int(res.layers.requests.sum())
     decode = [s for s, ph in zip(res.step_s, res.step_phase) if ph == PHASE_DECODE]
     prefill = [s for s, ph in zip(res.step_s, res.step_phase) if ph == PHASE_PREFILL]
     decode_tokens = sum(n for n, ph in zip(res.step_tokens, res.step_phase) if ph == PHASE_DECODE)
-    info = run_info(p.cfg, p.meta, p.capacity, p.scope, p.copy_model)
-    info.update(driver=driver, expert_bytes=expert_bytes)
+    L = p.meta.num_layers
     return {
-        "schema": RESULTS_SCHEMA,
-        "run": info,
         "stall_s": res.stall_s,
         "total_s": res.total_s,
         "tpot_s": float(np.mean(decode)) if decode else None,
@@ -100,30 +135,30 @@ def results_dict(p, res: ReplayResult, expert_bytes: int, driver: str) -> dict:
         "tpot_p90_s": float(np.percentile(decode, 90)) if decode else None,
         "ttft_s": float(np.mean(prefill)) if prefill else None,
         "tokens_per_s": decode_tokens / res.total_s if res.total_s > 0 else None,
-        "hit_rate": st.hits / requests,
-        "late_hit_rate": st.late_hits / requests,
-        "miss_rate": st.misses / requests,
-        "prefetch_precision": st.prefetch_used / st.prefetch_inserts if st.prefetch_inserts else None,
+        "hit_rate": st.hits / requests if requests else None,
+        "late_hit_rate": st.late_hits / requests if requests else None,
+        "miss_rate": st.misses / requests if requests else None,
+        "prefetch_precision": st.prefetch_used / st.prefetch_inserts if st.prefetch_inserts > 0 else None,
         "prefetch_recall": (
-            st.prefetch_used / (st.prefetch_used + res.demand_loads) if st.prefetch_inserts else None
+            st.prefetch_used / (st.prefetch_used + res.demand_loads) if st.prefetch_inserts > 0 else None
         ),
         "prefetch_issued": st.prefetch_inserts,
         "wasted_bytes": st.prefetch_wasted * expert_bytes,
         "bytes_moved": res.bytes_moved,
-        "preload_bytes": res.preload_copies * expert_bytes,  # of bytes_moved: pinned experts loaded before the run
         "copies": res.copies,
         "expert_requests": requests,
         "allresident_total_s": res.compute_s,
-        "fast_memory_bytes": int(sum(p.capacity)) * expert_bytes,  # expert slots in fast memory
-        "all_experts_bytes": int(p.meta.total_experts) * expert_bytes,  # what holding every expert would take
-        "steps": len(p.steps),
-        "distinct_experts_per_layer_step": float(np.mean([len(u) for u in p.uses])),
-        "request_tpot_s": request_tpot(p.steps, res.step_s),
-        "scheduler_wall_s": p.plan_wall_s,
+        "steps": len(res.step_s),
+        "distinct_experts_per_layer_step": float(np.mean([len(u) for u in p.uses[first_step * L:]])),
+        "request_tpot_s": request_tpot(p.steps[first_step:], res.step_s),
         "tokens": int(sum(res.step_tokens)),
-        # policy-specific counters (e.g. the expertflow cache's mispredictions); {} for most policies
-        "policy_stats": dict(p.runtime.cache.policy.policy_stats()),
     }
+
+
+def trajectory(changes: list[tuple[int, int]], end: int) -> list[list[int]]:
+    """The horizon's (layer-step, distance) changes, closed with (``end``, the last distance)."""
+    out = [[int(t), int(d)] for t, d in changes]
+    return out + [[int(end), out[-1][1]]] if out else out
 
 
 def request_tpot(steps, step_s: list[float]) -> float | None:
@@ -166,6 +201,7 @@ def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
         "capacity_slots_per_layer": slots_per_layer,
         "capacity_fraction": sum(capacity) / meta.total_experts if scope == "global" else slots_per_layer / float(np.mean(meta.num_experts)),
         "expert_bytes": meta.expert_bytes,
+        "num_layers": int(meta.num_layers),
         "batch_size": int(cfg.batch_size),
         "seed": int(cfg.seed),
     }

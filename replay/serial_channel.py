@@ -76,6 +76,9 @@ class SerialChannel(CopyQueue):
         self.wait_key(key)
         return self.now if self.now > t else t
 
+    def in_flight_s(self) -> float:
+        return self._end - self.now if self._cur is not None and self._end > self.now else 0.0
+
     def wait_any(self) -> None:
         if self._wake:
             self._serve(self.now)

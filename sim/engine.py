@@ -19,6 +19,7 @@ from policies.runtime import PolicyRuntime
 from replay.channels import CopyChannels, make_channels
 from replay.driver import replay_steps
 from replay.hardware import ComputeModel, CopyModel
+from replay.link import SimLink
 from replay.results import ReplayResult
 
 from .backends import ChannelCopies, ModelCompute, VirtualClock
@@ -36,11 +37,13 @@ def replay(
     uses: list[dict[int, int]] | None = None,
     simpy_channels: bool = False,
     fused: bool = True,
+    warmup_steps: int = 0,
 ) -> ReplayResult:
     """Replay ``steps`` through ``runtime``; ``uses[i]`` (key -> tokens at layer-step i) may be precomputed.
     ``simpy_channels`` forces the SimPy copy channels even where the direct :class:`SerialChannel` applies
     (the two give identical results, float for float); ``fused=False`` forces the driver loop where
-    :mod:`sim.fused`'s would apply (identical results too)."""
+    :mod:`sim.fused`'s would apply (identical results too). The result's ``mark`` holds the totals when step
+    ``warmup_steps`` (the first measured one, :mod:`replay.window`) began."""
     with gc_paused():
         cache = runtime.cache
         if simpy_channels:
@@ -50,7 +53,9 @@ def replay(
         clock = VirtualClock()
         copies = ChannelCopies(chan, clock, expert_bytes)
         comp = ModelCompute(compute, clock, steps)
+        link = SimLink(chan, compute, int(runtime.experts.shape[2]))
         runtime.set_schedule(steps)  # lets a stateless predictor score many layer-steps per call
         if uses is not None and fused and fused_applies(runtime, chan, log):
-            return replay_fused(steps, runtime, copies, comp, num_layers, uses)
-        return replay_steps(steps, runtime, clock, copies, comp, num_layers, uses, log)
+            return replay_fused(steps, runtime, copies, comp, link, num_layers, uses, warmup_steps)
+        return replay_steps(steps, runtime, clock, copies, comp, link, num_layers, uses, log,
+                            warmup_steps=warmup_steps)

@@ -18,13 +18,15 @@ float, to the general loop's on every policy family it accepts. Change one, chan
 
 from __future__ import annotations
 
-import heapq
 import time
 
+from policies.link_budget import DEMAND
 from policies.runtime import PolicyRuntime
 from replay.driver import LayerDriver, replay_result
+from replay.link import SimLink
 from replay.results import ReplayResult
 from replay.serial_channel import SerialChannel
+from replay.window import take_mark
 
 from .backends import ChannelCopies, ModelCompute, hits_compute_s
 
@@ -32,7 +34,8 @@ from .backends import ChannelCopies, ModelCompute, hits_compute_s
 def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
     """Whether :func:`replay_fused` handles this run exactly (else the general loop does): one serial copy
     channel, no event log, a predictor that is stateless (scored by the runtime's table) or never predicts, a
-    horizon of fixed distance that ignores feedback, and a cache that wants no predictions."""
+    horizon of fixed distance that ignores feedback, a cache that wants no predictions, and no clairvoyant load
+    plan (the oracle's: :mod:`policies.clairvoyant`)."""
     horizon = runtime.horizon
     return (
         type(chan) is SerialChannel
@@ -42,6 +45,7 @@ def fused_applies(runtime: PolicyRuntime, chan, log: bool) -> bool:
         and type(horizon).ignores_feedback
         and not type(runtime.cache.policy).wants_predictions
         and runtime.cache.load_log is None
+        and runtime.loads is None
     )
 
 
@@ -53,7 +57,7 @@ def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
     inflight, deferred = runtime.cache.inflight, runtime.deferred
     while key in deferred:
         for k in runtime.retry_deferred():
-            chan.submit(k, 0)
+            chan.submit(k, DEMAND)
         if key in deferred:
             if not chan.busy():
                 raise RuntimeError(f"deadlock: expert key {key} can never get a slot (capacity too small)")
@@ -63,17 +67,18 @@ def wait_ready(key: int, t: float, chan, runtime: PolicyRuntime) -> float:
     return chan.now if chan.now > t else t
 
 
-def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: ModelCompute, num_layers: int,
-                 uses) -> ReplayResult:
+def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: ModelCompute, link: SimLink,
+                 num_layers: int, uses, warmup_steps: int = 0) -> ReplayResult:
     """Replay ``steps`` (``uses[i]``: key -> tokens at layer-step i, required) on the simulator's backends
-    (``copies`` over a :class:`~replay.serial_channel.SerialChannel`), as :func:`replay.driver.replay_steps` does;
-    the runtime has its schedule (``set_schedule``)."""
+    (``copies`` over a :class:`~replay.serial_channel.SerialChannel`, ``link`` its facts), as
+    :func:`replay.driver.replay_steps` does, the window mark taken when step ``warmup_steps`` begins; the runtime
+    has its schedule (``set_schedule``)."""
     wall0 = time.perf_counter()
     rt = runtime
     cache = rt.cache
     pinned = sorted(cache.policy.pinned())
     copies.preload(pinned)
-    driver = LayerDriver(rt, copies.clock, copies, comp, num_layers)  # holds the totals and tallies
+    driver = LayerDriver(rt, copies.clock, copies, comp, link, num_layers)  # holds the totals and tallies
     tally = driver.tally
     chan, compute = copies.chan, comp.model
     stats = cache.stats
@@ -84,7 +89,7 @@ def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: Mod
     tab = rt.prefetch_table
     L = num_layers
     max_ls = len(steps) * L - 1
-    pending_prefetch: list[tuple[int, int]] = []  # heap of (target layer-step, key)
+    pending = rt.pending
     t = 0.0
     stall_total = compute_total = 0.0
     demand_loads = 0
@@ -95,13 +100,24 @@ def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: Mod
     deferred = rt.deferred
     advance, submit, upgrade, wait_until_landed = chan.advance, chan.submit, chan.upgrade, chan.wait_until_landed
     queued, copying = chan.queued, chan.copying
-    heappush, heappop = heapq.heappush, heapq.heappop
 
     K = int(rt.experts.shape[2])
     d = 0 if rt.silent else int(distance())  # constant: fused_applies requires a fixed distance
+    if not rt.silent:
+        rt.note_distance(0, d)
     e1 = expert_s[1] if len(expert_s) > 1 else 0.0
     quiet_uses = 0  # uses in quiet layers: all hits, added to the cache's stats at the end (nothing reads them before)
+    mark = None
+    done_uses = 0  # (token, expert) uses per layer in the steps replayed so far
     for si, step in enumerate(steps):
+        if si == warmup_steps:  # the per-layer requests and hits this loop only sums at the end
+            stats.hits += quiet_uses
+            quiet_uses = 0
+            bytes_moved, ncopies, _ = copies.totals()
+            mark = take_mark(si, t, stall_total, compute_total, demand_loads, ncopies, bytes_moved, stats,
+                             [done_uses] * L, [done_uses - lt - m for lt, m in zip(late_l, miss_l)], late_l, miss_l,
+                             stall_l)
+        done_uses += K * len(step.tokens)
         t_step = t
         ntok = len(step.tokens)
         nuses = ntok * K  # (token, expert) uses per layer-step: every token routes to K experts
@@ -137,17 +153,19 @@ def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: Mod
             # A quiet layer: every expert resident (not in flight, not an unused prefetch), every prediction
             # already present, no expired prefetch to drop. Then no copy starts and the experts just compute.
             if (quiet and present.issuperset(needed) and inflight.isdisjoint(needed)
-                    and (not pu or pu.isdisjoint(needed)) and (not pending_prefetch or pending_prefetch[0][0] > now)):
+                    and (not pu or pu.isdisjoint(needed)) and pending.review_at() > now):
                 on_hits(needed, now)
                 block = e1 * nuses if once else sum([expert_s[u[k]] for k in needed])  # hits_compute_s, inlined
                 t += block
                 compute_total += block
                 quiet_uses += nuses
                 continue
-            rt.now = now  # read by retry_deferred
+            rt.at(si, layer, step.tokens, len(needed))
             # PolicyRuntime.begin_layer's steps for a layer where something happens, without its LayerPlan (the
             # count of prefetches used only feeds the horizon, which ignores feedback here)
             hits, late, misses, (h, lt, m), _ = use_layer(needed, u, now, once)
+            if pending.review_at() <= now:
+                rt.review_prefetches(u, link)
             demand = []
             protected = bool(misses)  # rt.protected is read by the reservations and by release: built only then
             if misses:
@@ -159,19 +177,14 @@ def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: Mod
                     if not protected:
                         rt.protected = set(needed)
                         protected = True
-                    rt.reserve_prefetches(chosen, now, now + ahead, prefetch, None)
+                    rt.reserve_prefetches(chosen, now, now + ahead, prefetch, None, link)
             # --- LayerDriver.layer_step
             if demand or prefetch:
                 advance(t)
-            while pending_prefetch and pending_prefetch[0][0] <= now:
-                _, k = heappop(pending_prefetch)
-                if k in queued and k not in u and chan.cancel(k):
-                    rt.cancel(k)
             for k in demand:
-                submit(k, 0)
-            for k, target in prefetch:
-                submit(k, 1 + target - now)
-                heappush(pending_prefetch, (target, k))
+                submit(k, DEMAND)
+            for k, _, priority in prefetch:
+                submit(k, priority)
             for k in late:
                 upgrade(k)
             layer_stall = 0.0
@@ -198,7 +211,7 @@ def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: Mod
                     if started:
                         advance(t)
                         for s in started:
-                            submit(s, 0)
+                            submit(s, DEMAND)
             stall_total += layer_stall
             stall_l[layer] += layer_stall
             late_l[layer] += lt
@@ -214,4 +227,4 @@ def replay_fused(steps, runtime: PolicyRuntime, copies: ChannelCopies, comp: Mod
     rt.now = max_ls
     driver.stall_s, driver.compute_s, driver.demand_loads = stall_total, compute_total, demand_loads
     copies.clock.t = t
-    return replay_result(steps, driver, t, step_s, len(pinned), time.perf_counter() - wall0)
+    return replay_result(steps, driver, t, step_s, len(pinned), time.perf_counter() - wall0, mark)

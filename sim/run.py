@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from replay.bounds import bounds
+from replay.bounds import add_bounds, bounds
 from replay.outputs import write_outputs
 from replay.prepare import prepare
 from replay.results import results_dict
@@ -20,9 +20,10 @@ def simulate(cfg, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
     p = prepare(cfg)
     log = bool(cfg.output.get("chrome_trace", False))
-    res = replay(p.steps, p.runtime, p.copy_model, p.compute, p.copy_bytes, p.meta.num_layers, log=log, uses=p.uses)
+    res = replay(p.steps, p.runtime, p.copy_model, p.compute, p.copy_bytes, p.meta.num_layers, log=log, uses=p.uses,
+                 warmup_steps=p.warmup_steps)
     results = results_dict(p, res, p.copy_bytes, "sim")
-    results.update(bounds(p))
+    add_bounds(results, bounds(p))
     results["sim_wall_s"] = time.perf_counter() - wall0
     write_outputs(out_dir, results, res, p.meta.num_layers, log)
     return results

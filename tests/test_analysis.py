@@ -182,3 +182,60 @@ def test_a_synthetic_runs_results_name_whose_statistics_it_borrows(tmp_path):
     assert "borrowed from Qwen3-30B-A3B" in source and "no published DeepSeek-V2-Lite" in source
     assert main(["report", str(tmp_path / "runs")]) == 0
     assert f"Trace deepseek-synth: {source}." in (tmp_path / "runs" / "report" / "report.md").read_text()
+
+
+def batching_run(root, i, strategy, batch, frac, stall, oracle, trajectory=None):
+    """A results.json as one run of ``analysis batching``'s sweep writes it (the keys the report reads)."""
+    cache, predictor, horizon = {"ondemand-lru": ("lru", "none", "fixed"), "oracle-belady": ("belady", "oracle", "fixed"),
+                                 "transition-adaptive": ("lru", "transition", "adaptive")}[strategy]
+    d = root / "batching-deepseek-synth" / f"{i}"
+    d.mkdir(parents=True)
+    tokens, steps = 64 * batch, 64
+    res = {
+        "schema": "expertflow.results/1",
+        "run": {"driver": "sim", "trace_name": "deepseek-synth", "model": "m", "policy": f"{cache}+{predictor}",
+                "cache": cache, "predictor": predictor, "horizon": horizon, "horizon_distance": 1, "scheduler": "fifo",
+                "hardware": "a100-pcie4", "bandwidth_gbps": 25.0, "capacity_fraction": frac, "capacity_slots_per_layer": 8,
+                "batch_size": batch, "seed": 0, "expert_bytes": 10, "scope": "per_layer"},
+        "stall_s": stall, "total_s": stall + 1.0, "hit_rate": 0.5, "belady_hit_rate": 0.8, "oracle_stall_s": oracle,
+        "bytes_moved": 100, "copies": 10, "tokens": tokens, "steps": steps, "whole_run": {"steps": steps + 6},
+        "horizon_trajectory": trajectory,
+    }
+    (d / "results.json").write_text(json.dumps(res))
+
+
+def test_batching_report_from_results(tmp_path):
+    """``analysis batching``'s tables and figures from a sweep's results: stall per decoded token by strategy and
+    batch size, the bound's row (the least of the runs' bounds), the tokens a step held, the trajectories."""
+    from analysis.batching import collect, tables, trajectories, write_report
+
+    runs = tmp_path / "runs"
+    i = 0
+    for batch in (1, 16):
+        for strategy, stall in (("ondemand-lru", 6.4), ("oracle-belady", 3.2), ("transition-adaptive", 6.4)):
+            traj = [[0, 0], [40, 1 if batch == 1 else 0]] if strategy == "transition-adaptive" else None
+            batching_run(runs, i, strategy, batch, 0.5, stall * batch, 1.6 * batch + (0.1 if i % 2 else 0), traj)
+            i += 1
+    df = collect(runs, ["batching-deepseek-synth"])
+    (t,) = tables(df).values()
+    row = {r.strategy: r for r in t.itertuples(index=False)}
+    assert row["ondemand-lru"][1] == pytest.approx(1e3 * 6.4 / 64) and row["oracle-belady"][2] == pytest.approx(1e3 * 3.2 * 16 / (64 * 16))
+    assert row["oracle bound"][1] == pytest.approx(1e3 * 1.6 / 64)  # the least of the runs' bounds at batch 1
+    assert row["tokens/step"][2] == 16
+    trajs = trajectories(runs, ["batching-deepseek-synth"])
+    assert sorted(t["batch"] for t in trajs) == [1, 16] and trajs[0]["trajectory"][0] == [0, 0]
+    doc = write_report(df, trajs, tmp_path / "out", "test")
+    assert doc["runs"] == 6 and (tmp_path / "out" / "stall_vs_batch.png").stat().st_size > 0
+    assert (tmp_path / "out" / "horizon_trajectory.png").exists()
+    md = (tmp_path / "out" / "batching.md").read_text()
+    assert "## deepseek-synth, 50% cached" in md and "| oracle bound |" in md
+
+
+@pytest.mark.slow
+def test_batching_quick_end_to_end(tmp_path):
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "analysis", "batching", "--quick", "--runs", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "report" / "batching.json").read_text())
+    assert doc["runs"] == 9 and {r["batch_size"] for r in doc["rows"]} == {1, 4, 16}

@@ -89,26 +89,42 @@ def keys(dev: FakeDevice) -> list[int]:
 
 
 # -- the pure scheduler -------------------------------------------------------------------------------------
-def test_window_bounds_the_streams_and_a_later_demand_overtakes_queued_prefetches():
+def test_a_demand_waits_behind_at_most_the_copy_running_on_its_stream():
+    """Prefetches go onto a stream only while it is idle, so a later demand is enqueued at once behind the one
+    copy running (a stream runs in order: with two prefetches committed to it, as the scheduler used to allow,
+    a demand waited behind both); demands fill up to ``window``."""
     dev = FakeDevice()
     s = CopyScheduler(dev, streams=1, window=2, clock=lambda: 0.0)
     for k in range(6):
         s.submit(k, slot=k, priority=3)
-    assert keys(dev) == [0, 1] and s.depth(0) == 2  # only `window` copies on the stream
+    assert keys(dev) == [0] and s.depth(0) == 1  # one prefetch on the stream, the rest in the host queue
     s.submit(9, slot=7, priority=0)
-    assert keys(dev) == [0, 1] and s.is_queued(9)  # the window is full: the demand waits in the host queue
+    assert keys(dev) == [0, 9] and not s.is_queued(9)  # straight onto the stream, behind the running copy only
+    s.submit(8, slot=8, priority=0)
+    assert keys(dev) == [0, 9] and s.is_queued(8)  # the window is full: the next demand waits in the host queue
     dev.land(0)
     assert s.poll() == 1 and s.dispatch() == 1
-    assert keys(dev) == [0, 1, 9]  # next on the stream: the demand, not prefetch 2
+    assert keys(dev) == [0, 9, 8]  # next on the stream: the demand, not prefetch 1
     while s.busy():
         dev.land(*keys(dev))
         s.poll()
         s.dispatch()
-    assert keys(dev) == [0, 1, 9, 2, 3, 4, 5]  # FIFO within a priority
-    assert s.take_landed() == [0, 1, 9, 2, 3, 4, 5] and s.take_landed() == []
-    assert s.copies_started == 7 and s.bytes_started == 7 * dev.nbytes
+    assert keys(dev) == [0, 9, 8, 1, 2, 3, 4, 5]  # FIFO within a priority
+    assert s.take_landed() == [0, 9, 8, 1, 2, 3, 4, 5] and s.take_landed() == []
+    assert s.copies_started == 8 and s.bytes_started == 8 * dev.nbytes
     rec = {r.key: r for r in s.records}
     assert rec[9].priority == 0 and rec[9].slot == 7 and rec[2].priority == 3 and rec[9].nbytes == dev.nbytes
+
+
+def test_prefetches_wait_for_an_idle_stream():
+    """With every stream busy (a prefetch running on each) no further prefetch is enqueued, however many wait."""
+    dev = FakeDevice()
+    s = CopyScheduler(dev, streams=2, window=2, clock=lambda: 0.0)
+    for k in range(5):
+        s.submit(k, slot=k, priority=1 + k)
+    assert [(k, st) for k, _, st in dev.issued] == [(0, 0), (1, 1)] and s.depth(0) == s.depth(1) == 1
+    dev.land(1)
+    assert s.poll() == 1 and s.dispatch() == 1 and dev.issued[-1] == (2, 2, 1)  # the freed stream takes the next
 
 
 def test_upgrade_and_cancel_act_on_the_host_queue_only():
@@ -134,11 +150,28 @@ def test_upgrade_and_cancel_act_on_the_host_queue_only():
     assert keys(dev) == [0, 3, 1, 2] and not s.busy() and s.done == {0, 1, 2, 3}
 
 
+def test_scheduler_backlog_counts_the_host_queue_and_the_streams():
+    dev = FakeDevice()
+    now = [0.0]
+    s = CopyScheduler(dev, streams=1, window=2, clock=lambda: now[0])
+    assert s.backlog_s(99) == 0.0  # no copy timed yet
+    s.submit(0, slot=0, priority=0)
+    dev.land(0)
+    s.poll()
+    assert s.copy_ewma_s == pytest.approx(0.5)  # the fake device times every copy at 0.5 s
+    s.submit(1, slot=1, priority=3)  # onto the idle stream
+    s.submit(2, slot=2, priority=3)
+    s.submit(3, slot=3, priority=7)
+    now[0] = 0.2  # 0.2 s after copy 1 was enqueued: 0.3 s of it left
+    assert s.backlog_s(0) == pytest.approx(0.3) and s.backlog_s(3) == pytest.approx(0.8)
+    assert s.backlog_s(7) == pytest.approx(1.3)
+
+
 def test_streams_fill_evenly_and_only_stream_heads_retire():
     dev = FakeDevice()
     s = CopyScheduler(dev, streams=2, window=2, clock=lambda: 0.0)
     for k in range(6):
-        s.submit(k, slot=k, priority=1)
+        s.submit(k, slot=k, priority=0)  # demands: up to ``window`` per stream
     assert [st for _, _, st in dev.issued] == [0, 1, 0, 1] and s.depth(0) == s.depth(1) == 2
     dev.land(2)  # behind 0 on stream 0: a stream runs in order, so 2 cannot be retired before 0
     assert s.poll() == 0 and s.oldest().key == 0
@@ -251,7 +284,7 @@ def test_replay_loop_drives_the_cuda_engine_unchanged(tmp_path, cache, predictor
     eng = CudaTransferEngine(CpuCopyDevice(host, slots), streams=2, window=2)
     compute = LayerCompute(layout, memoryview(slots.numpy()).cast("B"))
     try:
-        res = execute(p.steps, p.runtime, eng, compute, p.meta.num_layers, p.uses)
+        res = execute(p.steps, p.runtime, eng, compute, p.meta.num_layers, p.uses, warmup_steps=p.warmup_steps)
     finally:
         eng.close()
     real = results_dict(p, res, layout.stride_bytes, "executor")

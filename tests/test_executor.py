@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from executor.profile import fit_alpha_beta
 from executor.tier import HEADER_BYTES, ExpertReader, StoreLayout, TierError, aligned_buffer, write_store
 from executor.transfer import TransferEngine
+from policies.link_budget import prefetch_target
 from traces import write_trace
 
 LAYOUT = StoreLayout([4, 4], hidden=32, intermediate=48, seed=1)
@@ -112,6 +113,28 @@ def test_demand_overtakes_queued_prefetches_and_cancel(store):
     r.close()
 
 
+def test_transfer_engine_reports_its_link_facts(store):
+    """What the runtime's link budget reads from the CPU tier: nothing before a copy landed, then the measured copy
+    time, the queued work at a priority or better, and the share of time the threads were reading."""
+    r = ExpertReader(store)
+    slots = aligned_buffer(8 * LAYOUT.stride_bytes)
+    eng = TransferEngine(r, memoryview(slots), io_threads=1)
+    assert eng.channels == 1 and eng.copy_s() is None and eng.backlog_s(99) == 0.0 and eng.busy_share() == 0.0
+    eng.submit(0, 0, 0)
+    eng.wait(0)
+    c = eng.copy_s()
+    assert c > 0 and 0 < eng.busy_share() <= 1
+    with eng._cv:  # hold the queue so nothing starts: 2 copies at priority 5, 1 at priority 9
+        for k, prio in ((1, 5), (2, 5), (3, 9)):
+            eng.submit(k, k, prio)
+        assert eng.backlog_s(4) == 0.0 and eng.backlog_s(5) == pytest.approx(2 * c)
+        assert eng.backlog_s(9) == pytest.approx(3 * c)
+    for k in (1, 2, 3):
+        eng.wait(k)
+    eng.close()
+    r.close()
+
+
 def test_failed_read_reaches_the_waiter_and_threads_stop(store):
     r = ExpertReader(store, direct=False)
     with open(store, "r+b") as f:
@@ -165,6 +188,8 @@ class CopiesOnlyWhenWaited:
     key that layer does not use is still queued there: the loop must cancel it. ``now`` is the layer-step
     (counted by the fake compute's dense calls)."""
 
+    channels = 1  # LinkFacts: no copy time is ever measured here (copy_s None), so the link budget stays off
+
     def __init__(self):
         self.now, self.seq = -1, 0
         self.queued: dict[int, tuple[int, int]] = {}  # key -> (priority, seq)
@@ -180,8 +205,8 @@ class CopiesOnlyWhenWaited:
         self.seq += 1
         self.submitted += 1
         self.queued[key] = (priority, self.seq)
-        if priority:  # the loop queues a prefetch at priority 1 + target - now
-            self.prefetches.append((self.now + priority - 1, key))
+        if priority:  # a prefetch's priority names its target layer-step (policies.link_budget)
+            self.prefetches.append((prefetch_target(priority), key))
 
     def upgrade(self, key):
         if key in self.queued:
@@ -217,6 +242,15 @@ class CopiesOnlyWhenWaited:
 
     def bandwidth_bytes_per_s(self):
         return 1e9
+
+    def copy_s(self):
+        return None
+
+    def backlog_s(self, priority):
+        return 0.0
+
+    def busy_share(self):
+        return 0.0
 
 
 class CountingCompute:

@@ -171,15 +171,21 @@ def test_finished_experts_go_first_then_furthest_prediction():
 
 
 def test_predicted_slots_beat_lru_with_the_same_prefetch(tmp_path):
-    """On the reference model, the same transition prefetches two layers ahead thrash a global LRU (a prefetch
-    evicts what the next token needs) but not the expertflow cache; its misprediction counts reach results."""
+    """On the reference model, the same transition prefetches two layers ahead, queued whatever they evict and
+    however late (``prefetch.admission`` and ``prefetch.link_budget`` off), thrash a global LRU (a prefetch evicts
+    what the next token needs) but not the expertflow cache; its misprediction counts reach results. With
+    admission on, a prefetch takes no slot from an expert predicted at least as likely, and LRU stops thrashing."""
     from test_sim import run_sim
 
-    common = ["trace=reference-moe", "cache.scope=global", "predictor=transition", "horizon=fixed", "horizon.distance=2"]
-    lru, _ = run_sim(tmp_path, ["cache=lru", *common], name="lru")
-    ef, _ = run_sim(tmp_path, ["cache=expertflow", *common], name="ef")
+    common = ["trace=reference-moe", "cache.scope=global", "predictor=transition", "horizon=fixed", "horizon.distance=2",
+              "prefetch.link_budget=false"]
+    raw = [*common, "prefetch.admission=false"]
+    lru, _ = run_sim(tmp_path, ["cache=lru", *raw], name="lru")
+    ef, _ = run_sim(tmp_path, ["cache=expertflow", *raw], name="ef")
     assert ef["hit_rate"] > lru["hit_rate"] + 0.1
     assert ef["stall_s"] < lru["stall_s"]
     st = ef["policy_stats"]
     assert st["predicted_used"] > 0 and st["mispredictions"] == st["predicted_unused"] + st["unpredicted_uses"] > 0
     assert lru["policy_stats"] == {}
+    admitted, _ = run_sim(tmp_path, ["cache=lru", *common], name="lru-admitted")
+    assert admitted["hit_rate"] > lru["hit_rate"] + 0.1 and admitted["stall_s"] < lru["stall_s"]

@@ -3,6 +3,8 @@ per-observation path (``predict`` + ``top_scores``): the same choices row for ro
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import ROOT, random_trace
@@ -82,11 +84,14 @@ def test_oracle_predict_steps_equals_predict():
 ], ids=["d1-b1", "d2-b3", "d3-lfru", "oracle-d2-b3"])
 def test_replay_with_the_table_equals_replay_with_observations(tmp_path, monkeypatch, overrides):
     """The whole replay with the table (what the simulator does) and with ``set_schedule`` turned off (every
-    layer builds an Observation and calls ``predict``, as the executor's model mode does) is the same."""
-    path = write_trace(random_trace(tokens=160, layers=4, experts=8, top_k=2, sequences=4, seed=2), tmp_path / "t.parquet")
+    layer builds an Observation and calls ``predict``, as the executor's model mode does) is the same. (A model
+    shape and a fast link, so that experts take time to compute and the link budget lets prefetches through.)"""
+    tr = random_trace(tokens=160, layers=4, experts=8, top_k=2, sequences=4, seed=2)
+    tr.meta = dataclasses.replace(tr.meta, hidden_size=1024, intermediate_size=512, expert_bytes=3 * 1024 * 512 * 2)
+    path = write_trace(tr, tmp_path / "t.parquet")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"trace.path={path}", "trace.name=t", "hardware=t4", "cache.slots=3",
-                                           "cache.fraction=null", *overrides])
+                                           "hardware.bandwidth.bandwidth_gbps=160", "cache.fraction=null", *overrides])
     out = []
     for table in (True, False):
         p = prepare(cfg)

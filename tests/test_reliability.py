@@ -258,9 +258,11 @@ def test_a_bad_bounds_cache_entry_is_a_warning_and_a_recompute(tmp_path, caplog,
         again = simulate(compose_cfg(ov), tmp_path / "b")
     assert f"bounds cache: ignoring {entry}" in caplog.text
     keys = ("belady_hit_rate", "belady_misses_unique", "oracle_stall_s", "oracle_aggressive_stall_s",
-            "oracle_conservative_stall_s")
+            "oracle_conservative_stall_s", "oracle_preloaded_stall_s")
     assert all(again[k] == first[k] and first[k] is not None for k in keys)
-    assert json.loads(entry.read_text()) == {k: first[k] for k in keys}  # replaced by the recomputed entry
+    replaced = json.loads(entry.read_text())  # replaced by the recomputed entry: the window's and the whole run's
+    assert {k: replaced[k] for k in keys} == {k: first[k] for k in keys}
+    assert replaced["whole_run"] == {k: first["whole_run"][k] for k in keys}
 
 
 def test_the_cache_schema_is_what_compute_bounds_returns(tmp_path):
@@ -269,4 +271,7 @@ def test_the_cache_schema_is_what_compute_bounds_returns(tmp_path):
     from replay.prepare import prepare
 
     out = compute_bounds(prepare(compose_cfg([f"trace.path={small_trace(tmp_path)}"])))
-    assert set(out) == set(BOUND_KEYS) and entry_problem(out) is None
+    assert set(out) == {*BOUND_KEYS, "whole_run"} and set(out["whole_run"]) == set(BOUND_KEYS)
+    assert entry_problem(out) is None
+    out["whole_run"]["oracle_stall_s"] = -1.0  # the whole run's bounds are checked too
+    assert "under 'whole_run'" in entry_problem(out)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, random_trace
 from hydra import compose, initialize_config_dir
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from traces import write_trace
@@ -49,8 +49,10 @@ def test_invariants_and_bounds(tmp_path, policy):
     assert res["stall_s"] >= 0
     assert res["total_s"] >= res["allresident_total_s"] - 1e-12
     assert res["total_s"] == pytest.approx(res["allresident_total_s"] + res["stall_s"], rel=1e-9)
-    # the integrated perfect-foresight schedule is a bound on every policy's stall
-    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12
+    # the integrated perfect-foresight schedule is a bound on every policy's stall, over the whole replay (in the
+    # measured window to 1%: see test_batching.check_bound)
+    assert res["whole_run"]["oracle_stall_s"] <= res["whole_run"]["stall_s"] + 1e-12
+    assert res["oracle_stall_s"] <= 1.01 * res["stall_s"] + 1e-12
     # nobody loads fewer experts than MIN at the same capacity; each of MIN's loads serves at least one missed use
     min_misses = round((1 - res["belady_hit_rate"]) * res["expert_requests"])
     assert res["copies"] >= res["belady_misses_unique"] > 0
@@ -73,13 +75,18 @@ def test_invariants_and_bounds(tmp_path, policy):
     policy=st.sampled_from(POLICIES),
     hw=st.sampled_from(["t4", "h100-pcie5", "cpu-nvme"]),
 )
+# found by hypothesis on the original main: Belady + oracle prefetch three layers ahead beat both perfect-foresight
+# schedules (the oracle prefetched whatever its target used; it now makes MIN's own loads early, policies/clairvoyant.py)
+@example(seed=1, slots=4, batch=1, policy=["cache=belady", "predictor=oracle", "horizon=fixed", "horizon.distance=3"],
+         hw="cpu-nvme")
 def test_property_bounds(tmp_path, seed, slots, batch, policy, hw):
     tr = random_trace(tokens=60, layers=3, experts=6, top_k=2, sequences=3, seed=seed)
     res, _ = run_sim(tmp_path, [*policy, f"cache.slots={slots}", "cache.fraction=null", f"batch_size={batch}", f"hardware={hw}"], tr)
     eb = res["run"]["expert_bytes"]
-    min_misses_unique = res["belady_misses_unique"]
-    assert res["bytes_moved"] >= min_misses_unique * eb
-    assert res["oracle_stall_s"] <= res["stall_s"] + 1e-12
+    whole = res["whole_run"]
+    assert whole["bytes_moved"] >= whole["belady_misses_unique"] * eb
+    assert whole["oracle_stall_s"] <= whole["stall_s"] + 1e-12
+    assert res["oracle_stall_s"] <= 1.01 * res["stall_s"] + 1e-12  # the measured window: test_batching.check_bound
     assert res["stall_s"] >= 0
     if res["run"]["predictor"] == "none" and not res["preload_bytes"]:  # a pinned preload is a prefetch
         assert res["hit_rate"] <= res["belady_hit_rate"] + 1e-12
@@ -153,17 +160,26 @@ def test_golden_numbers_tiny_trace(tmp_path):
     got = {}
     for name, ov in [("lru", ["cache=lru"]), ("belady", ["cache=belady"]), ("oracle", ["cache=belady", "predictor=oracle"])]:
         res, _ = run_sim(tmp_path, [*ov, "cache.slots=2", "cache.fraction=null", "hardware=a100-pcie4"], tr, name=name)
-        got[name] = (res["copies"], round(res["hit_rate"], 6), round(res["stall_s"] * 1e3, 6), round(res["oracle_stall_s"] * 1e3, 6))
+        for key, r in (("window", res), ("whole", res["whole_run"])):
+            got[name, key] = (r["copies"], round(r["hit_rate"], 6), round(r["stall_s"] * 1e3, 6),
+                              round(r["oracle_stall_s"] * 1e3, 6))
     assert got == GOLDEN
 
 
-# (copies, hit rate, stall ms, oracle stall ms). Belady + oracle prefetch copies more than on-demand MIN here:
-# with 2 slots and top-2, MIN streams (evicts an expert of the layer it has just computed) and prefetching
-# cannot, since prefetched experts must all be resident before their layer.
+# (copies, hit rate, stall ms, oracle stall ms). Belady + oracle prefetch makes exactly MIN's loads (the oracle
+# prefetches the eviction policy's own on-demand loads, each as early as it does no harm: policies/clairvoyant.py),
+# so its copies and hits are MIN's and only its stall is lower. (Before, it prefetched whatever the target used
+# into Belady's current victim and copied 101 times: MIN streams, evicting an expert of the layer it has just
+# computed, which a prefetch made before that layer cannot.)
+# The whole replay's figures (``whole_run``) of the on-demand caches are the ones pinned before the measured window
+# existed; the top level leaves out the first 10% of the tokens (the warm-up: 5 of 50 steps).
 GOLDEN: dict = {
-    "belady": (76, 0.62, 3.920576, 3.877901),
-    "lru": (101, 0.495, 5.190703, 3.877901),
-    "oracle": (101, 0.495, 5.127029, 3.877901),
+    ("belady", "whole"): (76, 0.62, 3.920576, 3.877901),
+    ("lru", "whole"): (101, 0.495, 5.190703, 3.877901),
+    ("oracle", "whole"): (76, 0.62, 3.892126, 3.877901),
+    ("belady", "window"): (63, 0.65, 3.248703, 3.21077),
+    ("lru", "window"): (85, 0.527778, 4.36571, 3.21077),
+    ("oracle", "window"): (63, 0.65, 3.223641, 3.21077),
 }
 
 
@@ -171,6 +187,7 @@ def test_prefill_is_modelled_and_batches_follow_fifo(tmp_path):
     tr = random_trace(tokens=120, layers=2, experts=8, top_k=2, sequences=4, seed=4)
     tr.phase[tr.position < 10] = 0  # the first 10 tokens of every sequence are its prompt
     res, _ = run_sim(tmp_path, ["cache=lru", "batch_size=2", "split.test_fraction=null"], tr)
+    res = {**res, **res["whole_run"]}  # the whole replay (the top level leaves out the warm-up steps)
     n_prefill = 4
     decode_steps = res["steps"] - n_prefill
     assert res["ttft_s"] is not None and res["ttft_s"] > res["tpot_s"]  # a 10-token prefill touches more experts
@@ -187,8 +204,10 @@ def test_golden_on_the_real_mixtral_trace(shared_traces, tmp_path):
     from sim.run import simulate
 
     res = simulate(cfg, tmp_path / "out")
-    assert res["expert_requests"] == 333 * 32 * 2
-    assert (round(res["hit_rate"], 4), round(res["belady_hit_rate"], 4), res["copies"]) == GOLDEN_REAL
+    whole = res["whole_run"]  # the whole replay: the figures pinned before the measured window existed
+    assert whole["expert_requests"] == 333 * 32 * 2
+    assert (round(whole["hit_rate"], 4), round(whole["belady_hit_rate"], 4), whole["copies"]) == GOLDEN_REAL
+    assert res["warmup_tokens"] == 33 and res["expert_requests"] == 300 * 32 * 2  # the window: the last 300 tokens
 GOLDEN_REAL = (0.6219, 0.7691, 8058)
 
 
@@ -199,7 +218,7 @@ def test_chrome_trace_on_request(tmp_path):
     spans = [e for e in ev if e["ph"] == "X"]
     assert {e["cat"] for e in spans} == {"compute", "demand", "prefetch"}
     copies = [e for e in spans if e["cat"] != "compute"]
-    assert len(copies) == res["copies"]
+    assert len(copies) == res["whole_run"]["copies"]  # the trace shows the whole replay, warm-up included
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
 
 

@@ -112,7 +112,7 @@ def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatc
     other = run("cache.slots=5")
     assert other != fresh and len(list(cache.glob("*.json"))) == 2 and len(computed) == 3
     (f,) = [f for f in cache.glob("*.json") if json.loads(f.read_text())["oracle_stall_s"] == fresh["oracle_stall_s"]]
-    f.write_text(json.dumps({**fresh, "oracle_stall_s": 1234.5}))  # a planted value is what a run reports
+    f.write_text(json.dumps({**json.loads(f.read_text()), "oracle_stall_s": 1234.5}))  # a planted value is what a run reports
     assert run("cache=lfu") == {**fresh, "oracle_stall_s": 1234.5} and len(computed) == 3
     f.write_text("{not json")
     assert run("cache=lru") == fresh and json.loads(f.read_text())["oracle_stall_s"] == fresh["oracle_stall_s"]

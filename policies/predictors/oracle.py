@@ -14,6 +14,7 @@ from . import target_layer
 
 class OraclePredictor(Predictor):
     stateless = True  # predict reads only obs.layer_step (the future index); predict_steps scores many at once
+    clairvoyant = True  # reads the future: prefetches admitted on the exact scale (policies/admission.py)
 
     def __init__(self) -> None:
         self._future: FutureIndex | None = None
