@@ -45,9 +45,6 @@ class TransferCopies(CopyBackend):
     def submit(self, key: int, priority: int) -> None:
         self.transfer.submit(key, self.cache.slot_of[key], priority)
 
-    def cancel(self, key: int) -> bool:
-        return self.transfer.cancel(key)
-
     def upgrade(self, key: int) -> None:
         self.transfer.upgrade(key)
 

@@ -36,11 +36,8 @@ class CopyBackend(ABC):
 
     @abstractmethod
     def submit(self, key: int, priority: int) -> None:
-        """Queue the copy of ``key`` into its slot (reserved in the cache): 0 = demand, >= 1 = prefetch."""
-
-    @abstractmethod
-    def cancel(self, key: int) -> bool:
-        """Drop the copy of ``key`` if it has not started; False if it has (it will land) or is not queued."""
+        """Queue the copy of ``key`` into its slot (reserved in the cache) at ``priority`` (lower first; 0 = demand,
+        :mod:`policies.link_budget`). Cancelling a queued prefetch goes through the runtime's ``LinkFacts``."""
 
     @abstractmethod
     def upgrade(self, key: int) -> None:

@@ -32,7 +32,7 @@ class ChannelCopies(CopyBackend):
         self.chan, self.clock, self.expert_bytes = chan, clock, expert_bytes
         self.preloaded = 0
         # the channel's own methods, called straight (once per copy; these shadow the delegating ones below)
-        self.submit, self.cancel, self.upgrade = chan.submit, chan.cancel, chan.upgrade
+        self.submit, self.upgrade = chan.submit, chan.upgrade
 
     def sync(self) -> None:
         chan = self.chan
@@ -44,9 +44,6 @@ class ChannelCopies(CopyBackend):
 
     def submit(self, key: int, priority: int) -> None:
         self.chan.submit(key, priority)
-
-    def cancel(self, key: int) -> bool:
-        return self.chan.cancel(key)
 
     def upgrade(self, key: int) -> None:
         self.chan.upgrade(key)
