@@ -144,7 +144,7 @@ def test_executor_makes_the_simulators_decisions(tmp_path, cache):
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
     path = write_trace(tr, tmp_path / "t.parquet")
     ov = [f"trace.path={path}", "trace.name=t", f"cache={cache}", "batch_size=2", "executor.scale=1",
-          f"executor.tier_dir={tmp_path / 'tier'}"]
+          f"paths.tier_dir={tmp_path / 'tier'}"]
     from executor.run import execute_config
     from sim.run import simulate
 
@@ -271,7 +271,7 @@ def test_bad_input_leaves_no_results(tmp_path):
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
     path = write_trace(tr, tmp_path / "t.parquet")
     proc = subprocess.run([sys.executable, "-m", "executor", f"trace.path={path}", "executor.scale=0",
-                           f"hydra.run.dir={tmp_path / 'run'}", f"executor.tier_dir={tmp_path}"],
+                           f"hydra.run.dir={tmp_path / 'run'}", f"paths.tier_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "executor.scale" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
@@ -300,7 +300,7 @@ def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
     tr = random_trace(tokens=60, layers=2, experts=8, top_k=2, sequences=2, seed=1)
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
     path = write_trace(tr, tmp_path / "t.parquet")
-    ov = [f"trace.path={path}", "executor.scale=2", f"executor.tier_dir={tmp_path / 'tier'}", "bounds.cache_dir=null"]
+    ov = [f"trace.path={path}", "executor.scale=2", f"paths.tier_dir={tmp_path / 'tier'}", "paths.bounds_dir=null"]
     from executor.run import execute_config
     from sim.run import simulate
 
@@ -342,7 +342,7 @@ def test_bad_executor_values_stop_before_any_work(tmp_path, override, msg):
     tr = random_trace(tokens=30, layers=2, experts=8, top_k=2, sequences=2, seed=1)
     path = write_trace(tr, tmp_path / "t.parquet")
     proc = subprocess.run([sys.executable, "-m", "executor", f"trace.path={path}", override,
-                           f"hydra.run.dir={tmp_path / 'run'}", f"executor.tier_dir={tmp_path / 'tier'}"],
+                           f"hydra.run.dir={tmp_path / 'run'}", f"paths.tier_dir={tmp_path / 'tier'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == msg, proc.stderr[-2000:]
     assert not (tmp_path / "tier").exists() and not (tmp_path / "run" / "results.json").exists()
