@@ -7,7 +7,7 @@ always reported. The perfect-foresight stalls are only honest on a model of what
 profile (``hardware=profiled``, copies and compute) of this tier taken at this run's expert size. Otherwise the
 configured preset models full-size experts on another machine (a "lower bound" 44x the measured stall was
 seen), so they are null, and ``run.hardware`` names the tier the run used (``local-<tier>``) with no modelled
-``bandwidth_gbps`` or ``copy_model``."""
+``bandwidth_GBps`` or ``copy_model``."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def execute_config(cfg, out_dir: Path) -> dict:
         results.update(bounds(p))
     else:
         results.update(belady_bounds(p), **dict.fromkeys(ORACLE_KEYS))
-        results["run"].update(hardware=f"local-{results['tier']}", bandwidth_gbps=None, copy_model=None)
+        results["run"].update(hardware=f"local-{results['tier']}", bandwidth_GBps=None, copy_model=None)
     if gpu is not None:
         results["run"]["backend"] = "cuda"
         results["run"]["device"] = gpu.device

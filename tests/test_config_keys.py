@@ -132,7 +132,7 @@ def test_old_key_overrides_give_the_same_results_as_the_new_keys(tmp_path):
         assert line in err
     a, b = _results(tmp_path / "new" / "results.json"), _results(tmp_path / "old" / "results.json")
     assert a == b
-    assert a["run"]["bandwidth_gbps"] == 3 and a["run"]["copy_model"] == "shared_link"
+    assert a["run"]["bandwidth_GBps"] == 3 and a["run"]["copy_model"] == "shared_link"
 
 
 def test_old_keys_in_a_config_file_and_an_experiments_sweep(tmp_path):
@@ -156,5 +156,5 @@ def test_old_keys_in_a_config_file_and_an_experiments_sweep(tmp_path):
     assert a == b  # t4's figures but the link: the old file's, read through the new keys
     err = _sim(tmp_path, "sweep", *common, "+experiment=oldsweep", multirun=True)
     assert "hardware.bandwidth.bandwidth_gbps is deprecated: use hardware.bandwidth.bandwidth_GBps" in err
-    got = sorted(json.loads(p.read_text())["run"]["bandwidth_gbps"] for p in (tmp_path / "sweep").rglob("results.json"))
+    got = sorted(json.loads(p.read_text())["run"]["bandwidth_GBps"] for p in (tmp_path / "sweep").rglob("results.json"))
     assert got == [3.0, 6.0]

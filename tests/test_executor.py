@@ -310,7 +310,7 @@ def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
         assert res["oracle_stall_s"] is None and res["oracle_aggressive_stall_s"] is None
         assert res["oracle_conservative_stall_s"] is None
         assert res["run"]["hardware"] == f"local-{res['tier']}" != "a100-pcie4"
-        assert res["run"]["bandwidth_gbps"] is None and res["run"]["copy_model"] is None
+        assert res["run"]["bandwidth_GBps"] is None and res["run"]["copy_model"] is None
     sim = simulate(compose_cfg(ov), tmp_path / "sim")
     assert (preset["belady_hit_rate"], preset["belady_misses_unique"]) == (sim["belady_hit_rate"], sim["belady_misses_unique"])
 
@@ -324,7 +324,7 @@ def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
     ours = profile(preset["run"]["expert_bytes"], preset["tier"])
     real = execute_config(compose_cfg([*ov, *ours]), tmp_path / "prof")
     sim = simulate(compose_cfg([*ov, *ours]), tmp_path / "sim-prof")
-    assert real["run"]["hardware"] == "profiled" and real["run"]["bandwidth_gbps"] == sim["run"]["bandwidth_gbps"]
+    assert real["run"]["hardware"] == "profiled" and real["run"]["bandwidth_GBps"] == sim["run"]["bandwidth_GBps"]
     for k in ("oracle_stall_s", "oracle_aggressive_stall_s", "belady_hit_rate"):
         assert real[k] == sim[k] is not None, k
     for other in (profile(4096 * 1000, preset["tier"]), profile(preset["run"]["expert_bytes"], "host-pinned")):

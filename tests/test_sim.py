@@ -245,3 +245,13 @@ def test_trace_name_follows_trace_path(tmp_path):
     assert trace_name(_compose(["trace=file", "trace.path=/data/x.parquet"]).trace) == "x"  # unnamed: the file's
     assert trace_name(_compose(["trace=reference-moe"]).trace) == "reference-moe"
 
+
+def test_the_policy_label_shows_a_global_cache(tmp_path):
+    """Two runs that differ only in the cache's scope are told apart by their label (results, tables, plots)."""
+    tr = random_trace(tokens=40, layers=2, experts=8, top_k=2, sequences=2, seed=1)
+    labels = {}
+    for ov in (["cache.scope=per_layer"], ["cache.scope=global"], ["strategy=expertflow-2024"]):
+        res, _ = run_sim(tmp_path, [*ov, "paths.bounds_dir=null"], tr)
+        labels[ov[0]] = (res["run"]["policy"], res["run"]["scope"])
+    assert labels == {"cache.scope=per_layer": ("lru+none", "per_layer"), "cache.scope=global": ("lru/global+none", "global"),
+                      "strategy=expertflow-2024": ("expertflow/global+transition+fixed2", "global")}
