@@ -96,11 +96,11 @@ class LegacyKeys(Callback):
         from omegaconf import OmegaConf, open_dict, read_write
 
         params = config.hydra.sweeper.get("params")
-        if not params or all(rewrite_key(k) == k for k in params):
-            return
-        raw = OmegaConf.to_container(params, resolve=False)
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.sweeper.params = {rewrite_key(k): v for k, v in raw.items()}
+        raw = OmegaConf.to_container(params, resolve=False) if params else {}
+        new = {rewrite_key(k): v for k, v in raw.items()}  # warns once per old key
+        if list(new) != list(raw):
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.sweeper.params = new
 
 
 def normalise(cfg):
