@@ -81,7 +81,7 @@ def horizon_claim(df: pd.DataFrame) -> Claim:
     if df.empty:
         return _empty("horizon", "Adaptive vs fixed horizons", text, "no horizon sweep")
     df = df.assign(label=horizon_label(df))
-    cell = ["trace_name", "bandwidth_gbps", "capacity_fraction"]
+    cell = ["trace_name", "bandwidth_GBps", "capacity_fraction"]
     stall = df.pivot_table(index=cell, columns="label", values="stall_s", aggfunc="mean")
     fixed = [c for c in stall.columns if c != "adaptive"]
     best_fixed = stall[fixed].min(axis=1)

@@ -98,14 +98,14 @@ def stall_vs_link(df: pd.DataFrame, out_dir: Path) -> Figure | str:
     (compute fixed); else by preset, whose compute changes with the link, so the axis names the preset."""
     hw = reference_hardware(df)
     same = df[df.hardware == hw]
-    if same.bandwidth_gbps.nunique() >= 2:
-        d, x, name = same, "bandwidth_gbps", "stall_vs_bandwidth"
+    if same.bandwidth_GBps.nunique() >= 2:
+        d, x, name = same, "bandwidth_GBps", "stall_vs_bandwidth"
     elif df.hardware.nunique() >= 2:
         d, x, name = df, "hardware", "stall_by_hardware"
     else:
         return "one link bandwidth and one hardware preset only"
     d = d.assign(_m=d.stall_per_token_s * 1e3, _b=d.oracle_stall_s / d.tokens * 1e3)
-    order = (d.groupby("hardware").bandwidth_gbps.mean().sort_values().index.tolist() if x == "hardware" else None)
+    order = (d.groupby("hardware").bandwidth_GBps.mean().sort_values().index.tolist() if x == "hardware" else None)
     styles = policy_styles(d)
     ps = panels(d)
     fig, axes = _axes(len(ps))
@@ -115,10 +115,10 @@ def stall_vs_link(df: pd.DataFrame, out_dir: Path) -> Figure | str:
         if order is not None:
             pos = {h: i for i, h in enumerate(order)}
             agg = agg.assign(_x=agg.hardware.map(pos))
-            bw = t.groupby("hardware").bandwidth_gbps.mean()
+            bw = t.groupby("hardware").bandwidth_GBps.mean()
             ax.set_xticks(range(len(order)), [f"{h}\n{bw[h]:g} GB/s" for h in order], fontsize=8)
         else:
-            agg = agg.assign(_x=agg.bandwidth_gbps)
+            agg = agg.assign(_x=agg.bandwidth_GBps)
         shift = offsets(draw_order(agg), 0.025 if order is not None else 0.0)
         for pol in draw_order(agg):
             g = agg[agg.policy == pol].sort_values("_x")

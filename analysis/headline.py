@@ -132,7 +132,7 @@ def headline(df: pd.DataFrame) -> dict[str, list[str]]:
     wins = seed_wins(df, best)
     seeds = int(df.seed.nunique()) if "seed" in df else 1
     batches = int(df.batch_size.nunique()) if "batch_size" in df else 1
-    order = [k for k in ("trace_name", "bandwidth_gbps", "hardware", "batch_size", "capacity_fraction") if k in best]
+    order = [k for k in ("trace_name", "bandwidth_GBps", "hardware", "batch_size", "capacity_fraction") if k in best]
     best = best.sort_values(order)  # hardware from the slowest link up
     out: dict[str, list[str]] = {}
     for tr, b in best.groupby("trace_name", sort=True):

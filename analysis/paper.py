@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from replay.config_keys import rewrite_overrides
 from traces.cli import plain
 from traces.io import atomic_path
 
@@ -40,7 +41,7 @@ STRATEGIES = "ondemand-lru,ondemand-lfru,transition-adaptive,expertflow-2024,ora
 @dataclass(frozen=True)
 class Grid:
     traces: tuple[str, ...]  # conf/trace names
-    bandwidths_gbps: str  # claim 1: comma list of link bandwidths
+    bandwidths_GBps: str  # claim 1: comma list of link bandwidths
     fractions: str  # claim 1: cache sizes (share of all experts)
     distances: str  # claim 1: fixed horizons compared with the adaptive one
     hardware: str  # claim 3: hardware presets
@@ -54,14 +55,14 @@ class Grid:
 
 FULL = Grid(
     traces=("reference-moe", "deepseek-synth", "qwen-synth", "mixtral-real"),
-    bandwidths_gbps="3,6,12,25", fractions="0.25,0.5,0.75", distances="1,2,3,4",
+    bandwidths_GBps="3,6,12,25", fractions="0.25,0.5,0.75", distances="1,2,3,4",
     hardware="cpu-nvme,t4,a100-pcie4,h100-pcie5", strategies=STRATEGIES,
     memory_fractions="0.125,0.25,0.375,0.5,0.625,0.75,0.875", batch_sizes="4,8,16,32,64",
     sched_traces=("deepseek-synth", "qwen-synth"),
     sched_overrides=("trace.synth.sequences=256", "trace.synth.tokens=4096"), max_tokens=None,
 )
 QUICK = Grid(
-    traces=("reference-moe",), bandwidths_gbps="3,25", fractions="0.25,0.5", distances="1,2",
+    traces=("reference-moe",), bandwidths_GBps="3,25", fractions="0.25,0.5", distances="1,2",
     hardware="t4,h100-pcie5", strategies="ondemand-lru,expertflow-2024,oracle-belady",
     memory_fractions="0.25,0.5,0.75", batch_sizes="4,8", sched_traces=("reference-moe",), sched_overrides=(),
     max_tokens=600,
@@ -74,7 +75,7 @@ def sweeps(g: Grid) -> dict[str, list[str]]:
     cap = [f"max_tokens={g.max_tokens}"] if g.max_tokens else []
     for tr in g.traces:
         grid = [f"trace={tr}", "cache=lru", "predictor=transition", "hardware=a100-pcie4",
-                f"hardware.bandwidth.bandwidth_gbps={g.bandwidths_gbps}", f"cache.fraction={g.fractions}", *cap]
+                f"hardware.bandwidth.bandwidth_GBps={g.bandwidths_GBps}", f"cache.fraction={g.fractions}", *cap]
         out[f"horizon-fixed-{tr}"] = [*grid, "horizon=fixed", f"horizon.distance={g.distances}"]
         out[f"horizon-adaptive-{tr}"] = [*grid, "horizon=adaptive"]
         out[f"stall-{tr}"] = [f"trace={tr}", f"strategy={g.strategies}", f"hardware={g.hardware}", "cache.fraction=0.5", *cap]
@@ -91,8 +92,9 @@ def sweeps(g: Grid) -> dict[str, list[str]]:
 
 
 def finished_before(name: str, overrides: list[str], out: Path) -> bool:
-    """Whether ``out`` holds a finished sweep with these ``overrides`` (its ``.done`` marker says so); a finished
-    sweep of other overrides is refused, as its runs would be read as this grid's."""
+    """Whether ``out`` holds a finished sweep with these ``overrides`` (its ``.done`` marker says so, old config
+    key names read as the new ones); a finished sweep of other overrides is refused, as its runs would be read as
+    this grid's."""
     done = out / ".done"
     if not done.exists():
         return False
@@ -100,7 +102,7 @@ def finished_before(name: str, overrides: list[str], out: Path) -> bool:
         stored = json.loads(done.read_text())["overrides"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AnalysisError(f"{done}: not a sweep marker ({exc}); delete {out} to run sweep {name} again") from exc
-    if stored != list(overrides):
+    if not isinstance(stored, list) or rewrite_overrides([str(o) for o in stored]) != list(overrides):
         raise AnalysisError(f"{done}: sweep {name} there was run with overrides {stored}, this grid asks for "
                             f"{list(overrides)}; delete {out} to run it again")
     return True

@@ -23,9 +23,9 @@ def horizon(df: pd.DataFrame, out: Path) -> Path | str:
     colors = _colors(labels)
     for j, tr in enumerate(traces):
         g = df[df.trace_name == tr]
-        p = g.pivot_table(index=["capacity_fraction", "bandwidth_gbps"], columns="label", values="stall_s")
+        p = g.pivot_table(index=["capacity_fraction", "bandwidth_GBps"], columns="label", values="stall_s")
         fixed = [c for c in p.columns if c != "adaptive"]
-        ratio = ((p["adaptive"] + 1e-12) / (p[fixed].min(axis=1) + 1e-12)).unstack("bandwidth_gbps")
+        ratio = ((p["adaptive"] + 1e-12) / (p[fixed].min(axis=1) + 1e-12)).unstack("bandwidth_GBps")
         ax = axes[0, j]
         im = ax.imshow(ratio.values, cmap="RdYlGn_r", vmin=0.5, vmax=1.5, origin="lower", aspect="auto")
         for (r, c), v in np.ndenumerate(ratio.values):
@@ -39,12 +39,12 @@ def horizon(df: pd.DataFrame, out: Path) -> Path | str:
         mid = sorted(g.capacity_fraction.unique())[len(g.capacity_fraction.unique()) // 2]
         ax = axes[1, j]
         for lab, h in g[g.capacity_fraction == mid].groupby("label"):
-            s = h.groupby("bandwidth_gbps").tpot_s.mean()
+            s = h.groupby("bandwidth_GBps").tpot_s.mean()
             ax.plot(s.index, s.values * 1e3, "o-" if lab == "adaptive" else ".--", color=colors[lab], label=lab,
                     lw=2.5 if lab == "adaptive" else 1.2)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        bws = sorted(g.bandwidth_gbps.unique())
+        bws = sorted(g.bandwidth_GBps.unique())
         ax.set_xticks(bws, [f"{b:g}" for b in bws])
         ax.minorticks_off()
         ax.set_xlabel("link bandwidth (GB/s)")
@@ -82,7 +82,7 @@ def stall(df: pd.DataFrame, out: Path) -> Path | str:
         p = g.pivot_table(index="policy", columns="hardware", values="stall_vs_ondemand")
         b = g.assign(bound=g.oracle_stall_s / (g.stall_s / g.stall_vs_ondemand)).groupby("hardware").bound.min()
         p.loc["oracle bound"] = b
-        hw = sorted(p.columns, key=lambda h: float(g[g.hardware == h].bandwidth_gbps.iloc[0]))
+        hw = sorted(p.columns, key=lambda h: float(g[g.hardware == h].bandwidth_GBps.iloc[0]))
         p = p[hw]
         v = np.log10(np.clip(p.values.astype(float), 1e-4, None))
         im = ax.imshow(v, cmap="viridis", vmin=-4, vmax=0.5, aspect="auto")

@@ -65,7 +65,7 @@ def best_table(df: pd.DataFrame) -> pd.DataFrame:
     wins = seed_wins(df, best)
     seeds = int(df.seed.nunique()) if "seed" in df else 1
     multi_batch = df.batch_size.nunique() > 1
-    order = [k for k in ("trace_name", "bandwidth_gbps", "hardware", "batch_size", "capacity_fraction") if k in best]
+    order = [k for k in ("trace_name", "bandwidth_GBps", "hardware", "batch_size", "capacity_fraction") if k in best]
     rows = []
     for i, r in best.sort_values(order).iterrows():
         row = {"trace": r.trace_name, "hardware": r.hardware}

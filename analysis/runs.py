@@ -1,5 +1,6 @@
 """Load every run of a sweep into one table. Reads ``results.json`` + ``per_layer.parquet`` files only: no
-simulator or executor code is imported here, so the analysis works on results copied from anywhere."""
+simulator or executor code is imported here, so the analysis works on results copied from anywhere. Files of an
+older schema are read in the current one's keys (:func:`replay.results.upgrade_run`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from replay.results import upgrade_run
+
 from .errors import AnalysisError
 
 REQUIRED = ("run", "stall_s", "total_s", "hit_rate", "belady_hit_rate", "oracle_stall_s", "bytes_moved")
 RUN_FIELDS = (
     "driver", "trace_name", "trace_source", "model", "policy", "cache", "predictor", "horizon", "horizon_distance", "scheduler",
-    "hardware", "bandwidth_gbps", "capacity_fraction", "capacity_slots_per_layer", "batch_size", "seed",
+    "hardware", "bandwidth_GBps", "capacity_fraction", "capacity_slots_per_layer", "batch_size", "seed",
     "expert_bytes", "scope",
 )
 # metrics that must be numbers; the bounds may be null (an executor run writes null for the ones it cannot compute
@@ -28,7 +31,7 @@ NUMERIC = (
     "distinct_experts_per_layer_step", "request_tpot_s", "scheduler_wall_s", "tokens", "sim_wall_s",
     "copy_bandwidth_bytes_per_s",
 )
-RUN_NUMERIC = ("horizon_distance", "bandwidth_gbps", "capacity_fraction", "capacity_slots_per_layer", "batch_size",
+RUN_NUMERIC = ("horizon_distance", "bandwidth_GBps", "capacity_fraction", "capacity_slots_per_layer", "batch_size",
                "seed", "expert_bytes")
 
 
@@ -60,6 +63,8 @@ def load_runs(root: str | Path, log=None) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"skipped {p}: not valid JSON ({exc})", file=log)
             continue
+        if isinstance(res, dict) and isinstance(res.get("run"), dict):
+            res["run"] = upgrade_run(res["run"])
         problem = _schema_problem(res)
         if problem:
             print(f"skipped {p}: {problem}", file=log)
@@ -130,11 +135,12 @@ def _schema_problem(res) -> str | None:
 
 
 def relative_to_ondemand(df: pd.DataFrame) -> pd.Series:
-    """stall_s over the stall of on-demand LRU (cache lru, predictor none) with the same trace, hardware, link bandwidth,
-    capacity, batch size, scheduler, driver and seed; NaN where there is no such baseline run."""
-    keys = ["driver", "trace_name", "hardware", "bandwidth_gbps", "capacity_fraction", "batch_size", "scheduler"]
+    """stall_s over the stall of on-demand LRU (cache lru per layer, predictor none) with the same trace, hardware,
+    link bandwidth, capacity, batch size, scheduler, driver and seed; NaN where there is no such baseline run."""
+    keys = ["driver", "trace_name", "hardware", "bandwidth_GBps", "capacity_fraction", "batch_size", "scheduler"]
     keys += ["seed"] if "seed" in df else []  # each seed against its own baseline (a seed may draw its own trace)
-    base = df[(df.cache == "lru") & (df.predictor == "none")].groupby(keys, dropna=False)["stall_s"].mean()
+    per_layer = df["scope"].fillna("per_layer") == "per_layer" if "scope" in df else True  # not lru/global
+    base = df[(df.cache == "lru") & (df.predictor == "none") & per_layer].groupby(keys, dropna=False)["stall_s"].mean()
     idx = pd.MultiIndex.from_frame(df[keys])
     ref = base.reindex(idx).to_numpy()
     return pd.Series(df["stall_s"].to_numpy() / ref, index=df.index)

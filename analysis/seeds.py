@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 # what makes two runs the same configuration (every run key but the seed)
-CONFIG = ("driver", "trace_name", "hardware", "bandwidth_gbps", "batch_size", "scheduler", "capacity_fraction",
+CONFIG = ("driver", "trace_name", "hardware", "bandwidth_GBps", "batch_size", "scheduler", "capacity_fraction",
           "policy")
 # descriptive columns that are the same for every seed of a configuration
 SAME = ("cache", "predictor", "horizon", "is_bound")

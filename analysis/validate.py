@@ -69,7 +69,7 @@ def profile_command(out: Path, trace_args: list[str], scale: int, backend: str =
 
 
 def common_overrides(out: Path, scale: int, extra: list[str], tier_dir: Path | None = None) -> list[str]:
-    return [f"executor.scale={scale}", f"executor.tier_dir={tier_dir or out / 'tier'}", "hardware=profiled",
+    return [f"executor.scale={scale}", f"paths.tier_dir={tier_dir or out / 'tier'}", "hardware=profiled",
             f"hardware.profile_path={out / 'profile.json'}", *extra]
 
 

@@ -15,11 +15,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from executor.run import execute_config
+from replay.config_keys import compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 POLICIES = {
     "on-demand LRU": ["cache=lru", "predictor=none"],
     "on-demand LFRU": ["cache=lfru", "predictor=none"],
@@ -34,9 +32,7 @@ POLICIES = {
 
 
 def run(overrides: list[str], out: Path) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return execute_config(cfg, out)
+    return execute_config(compose_config(overrides), out)
 
 
 def main() -> None:
@@ -47,7 +43,7 @@ def main() -> None:
     ap.add_argument("--tier-dir", type=Path, default=Path(".cache/experts"))
     args = ap.parse_args()
     common = ["trace=deepseek-synth", "cache.fraction=0.5", f"max_tokens={args.tokens}",
-              f"executor.scale={args.scale}", f"executor.tier_dir={args.tier_dir.resolve()}"]
+              f"executor.scale={args.scale}", f"paths.tier_dir={args.tier_dir.resolve()}"]
     stall: dict[str, list[float]] = {p: [] for p in POLICIES}
     hits: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

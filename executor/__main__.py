@@ -32,8 +32,8 @@ subcommands (each has its own -h):
 common overrides (as python -m sim; python -m sim --help lists them all):
   trace=NAME | trace.path=FILE.parquet strategy=NAME cache=NAME cache.fraction=F predictor=NAME horizon=NAME
   batch_size=B seed=S max_tokens=N hardware=profiled hardware.profile_path=PROFILE.json
-  executor.scale=N executor.io_threads=N executor.compute_threads=N executor.tier_dir=DIR
-  executor.odirect=auto|on|off executor.backend=cpu|cuda
+  executor=default|cuda executor.scale=N executor.io_threads=N executor.compute_threads=N
+  executor.odirect=auto|on|off executor.backend=cpu|cuda paths.tier_dir=DIR
 
 examples:
   python -m executor trace=deepseek-synth trace.synth.tokens=100 executor.scale=16
@@ -73,6 +73,9 @@ def main() -> None:
         print(USAGE)  # then hydra's own help: the config groups and the composed config
     if sub in SUBCOMMANDS:  # argparse tools; anything else is hydra overrides for a replay
         sys.exit(importlib.import_module(SUBCOMMANDS[sub], __package__).main(sys.argv[2:]))
+    from replay.config_keys import rewrite_overrides
+
+    sys.argv[1:] = rewrite_overrides(sys.argv[1:])  # old key names, with a warning naming the new ones
     run()
 
 

@@ -79,15 +79,13 @@ def measure_loop_overhead(overrides: list[str], main_thread_copy_s: float = 0.0,
     they are in flight, i.e. during the layer's expert compute. So the split is given too: ``decide_overhead_s``
     (the loop alone, per layer) and ``expert_overhead_s`` (the copies' cost spread over the experts computed
     per layer-step); the simulator adds them where they occur."""
-    from hydra import compose, initialize_config_dir
-
+    from replay.config_keys import compose_config
     from replay.prepare import prepare
 
     from .engine import execute
     from .run import check_executor_config
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     check_executor_config(cfg.executor)  # unused by the loop, but a bad value is an error wherever it is given
     per_ls, copies, experts = [], [], []
     for _ in range(repeats):

@@ -7,7 +7,7 @@ always reported. The perfect-foresight stalls are only honest on a model of what
 profile (``hardware=profiled``, copies and compute) of this tier taken at this run's expert size. Otherwise the
 configured preset models full-size experts on another machine (a "lower bound" 44x the measured stall was
 seen), so they are null, and ``run.hardware`` names the tier the run used (``local-<tier>``) with no modelled
-``bandwidth_gbps`` or ``copy_model``."""
+``bandwidth_GBps`` or ``copy_model``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 from replay.bounds import add_bounds, belady_bounds, bounds
+from replay.config_keys import normalise
 from replay.hardware import load_profile
 from replay.outputs import write_outputs
 from replay.prepare import prepare
 from replay.results import results_dict
+from replay.trace_source import project_path
 from traces.io import safe_name
 
 from .compute import LayerCompute
@@ -63,7 +65,7 @@ ORACLE_KEYS = ("oracle_stall_s", "oracle_aggressive_stall_s", "oracle_conservati
 def models_this_run(hw, expert_bytes: int, tier: str) -> bool:
     """Whether the hardware config ``hw`` models this run: copies and compute from a profile of ``tier`` taken
     at ``expert_bytes`` per expert."""
-    if hw.get("bandwidth", {}).get("model") != "profiled" or hw.get("compute", {}).get("model") != "profiled":
+    if hw.get("bandwidth", {}).get("source") != "profile" or hw.get("compute", {}).get("source") != "profile":
         return False
     prof = load_profile(hw.profile_path)
     return prof.get("expert_bytes") == expert_bytes and prof.get("tier") == tier
@@ -114,6 +116,7 @@ def check_executor_config(ex) -> None:
 
 def execute_config(cfg, out_dir: Path) -> dict:
     wall0 = time.perf_counter()
+    normalise(cfg)  # old config keys mapped (prepare does it too, but executor.* and paths.* are read first)
     ex = cfg.executor
     check_executor_config(ex)
     backend = str(ex.get("backend", "cpu"))
@@ -123,15 +126,7 @@ def execute_config(cfg, out_dir: Path) -> dict:
         require_cuda()
     p = prepare(cfg)
     layout = scaled_layout(p.meta, int(ex.scale), int(cfg.seed))
-    tier_dir = Path(str(ex.tier_dir))
-    if not tier_dir.is_absolute():
-        try:
-            from hydra.utils import to_absolute_path
-
-            tier_dir = Path(to_absolute_path(str(tier_dir)))
-        except ValueError:
-            tier_dir = tier_dir.resolve()
-    path = store_for(layout, p.meta.model, tier_dir)
+    path = store_for(layout, p.meta.model, project_path(str(cfg.paths.tier_dir)))
     n_slots = sum(p.capacity)
     gpu = None
     if backend == "cuda":  # experts in pinned host memory, GPU slots, copy streams (io_threads of them)
@@ -166,7 +161,7 @@ def execute_config(cfg, out_dir: Path) -> dict:
     else:
         add_bounds(results, {**belady_bounds(p), **dict.fromkeys(ORACLE_KEYS)})
         results["whole_run"].update(dict.fromkeys(ORACLE_KEYS))
-        results["run"].update(hardware=f"local-{results['tier']}", bandwidth_gbps=None, copy_model=None)
+        results["run"].update(hardware=f"local-{results['tier']}", bandwidth_GBps=None, copy_model=None)
     if gpu is not None:
         results["run"]["backend"] = "cuda"
         results["run"]["device"] = gpu.device

@@ -91,7 +91,7 @@ def ensure_store(path: str | Path, layout: StoreLayout, log=None) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TierError(f"executor.tier_dir: cannot use {path.parent} as the tier's directory ({exc.strerror or exc})") from exc
+        raise TierError(f"paths.tier_dir: cannot use {path.parent} as the tier's directory ({exc.strerror or exc})") from exc
     removed, freed = clean_stale_temps(path.parent)
     if removed:
         print(f"executor: removed {removed} temp file(s) that killed runs left in {path.parent} ({freed / 1e9:.2f} GB)",
@@ -100,8 +100,8 @@ def ensure_store(path: str | Path, layout: StoreLayout, log=None) -> Path:
         return path
     need, free = layout.file_bytes(), shutil.disk_usage(path.parent).free
     if need > free:
-        raise TierError(f"executor.tier_dir: the expert file needs {need / 1e9:.2f} GB and {path.parent} has "
-                        f"{free / 1e9:.2f} GB free; raise executor.scale or point executor.tier_dir at a larger disk")
+        raise TierError(f"paths.tier_dir: the expert file needs {need / 1e9:.2f} GB and {path.parent} has "
+                        f"{free / 1e9:.2f} GB free; raise executor.scale or point paths.tier_dir at a larger disk")
     print(f"executor: writing the expert file {path} ({need / 1e9:.2f} GB: {layout.total_experts} experts of "
           f"{layout.stride_bytes / 2**20:.2f} MiB); later runs of this model shape and seed reuse it", file=log)
     try:

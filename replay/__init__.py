@@ -11,6 +11,7 @@
 - :mod:`replay.bounds`, :mod:`replay.oracle`, :mod:`replay.bounds_cache`: Belady's MIN and the perfect-foresight
   schedules every result is compared with;
 - :mod:`replay.errors`: the configuration errors a run reports as ``error: ...`` (exit 2);
+- :mod:`replay.config_keys`: the renamed config keys (old -> new, one table), mapped wherever an old key arrives;
 - :mod:`replay.run_dirs`: safe run and sweep folder names (the ``safe_name`` resolver) and a clear error when
   a folder cannot be made.
 

@@ -14,11 +14,11 @@ from .prepare import Prepared
 
 def bounds(p: Prepared) -> dict:
     """Belady's MIN and the perfect-foresight oracle on the same access stream, capacity and models; shared
-    by the runs of a sweep through ``bounds.cache_dir`` (see :mod:`replay.bounds_cache`)."""
+    by the runs of a sweep through ``paths.bounds_dir`` (see :mod:`replay.bounds_cache`)."""
     from .bounds_cache import cached_bounds
     from .trace_source import project_path
 
-    cache_dir = (p.cfg.get("bounds") or {}).get("cache_dir")
+    cache_dir = p.cfg.paths.bounds_dir
     return cached_bounds(p, lambda: compute_bounds(p), project_path(str(cache_dir)) if cache_dir else None)
 
 

@@ -1,6 +1,6 @@
 """The bounds of a run (MIN's hit rate and loads, the perfect-foresight stalls) depend on the replayed steps,
 the cache's partitions and capacity and the hardware models, not on the policy under test, so the runs of a
-sweep share them: they are cached under ``bounds.cache_dir`` (default ``.cache/bounds``), one JSON file per
+sweep share them: they are cached under ``paths.bounds_dir`` (default ``.cache/bounds``), one JSON file per
 digest of those inputs *and of the source code of the core (``replay``) and of the policies*, so editing either recomputes them.
 A cached file gives the very numbers a fresh computation gives (JSON round-trips floats exactly). A file is
 checked before it is trusted (:func:`entry_problem`): one that is not JSON, lacks a bound or holds anything but

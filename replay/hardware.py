@@ -1,7 +1,10 @@
 """Bandwidth and compute models of real hardware.
 
-Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbytes``:
-- ``constant``: bytes / bandwidth.
+Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbytes``. A config picks one with
+two keys (:func:`build_models`): ``hardware.bandwidth.source`` (where the figures come from; ``profile``: the
+``profiled`` model) and ``hardware.bandwidth.sharing`` (how concurrent copies share the link: ``independent``,
+``shared`` or ``partial``, on the config's figures: ``alpha_beta``, ``shared_link``, ``partial_link``):
+- ``constant``: bytes / bandwidth (built in code; ``alpha_beta`` with ``latency_s: 0`` times copies the same).
 - ``alpha_beta``: latency + bytes / bandwidth (small per-expert copies fall well below link peak).
 - ``shared_link``: alpha_beta per copy, but concurrent copies share the link's bandwidth equally
   (processor sharing, the latency included; see :class:`replay.channels.CopyChannels`).
@@ -24,7 +27,8 @@ Copy-time models (slow tier -> fast memory), all in seconds for a copy of ``nbyt
   X by least squares to both measured cases (alone: pick-up + ``read_alone_s`` + wake-up; a pair: pick-up +
   ``read_pair_s`` + wake-up), ``alone`` takes the first (the pair's hand-offs are then charged twice).
 Compute models give the dense (attention etc.) time of a layer for a number of tokens, and the time of one
-expert's FFN for the tokens routed to it:
+expert's FFN for the tokens routed to it (``hardware.compute.source``: ``profile`` picks ``profiled``, any other
+the roofline on the config's figures):
 - ``analytic``: roofline, max(FLOPs / achievable FLOP/s, bytes read / achievable memory bandwidth).
 - ``profiled``: measured tables, interpolated (``executor profile``: the dense part and one expert as the
   executor's replay loop pays them, means over an all-resident loop), plus ``layer_overhead_s`` added to every
@@ -58,7 +62,7 @@ class HardwareConfigError(ValueError):
 
 @dataclass
 class CopyModel:
-    kind: str  # constant | alpha_beta | shared_link | profiled
+    kind: str  # constant | alpha_beta | shared_link | partial_link | profiled (results.json run.copy_model)
     bandwidth_bytes_per_s: float  # link bandwidth of one channel (shared by all copies for shared_link)
     latency_s: float = 0.0  # fixed cost per copy (alpha)
     channels: int = 1  # copies in flight at once
@@ -232,53 +236,75 @@ def partial_copy_model(rep: dict, expert_bytes: int | None, threads: int, path) 
                      pair_speedup=min(2.0, max(1.0, float(speedup))))
 
 
+# where a hardware node's figures come from: given in the config (one of these; null: not stated), or ``profile``
+# (read from ``hardware.profile_path``)
+FIGURE_SOURCES = ("datasheet", "measured", "paper", "estimate")
+PROFILE = "profile"
+# how concurrent copies share a link whose figures the config gives -> the copy model
+SHARING_MODELS = {"independent": "alpha_beta", "shared": "shared_link", "partial": "partial_link"}
+
+
+def _source(node: dict, where: str) -> str | None:
+    s = node.get("source")
+    if s is not None and s not in (*FIGURE_SOURCES, PROFILE):
+        raise HardwareConfigError(f"{where}.source: expected {'|'.join(FIGURE_SOURCES)}|{PROFILE} (or null: not "
+                                  f"stated), got {s!r}")
+    return s
+
+
 def build_models(hw: dict, meta) -> tuple[CopyModel, ComputeModel]:
-    """Copy and compute models from a ``hardware`` config group and the trace's metadata."""
+    """Copy and compute models from a ``hardware`` config group (its current keys: see
+    :mod:`replay.config_keys` for the old ones) and the trace's metadata. The copy model: the profile's
+    (``bandwidth.source: profile``) or, on the config's figures, one per ``bandwidth.sharing``: ``independent``
+    -> ``alpha_beta``, ``shared`` -> ``shared_link``, ``partial`` -> ``partial_link``."""
     bw = hw.get("bandwidth", {})
-    kind = bw.get("model", "alpha_beta")
-    if kind not in ("constant", "alpha_beta", "shared_link", "partial_link", "profiled"):
-        raise HardwareConfigError("hardware.bandwidth.model: expected constant|alpha_beta|shared_link|partial_link|"
-                                  f"profiled, got {kind!r}")
+    source = _source(bw, "hardware.bandwidth")
+    sharing = str(bw.get("sharing", "auto" if source == PROFILE else "independent"))
+    if source != PROFILE and sharing not in SHARING_MODELS:
+        raise HardwareConfigError(f"hardware.bandwidth.sharing: expected {'|'.join(SHARING_MODELS)} (auto needs "
+                                  f"hardware.bandwidth.source=profile), got {sharing!r}")
+    link = bw.get("link")
+    if link is not None and not isinstance(link, str):
+        raise HardwareConfigError(f"hardware.bandwidth.link: expected a name (e.g. pcie4-x16) or null, got {link!r}")
     channels = int(bw.get("channels", 1))
     if channels < 1:
         raise HardwareConfigError(f"hardware.bandwidth.channels: expected >= 1, got {channels}")
     inter = meta.intermediate_size or max(1, meta.expert_bytes // (3 * 2 * max(meta.hidden_size, 1)))
     comp = hw.get("compute", {})
-    ckind = comp.get("model", "analytic")
-    used = tuple(name for name, k in (("copy", kind), ("compute", ckind)) if k == "profiled")
+    csource = _source(comp, "hardware.compute")
+    used = tuple(name for name, s in (("copy", source), ("compute", csource)) if s == PROFILE)
     prof = load_profile(hw["profile_path"], used) if used else None
-    if kind == "profiled":
-        copy = profiled_copy_model(prof, str(bw.get("sharing", "auto")), channels, hw["profile_path"],
-                                   str(bw.get("shared_fit", "alone_and_pair")))
+    if source == PROFILE:
+        copy = profiled_copy_model(prof, sharing, channels, hw["profile_path"], str(bw.get("shared_fit", "alone_and_pair")))
     else:
+        kind = SHARING_MODELS[sharing]
         lat = float(bw.get("latency_s", 0.0))
         if lat < 0:
             raise HardwareConfigError(f"hardware.bandwidth.latency_s: expected >= 0, got {lat}")
-        speedup = bw.get("pair_speedup", 1.0)  # partial_link only; the others share fully (1) or not at all
+        speedup = bw.get("pair_speedup", 1.0)  # partial only; the others share fully (1) or not at all
         if kind == "partial_link" and (isinstance(speedup, bool) or not isinstance(speedup, (int, float))
                                        or not 1.0 <= speedup <= 2.0):
             raise HardwareConfigError(f"hardware.bandwidth.pair_speedup: expected a number in [1, 2], got {speedup!r}")
-        copy = CopyModel(kind, _positive(bw, "bandwidth_gbps", "hardware.bandwidth") * GB, lat, channels,
+        copy = CopyModel(kind, _positive(bw, "bandwidth_GBps", "hardware.bandwidth") * GB, lat, channels,
                          pair_speedup=float(speedup) if kind == "partial_link" else 1.0)
-    if ckind == "profiled":
+    if csource == PROFILE:
         c = prof["compute"]
         over, per_expert = (_overhead(comp, c, k) for k in ("layer_overhead_s", "expert_overhead_s"))
         # The profile measured a scaled-down shape; the trace says what it replays. Use the tables as is:
         # profiled runs replay the same (scaled) shape the executor runs.
         compute = ComputeModel(
-            ckind, meta.hidden_size, inter,
+            "profiled", meta.hidden_size, inter,
             dense_tokens=np.asarray(c["dense_tokens"], float), dense_s=np.asarray(c["dense_s"], float),
             expert_tokens=np.asarray(c["expert_tokens"], float), expert_s=np.asarray(c["expert_s"], float),
             layer_overhead_s=over, expert_overhead_s=per_expert,
         )
-    elif ckind == "analytic":
+    else:  # the roofline on the config's figures
         matrices = 2 if meta.model.startswith("switch") else 3
         compute = ComputeModel(
-            ckind, max(meta.hidden_size, 1), inter, matrices, 2,
-            flops_per_s=_positive(comp, "tflops", "hardware.compute") * 1e12 * _fraction(comp, "efficiency", 0.5, "hardware.compute"),
-            mem_bytes_per_s=_positive(comp, "mem_gbps", "hardware.compute") * GB
+            "analytic", max(meta.hidden_size, 1), inter, matrices, 2,
+            flops_per_s=_positive(comp, "peak_TFLOPS", "hardware.compute") * 1e12
+            * _fraction(comp, "efficiency", 0.5, "hardware.compute"),
+            mem_bytes_per_s=_positive(comp, "mem_GBps", "hardware.compute") * GB
             * _fraction(comp, "mem_efficiency", 0.8, "hardware.compute"),
         )
-    else:
-        raise HardwareConfigError(f"hardware.compute.model: expected analytic|profiled, got {ckind!r}")
     return copy, compute

@@ -15,6 +15,7 @@ from policies.ondemand import ondemand_loads
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
 
+from .config_keys import normalise
 from .errors import RunConfigError
 from .hardware import build_models
 from .trace_source import resolve_trace
@@ -61,11 +62,16 @@ class Prepared:
 
 
 def prepare(cfg) -> Prepared:
-    """Validate the config, load the trace, build the policies and models. Raises before any replay work."""
+    """Validate the config (its old keys mapped: :func:`~replay.config_keys.normalise`), load the trace, build the
+    policies and models. Raises before any replay work."""
+    normalise(cfg)
     if int(cfg.batch_size) < 1:
         raise RunConfigError(f"batch_size: expected >= 1, got {cfg.batch_size}")
     check_replay_span(cfg.get("max_tokens"), cfg.split.test_fraction)
-    full = resolve_trace(cfg.trace)
+    traces_dir = cfg.paths.traces_dir
+    if not traces_dir:
+        raise RunConfigError(f"paths.traces_dir: expected a folder for the generated and imported traces, got {traces_dir!r}")
+    full = resolve_trace(cfg.trace, traces_dir)
     meta = full.meta
     copy_model, compute = build_models(_plain(cfg.hardware), meta)
     scope = str(cfg.cache.get("scope", "per_layer"))
@@ -73,7 +79,7 @@ def prepare(cfg) -> Prepared:
     capacity = capacities_for(meta.num_experts, scope, cfg.cache.get("slots"), cfg.cache.get("fraction"))
     frac = cfg.split.test_fraction
     if cfg.trace.get("train_path"):  # a separate training split (e.g. the reference model's): replay all of path
-        train, test = resolve_trace({"path": cfg.trace.train_path, "name": "train"}), full
+        train, test = resolve_trace({"path": cfg.trace.train_path, "name": "train"}, traces_dir), full
     else:
         train, test = split_by_sequence(full, float(frac), seed=int(cfg.seed)) if frac is not None else (full, full)
     if cfg.get("max_tokens") is not None:
@@ -99,13 +105,12 @@ def prepare(cfg) -> Prepared:
         meta.num_experts, partition_of, capacity, meta.top_k, meta.expert_bytes, int(cfg.batch_size), future,
         train=train, popularity=popularity, model_path=meta.model_path,
     )
-    pf = cfg.get("prefetch") or {}
+    pf = cfg.prefetch
     rcfg = RuntimeConfig(
         meta.num_layers, meta.num_experts, meta.expert_bytes,
-        min_score=float(cfg.predictor.get("min_score", 0.05)), max_per_layer=cfg.predictor.get("max_per_layer"),
-        admission=bool(pf.get("admission", True)), link_budget=bool(pf.get("link_budget", True)),
-        speculative_below=float(pf.get("speculative_below", 0.5)),
-        admission_margin=float(pf.get("admission_margin", 0.1)),
+        min_score=float(cfg.prefetch.min_score), max_per_layer=cfg.prefetch.max_per_layer,
+        admission=bool(pf.admission), link_budget=bool(pf.link_budget), speculative_below=float(pf.speculative_below),
+        admission_margin=float(pf.admission_margin),
     )
     predictor.reset(pctx)
     horizon.reset(hctx)

@@ -10,7 +10,9 @@ import numpy as np
 from .trace_source import trace_name
 from .window import WindowMark, windowed
 
-RESULTS_SCHEMA = "expertflow.results/1"
+# /2: run.bandwidth_gbps became run.bandwidth_GBps and run.policy names a global cache's scope (lru/global+none);
+# analysis reads /1 files through :func:`upgrade_run`
+RESULTS_SCHEMA = "expertflow.results/2"
 
 
 @dataclass
@@ -175,13 +177,34 @@ def request_tpot(steps, step_s: list[float]) -> float | None:
     return float(np.mean(gaps)) if gaps else None
 
 
+def policy_label(cache: str, scope: str | None, predictor: str, horizon: str, distance) -> str:
+    """The policy as results, tables and plots name it: ``cache[/global]+predictor[+horizon[distance]]``, e.g.
+    ``lru+none``, ``lru/global+none``, ``lru+transition+fixed1``, ``expertflow/global+transition+fixed2``. A
+    cache shared by all layers says so, since it behaves unlike the same policy per layer."""
+    label = f"{cache}{'/global' if scope == 'global' else ''}+{predictor}"
+    if predictor != "none":
+        label += f"+{horizon}{distance if horizon == 'fixed' else ''}"
+    return label
+
+
+def upgrade_run(run: dict) -> dict:
+    """A ``run`` object of a results.json in the current schema's keys (older files: ``bandwidth_gbps`` is
+    ``bandwidth_GBps``; a global cache's ``policy`` label gains its scope). Returns a new dict."""
+    run = dict(run)
+    if "bandwidth_gbps" in run and "bandwidth_GBps" not in run:
+        run["bandwidth_GBps"] = run.pop("bandwidth_gbps")
+    policy, cache = run.get("policy"), run.get("cache")
+    if (run.get("scope") == "global" and isinstance(policy, str) and isinstance(cache, str)
+            and policy.startswith(f"{cache}+")):
+        run["policy"] = f"{cache}/global{policy[len(cache):]}"
+    return run
+
+
 def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
     slots_per_layer = float(np.mean(capacity)) if scope == "per_layer" else capacity[0] / meta.num_layers
     hname = str(cfg.horizon.name)
     dist = cfg.horizon.get("distance")
-    policy = f"{cfg.cache.name}+{cfg.predictor.name}"
-    if str(cfg.predictor.name) != "none":
-        policy += f"+{hname}{dist if hname == 'fixed' else ''}"
+    policy = policy_label(str(cfg.cache.name), scope, str(cfg.predictor.name), hname, dist)
     return {
         "driver": "sim",
         "trace": str(cfg.trace.get("path") or ""),
@@ -195,7 +218,7 @@ def run_info(cfg, meta, capacity: list[int], scope: str, copy_model) -> dict:
         "scheduler": str(cfg.scheduler.name),
         "policy": policy,
         "hardware": str(cfg.hardware.name),
-        "bandwidth_gbps": copy_model.bandwidth_bytes_per_s / 1e9,
+        "bandwidth_GBps": copy_model.bandwidth_bytes_per_s / 1e9,
         "copy_model": copy_model.kind,
         "scope": scope,
         "capacity_slots_per_layer": slots_per_layer,

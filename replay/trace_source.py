@@ -1,6 +1,6 @@
 """Where a run's trace comes from: ``trace.path`` (any trace file), or, when it is null, the synthetic
 generator with ``trace.synth`` settings (or an importer with ``trace.imported``), cached under
-``.cache/traces`` keyed by those settings and by the source of ``traces/`` (editing the generator makes a new
+``paths.traces_dir`` (default ``.cache/traces``) keyed by those settings and by the source of ``traces/`` (editing the generator makes a new
 trace, not a stale one)."""
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def project_path(path: str) -> Path:
         return Path(path).resolve()
 
 
-def resolve_trace(node) -> Trace:
-    """The trace a ``trace`` config node names (read, generated or imported)."""
+def resolve_trace(node, cache_dir: str | Path) -> Trace:
+    """The trace a ``trace`` config node names (read, or generated or imported once and kept in ``cache_dir``,
+    ``paths.traces_dir``: relative to the directory the command started in)."""
     path = node.get("path")
     if path:
         p = project_path(str(path))
@@ -41,7 +42,7 @@ def resolve_trace(node) -> Trace:
     settings = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else dict(spec)
     key = json.dumps(settings, sort_keys=True) + code_digest(("traces",))
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    cache_dir = Path(node.get("cache_dir") or project_path(".cache/traces"))
+    cache_dir = project_path(str(cache_dir))
     out = cache_dir / f"{safe_name(node.get('name', 'synth'))}-{digest}.parquet"  # a name never leaves cache_dir
     if out.exists():
         return read_trace(out)

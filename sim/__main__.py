@@ -22,16 +22,18 @@ usage: python -m sim [-m] [OVERRIDE ...]
 Replay a routing trace against expert cache / prefetch / horizon / scheduling policies on a model of the
 hardware (discrete-event simulator), and bound it by Belady's MIN and a perfect-foresight prefetcher. Writes
 results.json and per_layer.parquet (chrome_trace.json with output.chrome_trace=true) to
-outputs/<time>_<trace>_<cache>_<predictor>/, or for a sweep (-m) to multirun/<time>/<job>_<overrides>/.
+outputs/<time>_<trace>_<cache>_<predictor>/, or for a sweep (-m) to multirun/<time>/<job>_<overrides>/
+(paths.outputs_dir, paths.multirun_dir).
 
 common overrides (group=option, key=value):
   trace=NAME | trace.path=FILE.parquet  the routing trace (default mixtral-synth; conf/trace)
   strategy=NAME                        a cache + predictor + horizon bundle (conf/strategy)
   cache=NAME cache.fraction=F          eviction policy and its size (or cache.slots=N, cache.scope=global)
-  predictor=NAME horizon=fixed|adaptive horizon.distance=D   prefetching
+  predictor=NAME horizon=fixed|adaptive horizon.distance=D   prefetching (prefetch.min_score=S)
   scheduler=fifo|route_grouping batch_size=B                 batching
   hardware=NAME                        copy and compute models (conf/hardware; profiled: a measured profile)
-  seed=S max_tokens=N split.test_fraction=F output.chrome_trace=true bounds.cache_dir=null
+  hardware.bandwidth.bandwidth_GBps=G  the link's bandwidth (GB/s); hardware.bandwidth.sharing=shared: one link
+  seed=S max_tokens=N split.test_fraction=F output.chrome_trace=true paths.bounds_dir=null
   -m KEY=A,B ...                       a sweep over every combination (multirun)
   +experiment=smoke|demo               ready-made sweeps
   --cfg job                            print the composed config and exit
@@ -63,8 +65,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
+    from replay.config_keys import rewrite_overrides
+
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(USAGE)  # then hydra's own help: the config groups and the composed config
+    sys.argv[1:] = rewrite_overrides(sys.argv[1:])  # old key names, with a warning naming the new ones
     main()
 
 

@@ -18,7 +18,7 @@ from .engine import replay
 def simulate(cfg, out_dir: Path) -> dict:
     """Run one configuration in the simulator; returns the results dict (also written to ``out_dir``)."""
     wall0 = time.perf_counter()
-    p = prepare(cfg)
+    p = prepare(cfg)  # maps old config keys first (replay.config_keys)
     log = bool(cfg.output.get("chrome_trace", False))
     res = replay(p.steps, p.runtime, p.copy_model, p.compute, p.copy_bytes, p.meta.num_layers, log=log, uses=p.uses,
                  warmup_steps=p.warmup_steps)

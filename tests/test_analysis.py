@@ -17,10 +17,10 @@ def fake_run(root, name, trace, policy, cache, predictor, frac, bw, stall, oracl
     d = root / name
     d.mkdir(parents=True)
     res = {
-        "schema": "expertflow.results/1",
+        "schema": "expertflow.results/2",
         "run": {"driver": "sim", "trace_name": trace, "model": "m", "policy": policy, "cache": cache,
                 "predictor": predictor, "horizon": "fixed", "horizon_distance": 1, "scheduler": "fifo",
-                "hardware": f"hw{bw}", "bandwidth_gbps": bw, "capacity_fraction": frac,
+                "hardware": f"hw{bw}", "bandwidth_GBps": bw, "capacity_fraction": frac,
                 "capacity_slots_per_layer": frac * 8, "batch_size": 1, "seed": 0, "expert_bytes": 10, "scope": "per_layer"},
         "stall_s": stall, "total_s": stall + 1.0, "tpot_s": (stall + 1) / 10, "tokens_per_s": 10 / (stall + 1),
         "hit_rate": hit, "belady_hit_rate": 0.8, "oracle_stall_s": oracle, "bytes_moved": 100,
@@ -98,11 +98,45 @@ def test_stall_relative_to_ondemand_matches_the_link_bandwidth():
 
     from analysis.runs import relative_to_ondemand
 
-    rows = [dict(driver="sim", trace_name="t", hardware="a100-pcie4", bandwidth_gbps=bw, capacity_fraction=0.5,
+    rows = [dict(driver="sim", trace_name="t", hardware="a100-pcie4", bandwidth_GBps=bw, capacity_fraction=0.5,
                  batch_size=1, scheduler="fifo", cache=c, predictor=p, stall_s=s)
             for bw, c, p, s in ((3.0, "lru", "none", 8.0), (25.0, "lru", "none", 1.0),
                                 (3.0, "lru", "transition", 4.0), (25.0, "lru", "transition", 2.0))]
     assert relative_to_ondemand(pd.DataFrame(rows)).tolist() == [1.0, 1.0, 0.5, 2.0]
+
+
+def test_the_ondemand_baseline_is_lru_per_layer_not_global():
+    """Two runs that differ only in the cache's scope: on-demand LRU per layer is the baseline, lru/global is not."""
+    import pandas as pd
+
+    from analysis.runs import relative_to_ondemand
+
+    rows = [dict(driver="sim", trace_name="t", hardware="t4", bandwidth_GBps=12.0, capacity_fraction=0.5, batch_size=1,
+                 scheduler="fifo", cache="lru", predictor="none", scope=scope, stall_s=s)
+            for scope, s in (("per_layer", 4.0), ("global", 2.0))]
+    assert relative_to_ondemand(pd.DataFrame(rows)).tolist() == [1.0, 0.5]
+
+
+def test_older_results_files_read_in_the_current_keys(tmp_path):
+    """A results.json of schema /1 (run.bandwidth_gbps; a global cache's label without its scope) loads as a
+    current one, so a report may mix runs from before and after the rename."""
+    from analysis.runs import load_runs
+
+    fake_run(tmp_path, "new", "A", "expertflow/global+transition+fixed2", "expertflow", "transition", 0.5, 25.0, 1.0, 0.5)
+    fake_run(tmp_path, "old", "A", "expertflow+transition+fixed2", "expertflow", "transition", 0.5, 12.0, 2.0, 0.5)
+    fake_run(tmp_path, "old_per_layer", "A", "lru+none", "lru", "none", 0.5, 12.0, 3.0, 0.5)
+    for name, scope in (("new", "global"), ("old", "global"), ("old_per_layer", "per_layer")):
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        res["run"]["scope"] = scope
+        if name != "new":
+            res["schema"] = "expertflow.results/1"
+            res["run"]["bandwidth_gbps"] = res["run"].pop("bandwidth_GBps")
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    df = load_runs(tmp_path).set_index("run_dir")
+    assert df.bandwidth_GBps.to_dict() == {"new": 25.0, "old": 12.0, "old_per_layer": 12.0}
+    assert df.policy.to_dict() == {"new": "expertflow/global+transition+fixed2", "old": "expertflow/global+transition+fixed2",
+                                   "old_per_layer": "lru+none"}
+    assert "bandwidth_gbps" not in df
 
 
 def test_a_parent_folder_named_report_is_not_skipped(tmp_path, capsys):
@@ -174,7 +208,7 @@ def test_a_synthetic_runs_results_name_whose_statistics_it_borrows(tmp_path):
 
     run_dir = tmp_path / "runs" / "one"
     sim = subprocess.run([sys.executable, "-m", "sim", "trace=deepseek-synth", "trace.synth.tokens=48",
-                          f"+trace.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"],
+                          f"paths.traces_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr[-2000:]
     source = json.loads((run_dir / "results.json").read_text())["run"]["trace_source"]

@@ -32,7 +32,7 @@ def run(overrides: list[str], tmp_path, trace_path=None) -> dict:
     if trace_path is not None:
         overrides = [f"trace.path={trace_path}", "trace.name=t", *overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["bounds.cache_dir=null", *overrides])
+        cfg = compose("config", overrides=["paths.bounds_dir=null", *overrides])
     return simulate(cfg, tmp_path / f"out-{abs(hash(tuple(overrides)))}")
 
 
@@ -111,7 +111,7 @@ BUNDLED = [
 
 @pytest.mark.parametrize("trace,batch", BUNDLED)
 def test_bundled_traces_keep_the_invariants(tmp_path, trace, batch):
-    common = [*trace, f"+trace.cache_dir={tmp_path}", f"batch_size={batch}", "cache.fraction=0.25"]
+    common = [*trace, f"paths.traces_dir={tmp_path}", f"batch_size={batch}", "cache.fraction=0.25"]
     belady = run([*common, "strategy=ondemand-belady"], tmp_path)
     oracle = run([*common, "strategy=oracle-belady"], tmp_path)
     lru = run([*common, "strategy=ondemand-lru"], tmp_path)

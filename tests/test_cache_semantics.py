@@ -45,7 +45,7 @@ def test_stats_hits_are_the_simulators(tmp_path, policy):
             cfg = compose("config", overrides=[f"trace.path={path}", "trace.name=t", "split.test_fraction=null",
                                                "batch_size=1", "scheduler=fifo", f"cache={policy}", "cache.scope=per_layer",
                                                f"cache.slots={c}", "cache.fraction=null", "predictor=none",
-                                               "bounds.cache_dir=null", "warmup_tokens=0"])
+                                               "paths.bounds_dir=null", "warmup_tokens=0"])
         out = tmp_path / f"{policy}-{c}"
         res = simulate(cfg, out)
         sim_hits = pd.read_parquet(out / "per_layer.parquet")["hits"].to_numpy()

@@ -260,7 +260,7 @@ def small_case(tmp_path, cache="lru", tokens=80):
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
     path = write_trace(tr, tmp_path / "t.parquet")
     return [f"trace.path={path}", "trace.name=t", f"cache={cache}", "batch_size=2", "executor.scale=1",
-            f"executor.tier_dir={tmp_path / 'tier'}"]
+            f"paths.tier_dir={tmp_path / 'tier'}"]
 
 
 @pytest.mark.parametrize("cache,predictor", [("lru", "none"), ("lru", "transition")])

@@ -167,7 +167,7 @@ def test_executor_makes_the_simulators_decisions(tmp_path, cache):
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
     path = write_trace(tr, tmp_path / "t.parquet")
     ov = [f"trace.path={path}", "trace.name=t", f"cache={cache}", "batch_size=2", "executor.scale=1",
-          f"executor.tier_dir={tmp_path / 'tier'}"]
+          f"paths.tier_dir={tmp_path / 'tier'}"]
     from executor.run import execute_config
     from sim.run import simulate
 
@@ -305,7 +305,7 @@ def test_bad_input_leaves_no_results(tmp_path):
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
     path = write_trace(tr, tmp_path / "t.parquet")
     proc = subprocess.run([sys.executable, "-m", "executor", f"trace.path={path}", "executor.scale=0",
-                           f"hydra.run.dir={tmp_path / 'run'}", f"executor.tier_dir={tmp_path}"],
+                           f"hydra.run.dir={tmp_path / 'run'}", f"paths.tier_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "executor.scale" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
@@ -334,7 +334,7 @@ def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
     tr = random_trace(tokens=60, layers=2, experts=8, top_k=2, sequences=2, seed=1)
     tr.meta.hidden_size, tr.meta.intermediate_size = 64, 96
     path = write_trace(tr, tmp_path / "t.parquet")
-    ov = [f"trace.path={path}", "executor.scale=2", f"executor.tier_dir={tmp_path / 'tier'}", "bounds.cache_dir=null"]
+    ov = [f"trace.path={path}", "executor.scale=2", f"paths.tier_dir={tmp_path / 'tier'}", "paths.bounds_dir=null"]
     from executor.run import execute_config
     from sim.run import simulate
 
@@ -344,7 +344,7 @@ def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
         assert res["oracle_stall_s"] is None and res["oracle_aggressive_stall_s"] is None
         assert res["oracle_conservative_stall_s"] is None
         assert res["run"]["hardware"] == f"local-{res['tier']}" != "a100-pcie4"
-        assert res["run"]["bandwidth_gbps"] is None and res["run"]["copy_model"] is None
+        assert res["run"]["bandwidth_GBps"] is None and res["run"]["copy_model"] is None
     sim = simulate(compose_cfg(ov), tmp_path / "sim")
     assert (preset["belady_hit_rate"], preset["belady_misses_unique"]) == (sim["belady_hit_rate"], sim["belady_misses_unique"])
 
@@ -358,7 +358,7 @@ def test_bounds_only_where_the_hardware_model_describes_the_run(tmp_path):
     ours = profile(preset["run"]["expert_bytes"], preset["tier"])
     real = execute_config(compose_cfg([*ov, *ours]), tmp_path / "prof")
     sim = simulate(compose_cfg([*ov, *ours]), tmp_path / "sim-prof")
-    assert real["run"]["hardware"] == "profiled" and real["run"]["bandwidth_gbps"] == sim["run"]["bandwidth_gbps"]
+    assert real["run"]["hardware"] == "profiled" and real["run"]["bandwidth_GBps"] == sim["run"]["bandwidth_GBps"]
     for k in ("oracle_stall_s", "oracle_aggressive_stall_s", "belady_hit_rate"):
         assert real[k] == sim[k] is not None, k
     for other in (profile(4096 * 1000, preset["tier"]), profile(preset["run"]["expert_bytes"], "host-pinned")):
@@ -376,7 +376,7 @@ def test_bad_executor_values_stop_before_any_work(tmp_path, override, msg):
     tr = random_trace(tokens=30, layers=2, experts=8, top_k=2, sequences=2, seed=1)
     path = write_trace(tr, tmp_path / "t.parquet")
     proc = subprocess.run([sys.executable, "-m", "executor", f"trace.path={path}", override,
-                           f"hydra.run.dir={tmp_path / 'run'}", f"executor.tier_dir={tmp_path / 'tier'}"],
+                           f"hydra.run.dir={tmp_path / 'run'}", f"paths.tier_dir={tmp_path / 'tier'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == msg, proc.stderr[-2000:]
     assert not (tmp_path / "tier").exists() and not (tmp_path / "run" / "results.json").exists()

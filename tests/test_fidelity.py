@@ -85,15 +85,15 @@ def test_validate_backend_cuda_without_a_gpu_stops_clearly(tmp_path):
 def test_layer_overhead_is_added_to_every_layer(tmp_path):
     prof = fake_profile(tmp_path, layer_overhead_s=3e-5)
     meta = random_trace(tokens=10, layers=2, experts=4, top_k=2, sequences=1, seed=0).meta
-    hw = {"bandwidth": {"model": "profiled"}, "compute": {"model": "profiled"}, "profile_path": str(prof)}
+    hw = {"bandwidth": {"source": "profile"}, "compute": {"source": "profile"}, "profile_path": str(prof)}
     _, c = build_models(hw, meta)
     assert c.dense_time_s(1) == pytest.approx(1e-4 + 3e-5) and c.expert_time_s(1) == pytest.approx(5e-5)
-    _, c = build_models({**hw, "compute": {"model": "profiled", "layer_overhead_s": 1e-4}}, meta)
+    _, c = build_models({**hw, "compute": {"source": "profile", "layer_overhead_s": 1e-4}}, meta)
     assert c.dense_time_s(8) == pytest.approx(3e-4)  # the override wins over the profile's value
     _, c = build_models({**hw, "profile_path": str(fake_profile(tmp_path))}, meta)
     assert c.dense_time_s(1) == pytest.approx(1e-4)  # older profiles: no overhead
     with pytest.raises(HardwareConfigError, match="layer_overhead_s"):
-        build_models({**hw, "compute": {"model": "profiled", "layer_overhead_s": -1.0}}, meta)
+        build_models({**hw, "compute": {"source": "profile", "layer_overhead_s": -1.0}}, meta)
 
 
 def test_profiled_sim_total_grows_by_the_overhead_per_layer_step(tmp_path):

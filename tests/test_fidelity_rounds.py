@@ -63,8 +63,8 @@ def test_profile_measures_the_tier_under_two_copies(tmp_path):
 
 
 def hw(path: Path, sharing: str | None = None) -> dict:
-    bw = {"model": "profiled"} if sharing is None else {"model": "profiled", "sharing": sharing}
-    return {"bandwidth": bw, "compute": {"model": "profiled"}, "profile_path": str(path)}
+    bw = {"source": "profile"} if sharing is None else {"source": "profile", "sharing": sharing}
+    return {"bandwidth": bw, "compute": {"source": "profile"}, "profile_path": str(path)}
 
 
 REPLAY = {"pickup_s": 1e-4, "wake_s": 5e-5, "read_s": 6e-4, "read_alone_s": 4e-4, "read_pair_s": 7.5e-4}
@@ -79,7 +79,7 @@ def test_a_tier_that_does_not_scale_is_one_shared_link(tmp_path):
     assert copy.seconds(4096) == pytest.approx((alone + 2 * pair) / 5)
     assert copy.latency_s == pytest.approx(1.5e-4)  # the hand-offs
     # fit to the alone case only: pick-up + read alone + wake-up
-    bw = {"model": "profiled", "shared_fit": "alone"}
+    bw = {"source": "profile", "shared_fit": "alone"}
     copy, _ = build_models({**hw(p), "bandwidth": bw}, META)
     assert copy.seconds(4096) == pytest.approx(alone) and copy.bandwidth_bytes_per_s == pytest.approx(4096 / 4e-4)
     with pytest.raises(HardwareConfigError, match="shared_fit"):

@@ -17,9 +17,9 @@ def horizon_runs(adaptive_stall):
     for bw in (3.0, 25.0):
         for frac in (0.25, 0.5):
             for d, s in ((1, 2.0), (2, 1.0)):
-                rows.append(dict(trace_name="t", bandwidth_gbps=bw, capacity_fraction=frac, horizon="fixed",
+                rows.append(dict(trace_name="t", bandwidth_GBps=bw, capacity_fraction=frac, horizon="fixed",
                                  horizon_distance=d, stall_s=s * bw))
-            rows.append(dict(trace_name="t", bandwidth_gbps=bw, capacity_fraction=frac, horizon="adaptive",
+            rows.append(dict(trace_name="t", bandwidth_GBps=bw, capacity_fraction=frac, horizon="adaptive",
                              horizon_distance=np.nan, stall_s=adaptive_stall(bw, frac) * bw))
     return pd.DataFrame(rows)
 

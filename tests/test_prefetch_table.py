@@ -91,7 +91,7 @@ def test_replay_with_the_table_equals_replay_with_observations(tmp_path, monkeyp
     path = write_trace(tr, tmp_path / "t.parquet")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"trace.path={path}", "trace.name=t", "hardware=t4", "cache.slots=3",
-                                           "hardware.bandwidth.bandwidth_gbps=160", "cache.fraction=null", *overrides])
+                                           "hardware.bandwidth.bandwidth_GBps=160", "cache.fraction=null", *overrides])
     out = []
     for table in (True, False):
         p = prepare(cfg)

@@ -56,15 +56,15 @@ def test_safe_name_keeps_safe_names_and_distinct_names_apart():
 @pytest.mark.parametrize("model", ["../../escape", "mistralai/Mixtral-8x7B", "a\x00b"])
 def test_a_traces_model_field_never_leaves_the_tier_dir(tmp_path, model):
     """executor/run.py named the expert file from the trace's model field: '../../x' wrote outside
-    executor.tier_dir, a NUL byte raised a raw ValueError."""
+    paths.tier_dir, a NUL byte raised a raw ValueError."""
     from executor.run import execute_config
 
     work = tmp_path / "work"
     work.mkdir()
     path = small_trace(work, model=model)
     tier = work / "a" / "b" / "tier"
-    res = execute_config(compose_cfg([f"trace.path={path}", "executor.scale=2", f"executor.tier_dir={tier}",
-                                      "bounds.cache_dir=null"]), work / "run")
+    res = execute_config(compose_cfg([f"trace.path={path}", "executor.scale=2", f"paths.tier_dir={tier}",
+                                      "paths.bounds_dir=null"]), work / "run")
     stores = list(tier.glob("*.experts"))
     assert len(stores) == 1 and stores[0].parent == tier and res["run"]["model"] == model
     assert files_under(tmp_path) == {path, stores[0], *files_under(work / "run")}
@@ -157,7 +157,7 @@ def test_too_little_free_space_stops_before_writing(tmp_path, monkeypatch):
     import executor.tier as tier
 
     monkeypatch.setattr(tier.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(TierError, match=r"executor.tier_dir: the expert file needs .* GB free"):
+    with pytest.raises(TierError, match=r"paths.tier_dir: the expert file needs .* GB free"):
         ensure_store(tmp_path / "m.experts", StoreLayout([4, 4], 32, 48))
     assert list(tmp_path.iterdir()) == []
 
@@ -170,9 +170,9 @@ def run_cli(tmp_path, module, *overrides):
 def test_a_file_where_the_tier_dir_should_be_is_an_error(tmp_path):
     path = small_trace(tmp_path)
     (tmp_path / "tier").write_text("a file")
-    proc = run_cli(tmp_path, "executor", f"trace.path={path}", "executor.scale=2", f"executor.tier_dir={tmp_path / 'tier'}",
+    proc = run_cli(tmp_path, "executor", f"trace.path={path}", "executor.scale=2", f"paths.tier_dir={tmp_path / 'tier'}",
                    f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: executor.tier_dir: cannot use"), proc.stderr[-2000:]
+    assert proc.returncode == 2 and proc.stderr.startswith("error: paths.tier_dir: cannot use"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "results.json").exists()
 
 
@@ -205,7 +205,7 @@ def test_a_full_disk_at_results_json_removes_the_per_layer_table(tmp_path, monke
 
     monkeypatch.setattr(outputs, "write_json", full)
     with pytest.raises(OutputWriteError, match="No space left on device"):
-        simulate(compose_cfg(["trace.synth.tokens=60", f"+trace.cache_dir={tmp_path / 'c'}"]), tmp_path / "run")
+        simulate(compose_cfg(["trace.synth.tokens=60", f"paths.traces_dir={tmp_path / 'c'}"]), tmp_path / "run")
     assert list((tmp_path / "run").iterdir()) == []
 
 
@@ -227,7 +227,7 @@ def test_values_that_would_silently_mean_all_are_refused(tmp_path, override, msg
 
 def test_an_executor_scale_beyond_the_models_shape_is_refused_not_clamped(tmp_path):
     path = small_trace(tmp_path, hidden=64, inter=96)  # 64 / 16 = 4 < 8: the tier would clamp it to 8
-    proc = run_cli(tmp_path, "executor", f"trace.path={path}", "executor.scale=16", f"executor.tier_dir={tmp_path / 'tier'}",
+    proc = run_cli(tmp_path, "executor", f"trace.path={path}", "executor.scale=16", f"paths.tier_dir={tmp_path / 'tier'}",
                    f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == ("error: executor.scale: 16 would shrink 'random''s experts (hidden 64, intermediate "
@@ -235,8 +235,8 @@ def test_an_executor_scale_beyond_the_models_shape_is_refused_not_clamped(tmp_pa
     assert not (tmp_path / "tier").exists()
     from executor.run import execute_config
 
-    res = execute_config(compose_cfg([f"trace.path={path}", "executor.scale=8", f"executor.tier_dir={tmp_path / 'tier'}",
-                                      "bounds.cache_dir=null"]), tmp_path / "ok")
+    res = execute_config(compose_cfg([f"trace.path={path}", "executor.scale=8", f"paths.tier_dir={tmp_path / 'tier'}",
+                                      "paths.bounds_dir=null"]), tmp_path / "ok")
     assert (res["run"]["scale"], res["run"]["scaled_hidden"], res["run"]["scaled_intermediate"]) == (8, 8, 12)
 
 
@@ -246,7 +246,7 @@ def test_an_executor_scale_beyond_the_models_shape_is_refused_not_clamped(tmp_pa
 def test_a_bad_bounds_cache_entry_is_a_warning_and_a_recompute(tmp_path, caplog, content):
     from sim.run import simulate
 
-    ov = [f"trace.path={small_trace(tmp_path)}", f"bounds.cache_dir={tmp_path / 'bounds'}"]
+    ov = [f"trace.path={small_trace(tmp_path)}", f"paths.bounds_dir={tmp_path / 'bounds'}"]
     first = simulate(compose_cfg(ov), tmp_path / "a")
     (entry,) = (tmp_path / "bounds").glob("*.json")
     if content == "BAD":  # every key, one value out of range

@@ -30,10 +30,10 @@ def fake_run(root, name, trace, policy, frac, hw, bw, seed, stall, tokens=100, b
     d.mkdir(parents=True)
     steps, compute = tokens, 0.5
     res = {
-        "schema": "expertflow.results/1",
+        "schema": "expertflow.results/2",
         "run": {"driver": "sim", "trace_name": trace, "trace_source": f"synthetic {trace}", "model": "m",
                 "policy": policy, "cache": cache, "predictor": pred, "horizon": "fixed", "horizon_distance": 1,
-                "scheduler": "fifo", "hardware": hw, "bandwidth_gbps": bw, "capacity_fraction": frac,
+                "scheduler": "fifo", "hardware": hw, "bandwidth_GBps": bw, "capacity_fraction": frac,
                 "capacity_slots_per_layer": frac * 8, "batch_size": batch, "seed": seed, "expert_bytes": 10,
                 "scope": "per_layer"},
         "stall_s": stall, "total_s": stall + compute, "tpot_s": (stall + compute) / steps, "tokens": tokens,
@@ -142,7 +142,7 @@ def test_a_non_utf8_results_file_is_skipped_with_a_warning(tmp_path):
 def test_a_killed_sweep_is_reported_as_incomplete(tmp_path, capsys):
     mr = tmp_path / "mr"
     sim = subprocess.run([sys.executable, "-m", "sim", "-m", "+experiment=smoke", "cache.fraction=0.25,0.5",
-                          "trace.synth.tokens=80", f"hydra.sweep.dir={mr}", f"+trace.cache_dir={tmp_path / 'c'}"],
+                          "trace.synth.tokens=80", f"hydra.sweep.dir={mr}", f"paths.traces_dir={tmp_path / 'c'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr[-2000:]
     # each run's log line names its hardware and cache size

@@ -130,7 +130,7 @@ def test_prefetch_with_oracle_beats_ondemand_when_compute_bound(tmp_path):
         (["cache.fraction=0"], "cache.fraction"),
         (["cache.slots=8", "cache.fraction=null"], "out of range"),
         (["cache.slots=0", "cache.fraction=null"], "out of range"),
-        (["hardware.bandwidth.bandwidth_gbps=-1"], "bandwidth_gbps"),
+        (["hardware.bandwidth.bandwidth_GBps=-1"], "hardware.bandwidth.bandwidth_GBps"),
         (["trace.path=/nonexistent/x.parquet"], "no such trace file"),
         (["batch_size=0"], "batch_size"),
         (["cache.fraction=abc"], "cache.fraction: expected a number"),
@@ -200,7 +200,7 @@ def test_prefill_is_modelled_and_batches_follow_fifo(tmp_path):
 def test_golden_on_the_real_mixtral_trace(shared_traces, tmp_path):
     """On-demand LRU and MIN at 4 of 8 slots per layer, on the imported real decode trace (pinned)."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["trace=mixtral-real", "split.test_fraction=null", f"+trace.cache_dir={tmp_path}"])
+        cfg = compose("config", overrides=["trace=mixtral-real", "split.test_fraction=null", f"paths.traces_dir={tmp_path}"])
     from sim.run import simulate
 
     res = simulate(cfg, tmp_path / "out")
@@ -231,26 +231,26 @@ def test_seed_drives_the_synthetic_trace(tmp_path):
     """``seed`` reaches the synthetic generator (unless ``trace.synth.seed`` is set): another seed, another trace."""
     from replay.trace_source import resolve_trace
 
-    base = ["trace=deepseek-synth", "trace.synth.tokens=60", f"+trace.cache_dir={tmp_path}"]
-    traces = {s: resolve_trace(_compose([*base, f"seed={s}"]).trace) for s in (0, 1)}
+    base = ["trace=deepseek-synth", "trace.synth.tokens=60"]
+    traces = {s: resolve_trace(_compose([*base, f"seed={s}"]).trace, tmp_path) for s in (0, 1)}
     assert not np.array_equal(traces[0].experts, traces[1].experts)
-    again = resolve_trace(_compose([*base, "seed=0"]).trace)
+    again = resolve_trace(_compose([*base, "seed=0"]).trace, tmp_path)
     assert np.array_equal(traces[0].experts, again.experts)
     pinned = _compose([*base, "seed=1", "trace.synth.seed=0"]).trace
-    assert np.array_equal(resolve_trace(pinned).experts, traces[0].experts)
+    assert np.array_equal(resolve_trace(pinned, tmp_path).experts, traces[0].experts)
 
 
 def test_trace_cache_is_keyed_by_the_generator_code(tmp_path, monkeypatch):
     """Editing ``traces/`` (its digest) makes a new cached trace instead of reusing the old one."""
     import replay.trace_source as ts
 
-    node = _compose(["trace=deepseek-synth", "trace.synth.tokens=30", f"+trace.cache_dir={tmp_path}"]).trace
-    ts.resolve_trace(node)
+    node = _compose(["trace=deepseek-synth", "trace.synth.tokens=30"]).trace
+    ts.resolve_trace(node, tmp_path)
     assert len(list(tmp_path.glob("*.parquet"))) == 1
-    ts.resolve_trace(node)
+    ts.resolve_trace(node, tmp_path)
     assert len(list(tmp_path.glob("*.parquet"))) == 1  # same code, same settings: reused
     monkeypatch.setattr(ts, "code_digest", lambda packages: "edited generator")
-    ts.resolve_trace(node)
+    ts.resolve_trace(node, tmp_path)
     assert len(list(tmp_path.glob("*.parquet"))) == 2
 
 
@@ -263,3 +263,14 @@ def test_trace_name_follows_trace_path(tmp_path):
     assert trace_name(_compose(["trace=file", "trace.path=/data/x.parquet", "trace.name=mine"]).trace) == "mine"
     assert trace_name(_compose(["trace=file", "trace.path=/data/x.parquet"]).trace) == "x"  # unnamed: the file's
     assert trace_name(_compose(["trace=reference-moe"]).trace) == "reference-moe"
+
+
+def test_the_policy_label_shows_a_global_cache(tmp_path):
+    """Two runs that differ only in the cache's scope are told apart by their label (results, tables, plots)."""
+    tr = random_trace(tokens=40, layers=2, experts=8, top_k=2, sequences=2, seed=1)
+    labels = {}
+    for ov in (["cache.scope=per_layer"], ["cache.scope=global"], ["strategy=expertflow-2024"]):
+        res, _ = run_sim(tmp_path, [*ov, "paths.bounds_dir=null"], tr)
+        labels[ov[0]] = (res["run"]["policy"], res["run"]["scope"])
+    assert labels == {"cache.scope=per_layer": ("lru+none", "per_layer"), "cache.scope=global": ("lru/global+none", "global"),
+                      "strategy=expertflow-2024": ("expertflow/global+transition+fixed2", "global")}

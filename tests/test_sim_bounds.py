@@ -84,7 +84,7 @@ def test_heap_victims_equal_the_plain_farthest_rule(tmp_path, monkeypatch, scope
 def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatch):
     """Two policies at the same trace, capacity and hardware share one cached bounds file and give exactly the
     bounds a fresh computation gives; a different capacity, or different code, gets its own; an unreadable
-    file is recomputed; ``bounds.cache_dir=null`` caches nothing."""
+    file is recomputed; ``paths.bounds_dir=null`` caches nothing."""
     import json
 
     from test_sim import run_sim
@@ -101,10 +101,10 @@ def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatc
             "oracle_conservative_stall_s")
 
     def run(*ov):
-        res, _ = run_sim(tmp_path, [f"bounds.cache_dir={cache}", "cache.slots=3", "cache.fraction=null", *ov], tr)
+        res, _ = run_sim(tmp_path, [f"paths.bounds_dir={cache}", "cache.slots=3", "cache.fraction=null", *ov], tr)
         return {k: res[k] for k in keys}
 
-    fresh = run("bounds.cache_dir=null", "cache=lru")
+    fresh = run("paths.bounds_dir=null", "cache=lru")
     assert not cache.exists() and len(computed) == 1
     assert run("cache=lru") == fresh and len(list(cache.glob("*.json"))) == 1 and len(computed) == 2
     assert run("cache=lfru", "predictor=transition") == fresh and len(list(cache.glob("*.json"))) == 1
@@ -128,6 +128,6 @@ def test_an_unwritable_bounds_cache_only_warns(tmp_path, caplog):
     blocker.write_text("not a directory")
     tr = random_trace(tokens=30, layers=2, experts=4, top_k=2, sequences=2, seed=1)
     ov = ["cache.slots=2", "cache.fraction=null"]
-    res, _ = run_sim(tmp_path, [f"bounds.cache_dir={blocker / 'bounds'}", *ov], tr)
-    fresh, _ = run_sim(tmp_path, ["bounds.cache_dir=null", *ov], tr)
+    res, _ = run_sim(tmp_path, [f"paths.bounds_dir={blocker / 'bounds'}", *ov], tr)
+    fresh, _ = run_sim(tmp_path, ["paths.bounds_dir=null", *ov], tr)
     assert res["oracle_stall_s"] == fresh["oracle_stall_s"] and "cannot write" in caplog.text

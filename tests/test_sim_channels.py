@@ -126,7 +126,7 @@ def test_profiled_model_interpolates_and_extrapolates(tmp_path):
     p = tmp_path / "p.json"
     p.write_text(json.dumps(prof))
     meta = MODEL_PRESETS["olmoe-1b-7b"].meta()
-    copy, comp = build_models({"bandwidth": {"model": "profiled"}, "compute": {"model": "profiled"}, "profile_path": str(p)}, meta)
+    copy, comp = build_models({"bandwidth": {"source": "profile"}, "compute": {"source": "profile"}, "profile_path": str(p)}, meta)
     assert copy.seconds(1500) == pytest.approx(0.0025)
     assert copy.seconds(10_000) == pytest.approx(0.001 + 0.01)
     assert comp.dense_time_s(4) == pytest.approx(1e-3 + 3 / 7 * 1e-3)
@@ -135,7 +135,7 @@ def test_profiled_model_interpolates_and_extrapolates(tmp_path):
 
 def test_analytic_compute_is_a_roofline():
     meta = MODEL_PRESETS["mixtral-8x7b"].meta()
-    hw = {"bandwidth": {"model": "constant", "bandwidth_gbps": 25}, "compute": {"model": "analytic", "tflops": 100, "efficiency": 1.0, "mem_gbps": 1000, "mem_efficiency": 1.0}}
+    hw = {"bandwidth": {"sharing": "independent", "bandwidth_GBps": 25}, "compute": {"source": "datasheet", "peak_TFLOPS": 100, "efficiency": 1.0, "mem_GBps": 1000, "mem_efficiency": 1.0}}
     _, comp = build_models(hw, meta)
     # one token reads all 352 MB of an expert: memory bound
     assert comp.expert_time_s(1) == pytest.approx(meta.expert_bytes / 1e12)
@@ -148,10 +148,13 @@ def test_analytic_compute_is_a_roofline():
 @pytest.mark.parametrize(
     "hw, msg",
     [
-        ({"bandwidth": {"model": "warp"}}, "bandwidth.model"),
-        ({"bandwidth": {"model": "constant", "bandwidth_gbps": 0}}, "bandwidth_gbps"),
-        ({"bandwidth": {"model": "constant", "bandwidth_gbps": 1, "channels": 0}}, "channels"),
-        ({"bandwidth": {"model": "profiled"}, "compute": {"model": "analytic"}, "profile_path": "/no/such.json"}, "no such profile"),
+        ({"bandwidth": {"source": "warp"}}, "bandwidth.source"),
+        ({"bandwidth": {"sharing": "warp"}}, "bandwidth.sharing"),
+        ({"bandwidth": {"sharing": "auto", "bandwidth_GBps": 1}}, "auto needs hardware.bandwidth.source=profile"),
+        ({"compute": {"source": "profiled"}}, "compute.source"),
+        ({"bandwidth": {"sharing": "independent", "bandwidth_GBps": 0}}, "bandwidth_GBps"),
+        ({"bandwidth": {"sharing": "independent", "bandwidth_GBps": 1, "channels": 0}}, "channels"),
+        ({"bandwidth": {"source": "profile"}, "compute": {"source": "datasheet"}, "profile_path": "/no/such.json"}, "no such profile"),
     ],
 )
 def test_bad_hardware_values(hw, msg):
@@ -169,7 +172,7 @@ def test_profile_without_what_the_models_read(tmp_path, profile, msg):
 
     path = tmp_path / "hw.json"
     path.write_text(json.dumps(profile))
-    hw = {"bandwidth": {"model": "profiled"}, "compute": {"model": "analytic", "tflops": 1, "mem_gbps": 1},
+    hw = {"bandwidth": {"source": "profile"}, "compute": {"source": "datasheet", "peak_TFLOPS": 1, "mem_GBps": 1},
           "profile_path": str(path)}
     with pytest.raises(HardwareConfigError, match=f"{path}: .*{msg}"):
         build_models(hw, MODEL_PRESETS["mixtral-8x7b"].meta())
@@ -182,12 +185,12 @@ def test_profile_needs_only_the_sections_its_models_read(tmp_path):
     path = tmp_path / "hw.json"
     path.write_text(json.dumps({"schema": "expertflow.hwprofile/1", "copy": {
         "bandwidth_bytes_per_s": 1e9, "latency_s": 1e-5, "bytes": [1e6, 2e6], "seconds": [1e-3, 2e-3]}}))
-    hw = {"bandwidth": {"model": "profiled", "sharing": "independent"},
-          "compute": {"model": "analytic", "tflops": 1, "mem_gbps": 1}, "profile_path": str(path)}
+    hw = {"bandwidth": {"source": "profile", "sharing": "independent"},
+          "compute": {"source": "datasheet", "peak_TFLOPS": 1, "mem_GBps": 1}, "profile_path": str(path)}
     copy, compute = build_models(hw, MODEL_PRESETS["mixtral-8x7b"].meta())
     assert copy.kind == "profiled" and compute.kind == "analytic"
     with pytest.raises(HardwareConfigError, match="section 'compute' lacks"):
-        build_models({**hw, "compute": {"model": "profiled"}}, MODEL_PRESETS["mixtral-8x7b"].meta())
+        build_models({**hw, "compute": {"source": "profile"}}, MODEL_PRESETS["mixtral-8x7b"].meta())
 
 
 @pytest.mark.parametrize("policy", [

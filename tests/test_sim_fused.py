@@ -44,7 +44,7 @@ def _cfg(tmp_path, policy, hw="cpu-nvme", slots=3, batch=1, gbps=None, extra=())
         tr = random_trace(tokens=240, layers=4, experts=8, top_k=2, sequences=4, seed=5)
         tr.meta = dataclasses.replace(tr.meta, hidden_size=1024, intermediate_size=512, expert_bytes=3 * 1024 * 512 * 2)
         write_trace(tr, path)
-    bw = [] if gbps is None else [f"hardware.bandwidth.bandwidth_gbps={gbps}"]
+    bw = [] if gbps is None else [f"hardware.bandwidth.bandwidth_GBps={gbps}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"trace.path={path}", "trace.name=t", f"hardware={hw}",
                                             f"cache.slots={slots}", "cache.fraction=null", f"batch_size={batch}",

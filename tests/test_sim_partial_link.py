@@ -127,26 +127,26 @@ def test_pair_speedup_2_is_independent_channels(latency_s):
 def test_bad_pair_speedup_is_rejected_naming_the_field(bad):
     with pytest.raises(HardwareConfigError, match="CopyModel.pair_speedup"):
         CopyModel("partial_link", 1e9, pair_speedup=bad)
-    hw = {"bandwidth": {"model": "partial_link", "bandwidth_gbps": 1.0, "channels": 2, "pair_speedup": bad},
-          "compute": {"model": "analytic", "tflops": 10, "mem_gbps": 100}}
+    hw = {"bandwidth": {"sharing": "partial", "bandwidth_GBps": 1.0, "channels": 2, "pair_speedup": bad},
+          "compute": {"source": "datasheet", "peak_TFLOPS": 10, "mem_GBps": 100}}
     with pytest.raises(HardwareConfigError, match="hardware.bandwidth.pair_speedup"):
         build_models(hw, META)
 
 
 def test_partial_link_from_config():
-    hw = {"bandwidth": {"model": "partial_link", "bandwidth_gbps": 2.0, "latency_s": 1e-5, "channels": 2,
-                        "pair_speedup": 1.25}, "compute": {"model": "analytic", "tflops": 10, "mem_gbps": 100}}
+    hw = {"bandwidth": {"sharing": "partial", "bandwidth_GBps": 2.0, "latency_s": 1e-5, "channels": 2,
+                        "pair_speedup": 1.25}, "compute": {"source": "datasheet", "peak_TFLOPS": 10, "mem_GBps": 100}}
     copy, _ = build_models(hw, META)
     assert (copy.kind, copy.channels, copy.pair_speedup, copy.latency_s) == ("partial_link", 2, 1.25, 1e-5)
     hw["bandwidth"].pop("pair_speedup")
     assert build_models(hw, META)[0].pair_speedup == 1.0
     # the other models ignore it (they are fully shared or fully independent)
-    hw["bandwidth"].update(model="alpha_beta", pair_speedup=1.25)
+    hw["bandwidth"].update(sharing="independent", pair_speedup=1.25)
     assert build_models(hw, META)[0].pair_speedup == 1.0
 
 
 def hw(path: Path, sharing: str) -> dict:
-    return {"bandwidth": {"model": "profiled", "sharing": sharing}, "compute": {"model": "profiled"},
+    return {"bandwidth": {"source": "profile", "sharing": sharing}, "compute": {"source": "profile"},
             "profile_path": str(path)}
 
 
