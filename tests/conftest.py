@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from traces import Trace, TraceMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACES = ROOT.parent / "shared" / "traces"
+
+# Property tests draw their examples from a fixed seed, so a test run is reproducible (CI included) and never fails
+# on a case no earlier run saw. HYPOTHESIS_PROFILE=explore searches new examples (and keeps what fails in
+# .hypothesis/ to replay); a counterexample worth keeping becomes an @example of its test.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def skip_without_shared(what: str = "this test") -> None:
