@@ -42,7 +42,7 @@ ptr, keys, counts = kk.layer_step_keys(ex, np.array([0, 4]), np.arange(3), np.ar
 s = kk.pack_stream(ptr, keys, 8)
 part = np.repeat(np.arange(2), 4)
 c = kc.new_cache("belady", part, [2, 2], s, num_layers=2, log_loads=True)
-_, orders = decide.decide(c, counts, 2, True)
+_, orders, _ = decide.decide(c, counts, 2, True)
 replay.replay_ondemand(kc.new_cache("lru", part, [2, 2], s), counts, [1, 1], [1e-4, 1e-4], [0.0, 1e-4], 2, 2, 1e-3)
 for sched in ("aggressive", "conservative"):
     oracle.oracle_stall(s, counts, part, [2, 2], [1e-4, 1e-4], [0.0, 1e-4], 2, 1e-3, sched, c.loads, orders)
@@ -155,7 +155,7 @@ def main() -> None:
     stream_s = pack_stream(ptr, keys, N)  # with the future: the layer-steps using each key
     t1 = time.perf_counter()
     mc = kc.new_cache("belady", part, caps, stream_s, num_layers=L, log_loads=True)
-    _, orders = decide(mc, counts, L, record_orders=True)
+    _, orders, _ = decide(mc, counts, L, record_orders=True)
     t2 = time.perf_counter()
     oargs = (stream_s, counts, part, caps, dense, expert_s, L, copy_s)
     aggr = oracle_stall(*oargs, "aggressive")

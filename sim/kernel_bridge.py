@@ -137,23 +137,31 @@ def bounds_unsupported(p) -> str | None:
 
 
 def min_replay_kernel(p, stream_s: np.ndarray | None = None, counts: np.ndarray | None = None):
-    """``replay.bounds.min_replay`` compiled: MIN's hit rate, its kernel cache (stats, the load log in ``loads``) and
-    every layer-step's compute order over the stream's layout. ``stream_s``: the packed stream with its
-    future, and ``counts``, if already built."""
+    """``replay.bounds.min_replay`` compiled: MIN's hit rate (over the measured window, and over the whole
+    replay), its kernel cache (stats, the load log in ``loads``) and every layer-step's compute order over the
+    stream's layout. ``stream_s``: the packed stream with its future, and ``counts``, if already built."""
     from replay_kernels.decide import decide
 
     if stream_s is None:
         ptr, keys, counts = stream(p.steps, p.runtime)
         stream_s = pack_stream(ptr, keys, len(p.partition_of))
-    cache = kc.new_cache("belady", p.partition_of, p.capacity, stream_s, num_layers=p.meta.num_layers,
-                         log_loads=True)
-    _, orders = decide(cache, counts, p.meta.num_layers, record_orders=True)
+    L = p.meta.num_layers
+    cache = kc.new_cache("belady", p.partition_of, p.capacity, stream_s, num_layers=L, log_loads=True)
+    _, orders, mark = decide(cache, counts, L, record_orders=True, mark_at=p.warmup_steps * L)
     st = cache.stats
-    return st["hits"] / (st["hits"] + st["misses"] + st["late_hits"]), cache, orders
+
+    def requests(s: dict) -> int:
+        return s["hits"] + s["misses"] + s["late_hits"]
+
+    base = mark or dict.fromkeys(st, 0)  # no mark: the window is the whole replay (ondemand_replay's count_from)
+    window = (st["hits"] - base["hits"]) / (requests(st) - requests(base))
+    return (window, st["hits"] / requests(st)), cache, orders
 
 
 def compute_bounds_kernel(p) -> dict:
-    """``replay.bounds.compute_bounds`` compiled (see :func:`bounds_unsupported`)."""
+    """``replay.bounds.compute_bounds`` compiled (see :func:`bounds_unsupported`): the same dict, the same
+    numbers."""
+    from replay.bounds import add_oracle, belady_dict
     from replay_kernels.oracle import oracle_stall
 
     reason = bounds_unsupported(p)
@@ -161,15 +169,14 @@ def compute_bounds_kernel(p) -> dict:
         raise ValueError(f"compute_bounds_kernel: {reason}")
     ptr, keys, counts = stream(p.steps, p.runtime)
     stream_s = pack_stream(ptr, keys, len(p.partition_of))
-    rate, cache, orders = min_replay_kernel(p, stream_s, counts)
+    rates, cache, orders = min_replay_kernel(p, stream_s, counts)
+    first = p.warmup_steps * p.meta.num_layers
     args = (stream_s, counts, p.partition_of, p.capacity, dense_times_s(p.compute, p.steps),
             expert_times_s(p.compute, p.steps), p.meta.num_layers, p.copy_model.seconds(p.copy_bytes))
-    aggr = oracle_stall(*args, schedule="aggressive")
-    cons = oracle_stall(*args, schedule="conservative", loads=cache.loads, orders=orders)
-    return {
-        "belady_hit_rate": float(rate),
-        "belady_misses_unique": int(cache.stats["inserts"]),
-        "oracle_stall_s": min(aggr, cons),
-        "oracle_aggressive_stall_s": aggr,
-        "oracle_conservative_stall_s": cons,
-    }
+    aggr = oracle_stall(*args, schedule="aggressive", window_from=first)
+    cons = oracle_stall(*args, schedule="conservative", loads=cache.loads, orders=orders, window_from=first)
+    pre = oracle_stall(*args, schedule="aggressive", window_from=first, preload=True)
+    loads = cache.loads
+    out = belady_dict(rates, int((loads[:, 0] >= first).sum()), int(cache.stats["inserts"]))
+    add_oracle(out, aggr, cons, pre)
+    return out
