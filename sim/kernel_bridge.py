@@ -1,9 +1,8 @@
 """From the simulator's objects (runtime, hardware models, steps) to the compiled kernels' flat inputs, and
-their outputs back to the simulator's results: what a driver's dispatch calls.
-
-Phase 1 of the compiled fast path: nothing calls this module yet but the tests and the benchmark. The
-dispatch (take the kernel where :func:`ondemand_unsupported` returns None, else the Python loop, and say
-which in ``results.json``) comes with the one driver loop.
+their outputs back to the simulator's results: what the simulator's dispatch (``sim/run.py``) calls. It takes
+the kernels where :func:`ondemand_unsupported` / :func:`bounds_unsupported` return None, else the Python
+loops, and says which in ``results.json`` (``run.replay_path``, ``run.bounds_path`` and the reasons); see
+``docs/kernel.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from policies.horizons.fixed import FixedHorizon
 from policies.runtime import PolicyRuntime
 from replay.hardware import CopyModel
 from replay.results import LayerStats, ReplayResult
+from replay.window import WindowMark, take_mark
 from replay_kernels import cache as kc
 from replay_kernels.keys import layer_step_keys, pack_stream, steps_csr
 from replay_kernels.replay import replay_ondemand
@@ -68,6 +68,8 @@ def ondemand_unsupported(runtime: PolicyRuntime, copy_model: CopyModel, log: boo
     horizon = runtime.horizon
     if not runtime.silent and not (type(horizon) is FixedHorizon and horizon.distance() == 0):
         return "the run prefetches (only on-demand runs have a kernel so far)"
+    if runtime.loads is not None:
+        return "a clairvoyant load plan (the oracle's, policies/clairvoyant.py) picks the victims"
     if runtime.cache.load_log is not None or runtime.cache.stats != CacheStats():
         return "the runtime's cache is not fresh"
     return None
@@ -95,14 +97,15 @@ def dense_times_s(compute, steps) -> list[float]:
 
 
 def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
-                  num_layers: int) -> ReplayResult:
-    """``sim.engine.replay`` of an on-demand run (see :func:`ondemand_unsupported`) by the compiled kernel. The
-    runtime's cache stats are set to the replay's, as the Python loop leaves them; its residency is not."""
-    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers)[0]
+                  num_layers: int, warmup_steps: int = 0) -> ReplayResult:
+    """``sim.engine.replay`` of an on-demand run (see :func:`ondemand_unsupported`) by the compiled kernel, the
+    window mark taken when step ``warmup_steps`` begins. The runtime's cache stats are set to the replay's, as
+    the Python loop leaves them; its residency is not."""
+    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers, warmup_steps)[0]
 
 
 def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
-                        num_layers: int) -> tuple[ReplayResult, kc.CacheState]:
+                        num_layers: int, warmup_steps: int = 0) -> tuple[ReplayResult, kc.CacheState]:
     """:func:`replay_kernel`, and the kernel cache it replayed through (its final residency and slots)."""
     wall0 = time.perf_counter()
     reason = ondemand_unsupported(runtime, copy_model)
@@ -112,10 +115,13 @@ def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, co
     cache = kernel_cache(runtime.cache, num_layers, ptr, keys)
     ntok = np.fromiter((len(s.tokens) for s in steps), dtype=np.int64, count=len(steps))
     res = replay_ondemand(cache, counts, ntok, dense_times_s(compute, steps), expert_times_s(compute, steps),
-                          num_layers, runtime.experts.shape[2], copy_model.seconds(expert_bytes))
+                          num_layers, runtime.experts.shape[2], copy_model.seconds(expert_bytes),
+                          mark_step=warmup_steps)
     stats = runtime.cache.stats
     for name, value in cache.stats.items():
         setattr(stats, name, value)
+    if not runtime.silent:  # a predictor at distance 0: the runtime would note the distance at the first layer
+        runtime.note_distance(0, 0)
     pinned = int(cache.m[kc.PINNED].sum())
     layers = LayerStats(res.requests, res.hits, res.late_hits, res.misses, res.layer_stall_s)
     return ReplayResult(
@@ -123,7 +129,20 @@ def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, co
         step_phase=[s.phase for s in steps], step_tokens=ntok.tolist(),
         bytes_moved=(res.copies + pinned) * expert_bytes, copies=res.copies + pinned, preload_copies=pinned,
         demand_loads=res.demand_loads, layers=layers, wall_s=time.perf_counter() - wall0,
+        mark=window_mark(res.mark, pinned, expert_bytes),
     ), cache
+
+
+def window_mark(mark, pinned: int, expert_bytes: int) -> WindowMark | None:
+    """The kernel's mark (:class:`replay_kernels.replay.OndemandMark`) as the drivers take it, the pinned
+    experts' preload counted in the copies and bytes as they count it."""
+    if mark is None:
+        return None
+    L = len(mark.misses)
+    copies = mark.copies + pinned
+    return take_mark(mark.step, mark.t, mark.stall_s, mark.compute_s, mark.demand_loads, copies,
+                     copies * expert_bytes, CacheStats(**mark.stats), [mark.uses] * L,
+                     mark.uses - mark.late_hits - mark.misses, mark.late_hits, mark.misses, mark.layer_stall_s)
 
 
 # ---------------------------------------------------------------------------------------------- the bounds
