@@ -19,6 +19,7 @@ from policies.eviction.lfu import LFU
 from policies.eviction.lru import LRU
 from policies.eviction.static import Static
 from policies.eviction.two_level import TwoLevel
+from policies.future import StepStream
 from policies.horizons.fixed import FixedHorizon
 from policies.runtime import PolicyRuntime
 from replay.hardware import CopyModel
@@ -90,6 +91,12 @@ def stream(steps, runtime: PolicyRuntime) -> tuple[np.ndarray, np.ndarray, np.nd
     return layer_step_keys(runtime.experts, runtime.offsets, step_ptr, step_tokens, len(runtime.cache.partition_of))
 
 
+def prepared_stream(p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prepared run's (ptr, keys, counts): the arrays it holds (``p.stream``), else built."""
+    s = p.stream
+    return stream(p.steps, p.runtime) if s is None else (s.ptr, s.keys, s.counts)
+
+
 def dense_times_s(compute, steps) -> list[float]:
     """The dense time of each step (its token count's, computed once per count as the Python loops do)."""
     memo: dict[int, float] = {}
@@ -97,21 +104,22 @@ def dense_times_s(compute, steps) -> list[float]:
 
 
 def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
-                  num_layers: int, warmup_steps: int = 0) -> ReplayResult:
+                  num_layers: int, warmup_steps: int = 0, keys: StepStream | None = None) -> ReplayResult:
     """``sim.engine.replay`` of an on-demand run (see :func:`ondemand_unsupported`) by the compiled kernel, the
-    window mark taken when step ``warmup_steps`` begins. The runtime's cache stats are set to the replay's, as
-    the Python loop leaves them; its residency is not."""
-    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers, warmup_steps)[0]
+    window mark taken when step ``warmup_steps`` begins; ``keys``: the steps' stream, if already built. The
+    runtime's cache stats are set to the replay's, as the Python loop leaves them; its residency is not."""
+    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers, warmup_steps, keys)[0]
 
 
 def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
-                        num_layers: int, warmup_steps: int = 0) -> tuple[ReplayResult, kc.CacheState]:
+                        num_layers: int, warmup_steps: int = 0,
+                        keys: StepStream | None = None) -> tuple[ReplayResult, kc.CacheState]:
     """:func:`replay_kernel`, and the kernel cache it replayed through (its final residency and slots)."""
     wall0 = time.perf_counter()
     reason = ondemand_unsupported(runtime, copy_model)
     if reason is not None:
         raise ValueError(f"replay_kernel: {reason}")
-    ptr, keys, counts = stream(steps, runtime)
+    ptr, keys, counts = stream(steps, runtime) if keys is None else (keys.ptr, keys.keys, keys.counts)
     cache = kernel_cache(runtime.cache, num_layers, ptr, keys)
     ntok = np.fromiter((len(s.tokens) for s in steps), dtype=np.int64, count=len(steps))
     res = replay_ondemand(cache, counts, ntok, dense_times_s(compute, steps), expert_times_s(compute, steps),
@@ -162,7 +170,7 @@ def min_replay_kernel(p, stream_s: np.ndarray | None = None, counts: np.ndarray 
     from replay_kernels.decide import decide
 
     if stream_s is None:
-        ptr, keys, counts = stream(p.steps, p.runtime)
+        ptr, keys, counts = prepared_stream(p)
         stream_s = pack_stream(ptr, keys, len(p.partition_of))
     L = p.meta.num_layers
     cache = kc.new_cache("belady", p.partition_of, p.capacity, stream_s, num_layers=L, log_loads=True)
@@ -186,7 +194,7 @@ def compute_bounds_kernel(p) -> dict:
     reason = bounds_unsupported(p)
     if reason is not None:
         raise ValueError(f"compute_bounds_kernel: {reason}")
-    ptr, keys, counts = stream(p.steps, p.runtime)
+    ptr, keys, counts = prepared_stream(p)
     stream_s = pack_stream(ptr, keys, len(p.partition_of))
     rates, cache, orders = min_replay_kernel(p, stream_s, counts)
     first = p.warmup_steps * p.meta.num_layers

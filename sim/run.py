@@ -37,21 +37,18 @@ def simulate(cfg, out_dir: Path) -> dict:
     log = bool(cfg.output.get("chrome_trace", False))
     replay_fallback = kb.ondemand_unsupported(p.runtime, p.copy_model, log) if compiled else NOT_ASKED
     res = replay(p.steps, p.runtime, p.copy_model, p.compute, p.copy_bytes, p.meta.num_layers, log=log, uses=p.uses,
-                 warmup_steps=p.warmup_steps, compiled=replay_fallback is None)
+                 warmup_steps=p.warmup_steps, compiled=replay_fallback is None, keys=p.stream)
     results = results_dict(p, res, p.copy_bytes, "sim")
     bounds_fallback = kb.bounds_unsupported(p) if compiled else NOT_ASKED
-    computed: list[str] = []
-
-    def compute() -> dict:
-        computed.append("compiled" if bounds_fallback is None else "python")
-        return kb.compute_bounds_kernel(p) if bounds_fallback is None else compute_bounds(p)
-
+    compute = (lambda: kb.compute_bounds_kernel(p)) if bounds_fallback is None else (lambda: compute_bounds(p))
     add_bounds(results, bounds(p, compute))
     results["run"].update({
         "replay_path": "python" if replay_fallback else "compiled",
         "replay_fallback": replay_fallback,  # why the Python loops replayed the run (null: compiled)
-        "bounds_path": computed[0] if computed else "cache",  # cache: an earlier run's, from bounds.cache_dir
-        "bounds_fallback": bounds_fallback if computed else None,
+        # the path that computes the bounds where bounds.cache_dir does not hold them yet (an entry there holds
+        # the same numbers either way, so a run's results.json does not depend on what the cache held)
+        "bounds_path": "python" if bounds_fallback else "compiled",
+        "bounds_fallback": bounds_fallback,
     })
     results["sim_wall_s"] = time.perf_counter() - wall0
     write_outputs(out_dir, results, res, p.meta.num_layers, log)
