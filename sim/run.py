@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from replay.bounds import add_bounds, bounds, compute_bounds
+from replay.errors import RunConfigError
 from replay.outputs import write_outputs
 from replay.prepare import prepare
 from replay.results import results_dict
@@ -23,8 +24,6 @@ def compiled_wanted(cfg) -> bool:
     """``sim.compiled`` (default true): take the compiled kernels where they cover the run."""
     value = (cfg.get("sim") or {}).get("compiled", True)
     if not isinstance(value, bool):
-        from replay.errors import RunConfigError
-
         raise RunConfigError(f"sim.compiled: expected true or false, got {value!r}")
     return value
 
