@@ -3,9 +3,11 @@
 The trace of ``bench_sim.py`` (DeepSeek-V2-Lite shape: 26 layers x 64 experts x top-6, 20k tokens, batch 1,
 32 slots per layer). Prints: the on-demand LRU replay kernel's rate (expert-requests/s) with its ratio to the
 bare loop; MIN and both perfect-foresight schedules; the cache curves of ``traces stats`` (cache requests/s per
-policy and capacity); the JIT warm-up, cold (empty compile cache) and warm (cached), each in a fresh process.
-``--check`` also replays on demand with the Python simulator and says whether every result is identical.
-Usage: python benchmarks/bench_kernel.py [--tokens N] [--slots S] [--check] [--no-warmup]
+policy and capacity); a whole ``python -m sim`` run of the same trace (on-demand LRU, hardware ``h100-pcie5``:
+prepare with the trace read and keyed, the compiled replay, results, the compiled bounds, the files written) with
+its parts; the JIT warm-up, cold (empty compile cache) and warm (cached), each in a fresh process. ``--check`` also
+replays on demand with the Python simulator and says whether every result is identical.
+Usage: python benchmarks/bench_kernel.py [--tokens N] [--slots S] [--check] [--no-warmup] [--no-whole]
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ ptr, keys, counts = kk.layer_step_keys(ex, np.array([0, 4]), np.arange(3), np.ar
 s = kk.pack_stream(ptr, keys, 8)
 part = np.repeat(np.arange(2), 4)
 c = kc.new_cache("belady", part, [2, 2], s, num_layers=2, log_loads=True)
-_, orders = decide.decide(c, counts, 2, True)
-replay.replay_ondemand(kc.new_cache("lru", part, [2, 2], s), counts, [1, 1], [1e-4, 1e-4], [0.0, 1e-4], 2, 2, 1e-3)
+_, orders, _ = decide.decide(c, counts, 2, True)
+replay.replay_ondemand(kc.new_cache("lru", part, [2, 2], s), counts, [1, 1], [1e-4, 1e-4], [0.0, 1e-4], 2, 2, 1e-3,
+                       mark_step=1)
 for sched in ("aggressive", "conservative"):
-    oracle.oracle_stall(s, counts, part, [2, 2], [1e-4, 1e-4], [0.0, 1e-4], 2, 1e-3, sched, c.loads, orders)
+    oracle.oracle_stall(s, counts, part, [2, 2], [1e-4, 1e-4], [0.0, 1e-4], 2, 1e-3, sched, c.loads, orders,
+                        window_from=1, preload=sched == "aggressive")
 t2 = time.perf_counter()
 """
 
@@ -99,6 +103,50 @@ def models(meta):
             ComputeModel("analytic", meta.hidden_size, meta.intermediate_size, flops_per_s=156e12, mem_bytes_per_s=1.5e12))
 
 
+def whole_run(test, slots: int, bare_rate: float) -> None:
+    """A whole simulator run (``sim.run.simulate``, in this process: start-up and JIT warm-up excluded) of ``test``
+    on demand with the compiled paths, then its parts timed one by one."""
+    from hydra import compose, initialize_config_dir
+
+    from replay.bounds import add_bounds
+    from replay.prepare import prepare
+    from replay.results import results_dict
+    from sim import kernel_bridge as kb
+    from sim.engine import replay
+    from sim.run import simulate
+    from traces import write_trace
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.parquet"
+        write_trace(test, path)
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"trace.path={path}", "trace.name=bench", "split.test_fraction=null",
+                                               "cache=lru", f"cache.slots={slots}", "cache.fraction=null",
+                                               "hardware=h100-pcie5", "paths.bounds_dir=null"])
+        t0 = time.perf_counter()
+        res = simulate(cfg, Path(tmp) / "run")
+        whole_s = time.perf_counter() - t0
+        n = res["whole_run"]["expert_requests"]
+        assert res["run"]["replay_path"] == res["run"]["bounds_path"] == "compiled", res["run"]
+        rate = n / whole_s
+        print(f"whole run (python -m sim in process, on demand LRU, compiled replay and bounds): {n:,} expert-requests "
+              f"in {whole_s:.2f} s = {rate / 1e6:.2f}M/s, {rate / bare_rate:.2f}x the bare loop  (goal: >= 3M/s)")
+        t = [time.perf_counter()]
+        p = prepare(cfg)
+        t.append(time.perf_counter())
+        r = replay(p.steps, p.runtime, p.copy_model, p.compute, p.copy_bytes, p.meta.num_layers,
+                   warmup_steps=p.warmup_steps, compiled=True, keys=p.stream)
+        t.append(time.perf_counter())
+        out = results_dict(p, r, p.copy_bytes, "sim")
+        t.append(time.perf_counter())
+        add_bounds(out, kb.compute_bounds_kernel(p))
+        t.append(time.perf_counter())
+        parts = dict(zip(("prepare (trace read, split, keys, policies)", "replay", "results", "bounds (MIN + 3 schedules)"),
+                         np.diff(t)))
+        print("  its parts, timed again: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()) +
+              f"; replay + bounds {n / (t[2] - t[1] + t[4] - t[3]) / 1e6:.1f}M/s")
+
+
 def main() -> None:
     from bench_sim import bare_lru
 
@@ -110,6 +158,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--check", action="store_true", help="also replay with the Python simulator and compare")
     ap.add_argument("--no-warmup", action="store_true", help="skip the cold/warm JIT warm-up measurement")
+    ap.add_argument("--no-whole", action="store_true", help="skip the whole python -m sim run")
     args = ap.parse_args()
     if not replay_kernels.available():
         sys.exit(f"bench_kernel: the kernels are not compiled: {replay_kernels.unavailable_reason()}")
@@ -155,16 +204,19 @@ def main() -> None:
     stream_s = pack_stream(ptr, keys, N)  # with the future: the layer-steps using each key
     t1 = time.perf_counter()
     mc = kc.new_cache("belady", part, caps, stream_s, num_layers=L, log_loads=True)
-    _, orders = decide(mc, counts, L, record_orders=True)
+    _, orders, _ = decide(mc, counts, L, record_orders=True)
     t2 = time.perf_counter()
     oargs = (stream_s, counts, part, caps, dense, expert_s, L, copy_s)
     aggr = oracle_stall(*oargs, "aggressive")
     t3 = time.perf_counter()
     cons = oracle_stall(*oargs, "conservative", mc.loads, orders)
     t4 = time.perf_counter()
+    pre = oracle_stall(*oargs, "aggressive", preload=True)
+    t5 = time.perf_counter()
     print(f"bounds: future {t1 - t0:.3f} s, MIN {t2 - t1:.3f} s (hit rate {mc.stats['hits'] / requests:.4f}), "
-          f"aggressive {t3 - t2:.3f} s, conservative {t4 - t3:.3f} s; all four {requests / (t4 - t0) / 1e6:.1f}M "
-          f"expert-requests/s (oracle stall {min(aggr, cons):.4f} s vs LRU's {res.stall_s:.4f} s)")
+          f"aggressive {t3 - t2:.3f} s, conservative {t4 - t3:.3f} s, preloaded {t5 - t4:.3f} s; all five "
+          f"{requests / (t5 - t0) / 1e6:.1f}M expert-requests/s (oracle stall {min(aggr, cons, pre):.4f} s vs LRU's "
+          f"{res.stall_s:.4f} s)")
 
     capacities = [1, 2, 4, 6, 8, 16, 32, 48]
     print("cache curves (traces stats semantics: one token per step, per-layer caches), hit rate @ cache requests/s "
@@ -177,6 +229,9 @@ def main() -> None:
             decide(curve, counts, L)
             cells.append(f"{c}: {curve.stats['hits'] / requests:.4f} @ {requests / (time.perf_counter() - t0) / 1e6:.1f}M")
         print(f"  {policy:6s} " + ", ".join(cells))
+
+    if not args.no_whole:
+        whole_run(test, args.slots, bare)
 
     if args.check:
         t0 = time.perf_counter()

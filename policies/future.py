@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import gc
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from itertools import repeat
 
@@ -17,25 +17,39 @@ import numpy as np
 
 class FutureIndex:
     """Perfect knowledge of the replay's future: for each key, the sorted layer-steps that use it.
-    Belady and the oracle predictor read it; nothing else may."""
+    Belady and the oracle predictor read it; nothing else may. The index is built at the first question (a
+    run whose clairvoyant parts all run compiled never asks)."""
 
-    def __init__(self, needed: list[np.ndarray]):
+    def __init__(self, needed, flat: tuple[np.ndarray, np.ndarray] | None = None):
+        """``needed[t]``: the distinct keys of layer-step t (a list of arrays, or :class:`StepStream.needed`);
+        ``flat``: (keys per layer-step, every layer-step's keys concatenated), if at hand."""
+        self.needed = needed  # needed[t] = unique keys used at layer-step t
+        self.horizon = len(needed)
+        self._flat = flat
+        self._uses: dict[int, list[int]] | None = None
+
+    def _index(self) -> dict[int, list[int]]:
         # every (key, layer-step) pair, grouped by key in layer-step order (a stable sort: no loop per use)
-        lens = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
-        keys = np.concatenate(needed).astype(np.int64, copy=False) if lens.sum() else np.zeros(0, np.int64)
-        steps = np.repeat(np.arange(len(needed), dtype=np.int64), lens)
+        if self._flat is not None:
+            lens, keys = self._flat
+        else:
+            needed = self.needed
+            lens = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
+            keys = np.concatenate(needed) if lens.sum() else np.zeros(0, np.int64)
+        keys = np.asarray(keys).astype(np.int64, copy=False)
+        steps = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
         small = keys.astype(np.int16) if len(keys) and keys.max() < 2**15 else keys  # numpy radix-sorts 16 bits
         order = np.argsort(small, kind="stable")
         keys, steps = keys[order], steps[order]
         cut = np.flatnonzero(keys[1:] != keys[:-1]) + 1
         starts, ends = np.r_[0, cut].tolist(), np.r_[cut, len(keys)].tolist()
-        self._uses: dict[int, list[int]] = {int(keys[a]): steps[a:b].tolist() for a, b in zip(starts, ends) if b > a}
-        self.needed = needed  # needed[t] = unique keys used at layer-step t
-        self.horizon = len(needed)
+        self._uses = {int(keys[a]): steps[a:b].tolist() for a, b in zip(starts, ends) if b > a}
+        self._flat = None
+        return self._uses
 
     def next_use(self, key: int, now: int) -> int:
         """First layer-step >= now that uses ``key`` (``horizon`` if none)."""
-        u = self._uses.get(key)
+        u = (self._index() if self._uses is None else self._uses).get(key)
         if not u:
             return self.horizon
         i = bisect.bisect_left(u, now)
@@ -43,7 +57,66 @@ class FutureIndex:
 
     def uses_of(self, key: int) -> list[int]:
         """The sorted layer-steps that use ``key`` (empty if none)."""
-        return self._uses.get(key, [])
+        return (self._index() if self._uses is None else self._uses).get(key, [])
+
+
+class StepStream:
+    """The replay's access stream as three arrays (compressed rows, the layout of :mod:`replay_kernels.keys`):
+    layer-step ``i`` uses the distinct keys ``keys[ptr[i]:ptr[i + 1]]`` (first-seen order), ``counts[...]``
+    (token, expert) uses each. :attr:`needed` and :attr:`uses` read it as :func:`step_keys`' two lists do,
+    building a layer-step's array view or dict at its first access, so a run whose replay and bounds run
+    compiled (on these arrays) never builds the half a million small dicts of a long trace."""
+
+    def __init__(self, ptr: np.ndarray, keys: np.ndarray, counts: np.ndarray):
+        self.ptr = np.asarray(ptr, dtype=np.int64)  # int64 [layer-steps + 1]
+        self.keys = np.asarray(keys, dtype=np.int64)  # int64: the keys of every layer-step, concatenated
+        self.counts = np.asarray(counts, dtype=np.int64)  # int64, like keys: each key's uses in its layer-step
+        self.keys.flags.writeable = False  # handed out as views
+        bounds = self.ptr.tolist()
+        keys, counts = self.keys, self.counts
+        self.needed: Sequence[np.ndarray] = _Rows(len(bounds) - 1, lambda i: keys[bounds[i]:bounds[i + 1]])
+        self.uses: Sequence[dict[int, int]] = _Rows(
+            len(bounds) - 1, lambda i: dict(zip(keys[bounds[i]:bounds[i + 1]].tolist(),
+                                                counts[bounds[i]:bounds[i + 1]].tolist())))
+
+    @classmethod
+    def from_lists(cls, needed: list[np.ndarray], uses: list[dict[int, int]]) -> StepStream:
+        """The stream of :func:`step_keys`' lists (which it then hands out as they are)."""
+        lens = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
+        ptr = np.zeros(len(needed) + 1, dtype=np.int64)
+        np.cumsum(lens, out=ptr[1:])
+        keys = np.concatenate(needed).astype(np.int64, copy=False) if len(needed) else np.zeros(0, np.int64)
+        counts = np.fromiter((c for u in uses for c in u.values()), dtype=np.int64, count=int(ptr[-1]))
+        out = cls(ptr, keys, counts)
+        out.needed, out.uses = needed, uses
+        return out
+
+    def distinct(self) -> np.ndarray:
+        """The number of distinct keys of every layer-step, int64 [layer-steps]."""
+        return np.diff(self.ptr)
+
+    def future(self) -> FutureIndex:
+        """The :class:`FutureIndex` of this stream (built at its first question)."""
+        return FutureIndex(self.needed, (self.distinct(), self.keys))
+
+
+class _Rows(Sequence):
+    """A read-only sequence whose item ``i`` is ``make(i)``, made at its first access and kept."""
+
+    def __init__(self, n: int, make: Callable):
+        self._made: list = [None] * n
+        self._make = make
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self._made)))]
+        row = self._made[i]
+        if row is None:
+            row = self._made[i] = self._make(i if i >= 0 else i + len(self._made))
+        return row
 
 
 class FarthestNextUse:

@@ -4,6 +4,8 @@ prefetch schedules of :mod:`replay.oracle`. A sweep's runs share them through :m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from policies.cache import ExpertCache
 from policies.ondemand import ondemand_replay
 from policies.runtime import PolicyRuntime
@@ -12,14 +14,17 @@ from .oracle import oracle_stall
 from .prepare import Prepared
 
 
-def bounds(p: Prepared) -> dict:
+def bounds(p: Prepared, compute: Callable[[], dict] | None = None) -> dict:
     """Belady's MIN and the perfect-foresight oracle on the same access stream, capacity and models; shared
-    by the runs of a sweep through ``paths.bounds_dir`` (see :mod:`replay.bounds_cache`)."""
+    by the runs of a sweep through ``paths.bounds_dir`` (see :mod:`replay.bounds_cache`). ``compute``: what
+    computes them when the cache does not hold them (default :func:`compute_bounds`; the simulator passes the
+    compiled one where it applies: the same numbers)."""
     from .bounds_cache import cached_bounds
     from .trace_source import project_path
 
     cache_dir = p.cfg.paths.bounds_dir
-    return cached_bounds(p, lambda: compute_bounds(p), project_path(str(cache_dir)) if cache_dir else None)
+    return cached_bounds(p, compute or (lambda: compute_bounds(p)),
+                         project_path(str(cache_dir)) if cache_dir else None)
 
 
 def min_replay(p: Prepared) -> tuple[tuple[float, float], ExpertCache, list[list[int]]]:
@@ -47,16 +52,35 @@ def belady_bounds(p: Prepared) -> dict:
 
 def _belady(p: Prepared, rates: tuple[float, float], cache: ExpertCache) -> dict:
     first = p.warmup_steps * p.meta.num_layers
+    return belady_dict(rates, sum(1 for now, _, _ in cache.load_log if now >= first), cache.stats.inserts)
+
+
+def belady_dict(rates: tuple[float, float], loads_window: int, loads_whole: int) -> dict:
+    """MIN's bounds as :func:`bounds` reports them: its hit rate and loads (in the measured window, and over the
+    whole replay)."""
     return {
         "belady_hit_rate": rates[0],
-        "belady_misses_unique": sum(1 for now, _, _ in cache.load_log if now >= first),  # MIN's loads in the window
-        "whole_run": {"belady_hit_rate": rates[1], "belady_misses_unique": cache.stats.inserts},
+        "belady_misses_unique": loads_window,  # MIN's loads in the window
+        "whole_run": {"belady_hit_rate": rates[1], "belady_misses_unique": loads_whole},
     }
+
+
+def add_oracle(out: dict, o_aggr: tuple[float, float], o_cons: tuple[float, float], o_pre: tuple[float, float]) -> None:
+    """Add the perfect-foresight stalls (each schedule's (whole replay, window), as :func:`oracle_stall` returns
+    them) to MIN's bounds ``out`` (:func:`belady_dict`): the bound is the best of the three schedules."""
+    for i, block in ((1, out), (0, out["whole_run"])):  # the window's, the whole replay's
+        block.update({
+            "oracle_stall_s": min(o_aggr[i], o_cons[i], o_pre[i]),
+            "oracle_aggressive_stall_s": o_aggr[i],
+            "oracle_conservative_stall_s": o_cons[i],
+            "oracle_preloaded_stall_s": o_pre[i],
+        })
 
 
 def compute_bounds(p: Prepared) -> dict:
     """:func:`bounds`, always computed: the measured window's at the top level, the whole replay's under
-    ``whole_run`` (merge them into a results dict with :func:`add_bounds`)."""
+    ``whole_run`` (merge them into a results dict with :func:`add_bounds`). ``sim/kernel_bridge.py`` computes the
+    same numbers compiled."""
     meta = p.meta
     rates, b_cache, min_orders = min_replay(p)
     args = (p.steps, p.future, p.uses, p.partition_of, p.capacity, p.copy_model, p.compute, p.copy_bytes,
@@ -67,13 +91,7 @@ def compute_bounds(p: Prepared) -> dict:
                           window_from=first)
     o_pre = oracle_stall(*args, schedule="aggressive", window_from=first, preload=True)
     out = _belady(p, rates, b_cache)
-    for i, block in ((1, out), (0, out["whole_run"])):  # the window's, the whole replay's
-        block.update({
-            "oracle_stall_s": min(o_aggr[i], o_cons[i], o_pre[i]),
-            "oracle_aggressive_stall_s": o_aggr[i],
-            "oracle_conservative_stall_s": o_cons[i],
-            "oracle_preloaded_stall_s": o_pre[i],
-        })
+    add_oracle(out, o_aggr, o_cons, o_pre)
     return out
 
 

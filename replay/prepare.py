@@ -4,13 +4,14 @@ the steps, key every layer-step, build the policies, the runtime and the hardwar
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from policies.cache import ExpertCache, capacities_for, partitions_for
 from policies.clairvoyant import ClairvoyantLoads
-from policies.future import FutureIndex, step_keys
+from policies.future import FutureIndex, StepStream, step_keys
 from policies.ondemand import ondemand_loads
 from policies.runtime import PolicyRuntime, RuntimeConfig, contexts
 from traces import Trace, TraceError, split_by_sequence
@@ -41,7 +42,7 @@ class Prepared:
     train: Trace
     test: Trace
     steps: list
-    uses: list[dict[int, int]]  # per layer-step: key -> tokens using it
+    uses: Sequence[dict[int, int]]  # per layer-step: key -> tokens using it
     future: FutureIndex
     scope: str
     partition_of: np.ndarray
@@ -54,6 +55,7 @@ class Prepared:
     plan_wall_s: float
     warmup_tokens: int = 0  # tokens replayed first but not counted (replay/window.py)
     warmup_steps: int = 0  # the steps they fill: the measured window starts at this step
+    stream: StepStream | None = None  # the keys and use counts of every layer-step as arrays (``uses`` reads them)
 
     @property
     def copy_bytes(self) -> int:
@@ -98,8 +100,8 @@ def prepare(cfg) -> Prepared:
     steps = scheduler.plan(test.seq_id, test.phase, int(cfg.batch_size), routes)
     plan_wall_s = time.perf_counter() - t_plan
     warm_tokens, warm_steps = warmup_steps(steps, cfg.get("warmup_tokens"))
-    needed, uses = step_keys(test, steps, meta.layer_offsets)
-    future = FutureIndex(needed)
+    stream = step_stream(test, steps, meta.layer_offsets, meta.total_experts)
+    uses, future = stream.uses, stream.future()
     popularity = np.bincount(train.flat_ids().ravel(), minlength=meta.total_experts).astype(float)
     cctx, pctx, hctx = contexts(
         meta.num_experts, partition_of, capacity, meta.top_k, meta.expert_bytes, int(cfg.batch_size), future,
@@ -121,7 +123,20 @@ def prepare(cfg) -> Prepared:
         loads = ondemand_loads(instantiate(cfg.cache, "cache"), cctx, rcfg, test.experts, test.token_id, steps)
         runtime.use_loads(ClairvoyantLoads(loads, future))
     return Prepared(cfg, meta, train, test, steps, uses, future, scope, partition_of, capacity, cctx, rcfg,
-                    runtime, copy_model, compute, plan_wall_s, warm_tokens, warm_steps)
+                    runtime, copy_model, compute, plan_wall_s, warm_tokens, warm_steps, stream)
+
+
+def step_stream(trace: Trace, steps: list, offsets, num_keys: int) -> StepStream:
+    """The replay's per-layer-step keys and use counts (:func:`policies.future.step_keys`' lists): by the
+    compiled keys kernel when numba is there (its dicts are then built only where a Python loop reads them; pinned
+    equal by ``tests/test_kernel_keys.py``), else by ``step_keys``."""
+    import replay_kernels
+
+    if replay_kernels.available():
+        from replay_kernels.keys import layer_step_keys, steps_csr
+
+        return StepStream(*layer_step_keys(trace.experts, offsets, *steps_csr(steps), int(num_keys)))
+    return StepStream.from_lists(*step_keys(trace, steps, offsets))
 
 
 def check_replay_span(max_tokens, test_fraction) -> None:

@@ -151,7 +151,7 @@ def _metrics(p, res: ReplayResult, st, expert_bytes: int, first_step: int) -> di
         "expert_requests": requests,
         "allresident_total_s": res.compute_s,
         "steps": len(res.step_s),
-        "distinct_experts_per_layer_step": float(np.mean([len(u) for u in p.uses[first_step * L:]])),
+        "distinct_experts_per_layer_step": float(np.mean(p.stream.distinct()[first_step * L:])),
         "request_tpot_s": request_tpot(p.steps[first_step:], res.step_s),
         "tokens": int(sum(res.step_tokens)),
     }

@@ -38,11 +38,14 @@ def _release_retry(c, w, dq_ends, now):
 
 
 @jit(nrt=False)
-def _decide_kernel(c, counts, num_layers, hits_l, orders, record, w, dq_ends):
+def _decide_kernel(c, counts, num_layers, hits_l, orders, record, w, dq_ends, mark_at, mark):
     n_ls = c.s[0]
     ptr = c.s[3:3 + n_ls + 1]
     keys = c.s[3 + n_ls + 1:]
     for now in range(n_ls):
+        if now == mark_at:  # the counters as this layer-step begins
+            for q in range(len(mark)):
+                mark[q] = c.m[kc.CTR, q]
         a = ptr[now]
         b = ptr[now + 1]
         if kc.quiet(c, keys, a, b):  # all hits: nothing to decide
@@ -91,17 +94,23 @@ def _decide_kernel(c, counts, num_layers, hits_l, orders, record, w, dq_ends):
                     _release_retry(c, w, dq_ends, now)
 
 
-def decide(cache: kc.CacheState, counts, num_layers: int, record_orders: bool = False):
+def decide(cache: kc.CacheState, counts, num_layers: int, record_orders: bool = False,
+           mark_at: int = -1) -> tuple[np.ndarray, np.ndarray | None, dict[str, int] | None]:
     """Replay the cache's stream through it (updated in place; its load log if it logs). Returns the hit uses
-    per layer (int64 [L]) and, with ``record_orders``, every layer-step's compute order over the stream's
-    layout (``orders[ptr[i]:ptr[i + 1]]``; else None)."""
+    per layer (int64 [L]); with ``record_orders``, every layer-step's compute order over the stream's layout
+    (``orders[ptr[i]:ptr[i + 1]]``; else None); with ``mark_at`` (a layer-step), the cache's counters
+    (``CacheState.stats``) when that layer-step began (else None: the measured window's start,
+    :mod:`replay.window`)."""
     ptr, keys = stream_rows(cache.s)
     hits_l = np.zeros(int(num_layers), np.int64)
     orders = np.zeros(len(keys) if record_orders else 0, np.int64)
     width = max(int(np.diff(ptr).max(initial=0)), 2)
+    mark = np.zeros(len(kc.STATS_FIELDS), np.int64)
+    mark_at = int(mark_at) if 0 <= mark_at < len(ptr) - 1 else -1
     _decide_kernel(cache, np.asarray(counts, np.int64), int(num_layers), hits_l, orders, bool(record_orders),
-                   np.zeros((5, width), np.int64), np.zeros(2, np.int64))
-    return hits_l, (orders if record_orders else None)
+                   np.zeros((5, width), np.int64), np.zeros(2, np.int64), mark_at, mark)
+    return (hits_l, orders if record_orders else None,
+            dict(zip(kc.STATS_FIELDS, mark.tolist())) if mark_at >= 0 else None)
 
 
 def min_loads(cache: kc.CacheState) -> list[tuple[int, int, int | None]]:

@@ -1,10 +1,11 @@
-"""The perfect-foresight schedules of ``sim.bounds.oracle_stall`` (aggressive and conservative), compiled.
+"""The perfect-foresight schedules of ``replay.oracle.oracle_stall`` (aggressive, conservative, and aggressive from
+a preloaded cache), compiled.
 
 Same state and steps as the Python ``_OracleState`` and its ``fetch_more`` closures, on the serial channel:
 residency per key, the keys in flight, the layer's protected keys, per partition the resident keys (a slot
 list, scanned for the victim: the farthest recorded next use, ties to the highest key, among keys neither
 protected nor in flight). Copies land through :func:`_landed`, which, like the Python ``landed`` callback,
-asks the schedule for more copies from inside the landing. See ``sim/bounds.py`` for the schedules.
+asks the schedule for more copies from inside the landing. See ``replay/oracle.py`` for the schedules.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ PART, RESIDENT, INFLIGHT, PROT, NU, MPOS, REM, USES, CURSOR = range(9)
 # MEMBERS[START .. START + PCOUNT]), BLOCKED (blocked in this aggressive scan while equal to STAMP)
 CAP, START, PCOUNT, BLOCKED = range(9, 13)
 MEMBERS, SI = 13, 14  # by slot: the resident keys by partition; SI: the integer scalars
-NOW, EPOCH, NINFLIGHT, SCAN_I, SCAN_J, POS, STAMP, SCHEDULE, WINDOW, RESUME, CHANNELS, HORIZON, O_FUT = range(13)
+NOW, EPOCH, NINFLIGHT, SCAN_I, SCAN_J, POS, STAMP, SCHEDULE, WINDOW, RESUME, CHANNELS, HORIZON, O_FUT, NPART = range(14)
 N_ROWS = 15
 
 
@@ -180,19 +181,54 @@ def _wait_any(o, ch):
     _landed(o, ch)
 
 
+@helper
+def _preload(o):
+    """Fill every partition, untimed, with its first-used keys in stream order, stopping after the layer-step
+    that fills the last one (``oracle_stall(preload=True)``)."""
+    m = o.m
+    n_ls = o.s[0]
+    ptr = o.s[3:3 + n_ls + 1]
+    keys = o.s[3 + n_ls + 1:]
+    n_parts = m[SI, NPART]
+    full = 0
+    for p in range(n_parts):
+        if m[PCOUNT, p] >= m[CAP, p]:
+            full += 1
+    for i in range(n_ls):
+        for j in range(ptr[i], ptr[i + 1]):
+            key = keys[j]
+            part = m[PART, key]
+            if not m[RESIDENT, key] and m[PCOUNT, part] < m[CAP, part]:
+                m[MEMBERS, m[START, part] + m[PCOUNT, part]] = key
+                m[MPOS, key] = m[START, part] + m[PCOUNT, part]
+                m[PCOUNT, part] += 1
+                m[RESIDENT, key] = 1
+                m[NU, key] = _next_use(o, key, 0)  # touched at -1: its first use
+                if m[PCOUNT, part] >= m[CAP, part]:
+                    full += 1
+        if full >= n_parts:
+            break
+
+
 @jit(nrt=False)
-def _oracle_kernel(o, ch, counts, orders, use_orders, step_dense_s, expert_s, num_layers):
+def _oracle_kernel(o, ch, counts, orders, use_orders, step_dense_s, expert_s, num_layers, window_from, preload,
+                   out):
     m = o.m
     L = num_layers
     n_ls = o.s[0]
     ptr = o.s[3:3 + n_ls + 1]
     keys = o.s[3 + n_ls + 1:]
+    if preload:
+        _preload(o)
     t = 0.0
     stall = 0.0
+    out[0] = 0.0  # the stall when layer-step window_from began
     for si in range(len(step_dense_s)):
         dense = step_dense_s[si]
         for layer in range(L):
             i = si * L + layer
+            if i == window_from:
+                out[0] = stall
             a, b = ptr[i], ptr[i + 1]
             t += dense
             m[SI, NOW] = i
@@ -249,12 +285,14 @@ def _oracle_kernel(o, ch, counts, orders, use_orders, step_dense_s, expert_s, nu
 
 def oracle_stall(stream, counts, part_of, capacity, step_dense_s, expert_s, num_layers: int, copy_s: float,
                  schedule: str = "aggressive", loads=None, orders=None, window: int | None = None, channels: int = 1,
-                 resume_scan: bool = True) -> float:
-    """``sim.bounds.oracle_stall`` on the serial channel: the packed stream with its future
+                 resume_scan: bool = True, window_from: int | None = None,
+                 preload: bool = False) -> float | tuple[float, float]:
+    """``replay.oracle.oracle_stall`` on the serial channel: the packed stream with its future
     (:func:`replay_kernels.keys.pack_stream`) and its use counts, partitions, dense time per step, expert time by use
     count, ``copy_s`` per copy. ``loads``: MIN's load log, int [n, 3] with -1 for no victim (conservative);
     ``orders``: MIN's compute order over the stream's layout (conservative); ``window``: default 4 x
-    ``num_layers``."""
+    ``num_layers``. With ``window_from`` (a layer-step) it returns (the whole replay's stall, the stall from that
+    layer-step on); ``preload``: every partition starts full, untimed, with its first-used keys."""
     part_of = np.asarray(part_of, np.int64)
     cap = np.asarray(list(capacity), np.int64)
     N, P, S = len(part_of), len(cap), int(cap.sum())
@@ -269,19 +307,21 @@ def oracle_stall(stream, counts, part_of, capacity, step_dense_s, expert_s, num_
     if int(stream[2]) == len(stream):
         raise ValueError("oracle_stall: the stream needs its future (pack_stream(..., num_keys))")
     ptr, _ = stream_rows(stream)
-    m = np.zeros((N_ROWS, max(N, P, S, 13)), np.int64)
+    m = np.zeros((N_ROWS, max(N, P, S, NPART + 1)), np.int64)
     m[PART, :N] = part_of
     m[NU] = -1
     m[CAP, :P] = cap
     np.cumsum(cap[:-1], out=m[START, 1:P])
     si = m[SI]
     si[SCHEDULE], si[WINDOW], si[RESUME] = code, window or 4 * num_layers, int(resume_scan)
-    si[CHANNELS], si[HORIZON], si[O_FUT] = channels, len(ptr) - 1, int(stream[2])
+    si[CHANNELS], si[HORIZON], si[O_FUT], si[NPART] = channels, len(ptr) - 1, int(stream[2]), P
     loads = np.zeros((0, 3), np.int64) if loads is None else np.asarray(loads, np.int64).reshape(-1, 3)
     o = OracleState(m, np.asarray(stream, np.int64), loads)
     ch = kch.new_channel(N, channels + 1, copy_s)  # a schedule queues a copy only while fewer are in flight
     use_orders = orders is not None
     orders = np.zeros(0, np.int64) if orders is None else np.asarray(orders, np.int64)
-    return float(_oracle_kernel(o, ch, np.asarray(counts, np.int64), orders, use_orders,
-                                np.asarray(step_dense_s, np.float64), np.asarray(expert_s, np.float64),
-                                int(num_layers)))
+    out = np.zeros(1)
+    stall = float(_oracle_kernel(o, ch, np.asarray(counts, np.int64), orders, use_orders,
+                                 np.asarray(step_dense_s, np.float64), np.asarray(expert_s, np.float64),
+                                 int(num_layers), -1 if window_from is None else int(window_from), bool(preload), out))
+    return stall if window_from is None else (stall, stall - float(out[0]))

@@ -17,6 +17,7 @@ by use count (``expert_s[n]``, n tokens), a :class:`~kernels.cache.CacheState` a
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,6 +28,13 @@ from .keys import stream_rows
 
 TOTAL, STALL, COMPUTE = range(3)  # out_f
 DEMAND_LOADS, QUIET_USES = range(2)  # out_i
+# the window mark (the totals when step mark_step begins): mark_f holds the clock, stall and compute, then the
+# stall per layer; mark_i the demand loads, the copies the channel started, the uses per layer so far, the cache's
+# eight CacheStats counters, then the late hits and the misses per layer
+MARK_T, MARK_STALL, MARK_COMPUTE, MARK_F_LAYERS = range(4)
+N_STATS = len(kc.STATS_FIELDS)
+MARK_DEMAND_LOADS, MARK_COPIES, MARK_USES, MARK_STATS = range(4)
+MARK_I_LAYERS = MARK_STATS + N_STATS
 # rows of the int scratch: stream positions of a layer-step's hits, late hits, misses and compute order; keys of
 # its demands, of the demands a retry started, of the deferred queue (DQ[head:tail], head/tail in DQ_ENDS); by
 # key: deferred (0/1)
@@ -103,9 +111,29 @@ def _wait_ready(ch, c, key, t, w, now):
     return kch.now(ch) if kch.now(ch) > t else t
 
 
+@helper
+def _take_mark(c, ch, L, t, stall_total, compute_total, demand_loads, quiet_uses, done_uses, late_l, miss_l, stall_l,
+               mark_f, mark_i):
+    """The totals as the measured window's first step begins (``replay.window.take_mark``'s inputs; see
+    :data:`MARK_T`...)."""
+    mark_f[MARK_T] = t
+    mark_f[MARK_STALL] = stall_total
+    mark_f[MARK_COMPUTE] = compute_total
+    mark_i[MARK_DEMAND_LOADS] = demand_loads
+    mark_i[MARK_COPIES] = ch.q[kch.CI, kch.COPIES]
+    mark_i[MARK_USES] = done_uses
+    for q in range(N_STATS):
+        mark_i[MARK_STATS + q] = c.m[kc.CTR, q]
+    mark_i[MARK_STATS + kc.HITS] += quiet_uses  # the quiet layers' hits so far, which the loop adds at its end
+    for layer in range(L):
+        mark_f[MARK_F_LAYERS + layer] = stall_l[layer]
+        mark_i[MARK_I_LAYERS + layer] = late_l[layer]
+        mark_i[MARK_I_LAYERS + L + layer] = miss_l[layer]
+
+
 @jit(nrt=False)
 def _replay_kernel(c, ch, counts, step_ntok, step_dense_s, expert_s, num_layers, top_k, neumaier, w, scratch,
-                   step_s, late_l, miss_l, stall_l, out_f, out_i):
+                   step_s, late_l, miss_l, stall_l, out_f, out_i, mark_step, mark_f, mark_i):
     L = num_layers
     n_ls = c.s[0]
     ptr = c.s[3:3 + n_ls + 1]
@@ -116,7 +144,12 @@ def _replay_kernel(c, ch, counts, step_ntok, step_dense_s, expert_s, num_layers,
     compute_total = 0.0
     demand_loads = 0
     quiet_uses = 0
+    done_uses = 0  # (token, expert) uses per layer in the steps replayed so far
     for si in range(len(step_ntok)):
+        if si == mark_step:
+            _take_mark(c, ch, L, t, stall_total, compute_total, demand_loads, quiet_uses, done_uses, late_l, miss_l,
+                       stall_l, mark_f, mark_i)
+        done_uses += step_ntok[si] * top_k
         t_step = t
         nuses = step_ntok[si] * top_k  # every token routes to top_k experts
         dense = step_dense_s[si]
@@ -218,11 +251,27 @@ def _replay_kernel(c, ch, counts, step_ntok, step_dense_s, expert_s, num_layers,
     c.m[kc.CTR, kc.HITS] += quiet_uses  # the quiet layers' uses, all hits
 
 
+class OndemandMark(NamedTuple):
+    """The totals when the measured window's first step began (what ``replay.window.take_mark`` records)."""
+
+    step: int  # the first measured step
+    t: float  # simulated time so far
+    stall_s: float
+    compute_s: float
+    demand_loads: int
+    copies: int  # copies the channel started (pinned preloads not included)
+    uses: int  # (token, expert) uses per layer so far (every layer has the same)
+    stats: dict  # the cache's counters by CacheStats field
+    late_hits: np.ndarray  # int64 [L]
+    misses: np.ndarray  # int64 [L]
+    layer_stall_s: np.ndarray  # float64 [L]
+
+
 class OndemandResult:
     """What :func:`replay_ondemand` computed (the fields of ``sim.engine.ReplayResult`` it can know)."""
 
     def __init__(self, total_s, stall_s, compute_s, step_s, requests, hits, late_hits, misses, layer_stall_s,
-                 copies, demand_loads):
+                 copies, demand_loads, mark=None):
         self.total_s = total_s  # simulated time of the whole replay
         self.stall_s = stall_s  # time the compute stream waited for copies
         self.compute_s = compute_s  # time the compute stream was busy
@@ -234,14 +283,15 @@ class OndemandResult:
         self.layer_stall_s = layer_stall_s  # float64 [L]
         self.copies = copies  # copies started by the channel (pinned preloads not included)
         self.demand_loads = demand_loads  # distinct experts per layer-step loaded on demand
+        self.mark: OndemandMark | None = mark  # the totals when the measured window began (mark_step), if asked
 
 
 def replay_ondemand(cache: kc.CacheState, counts, step_ntok, step_dense_s, expert_s, num_layers: int, top_k: int,
-                    copy_s: float, neumaier: bool = NEUMAIER_SUM) -> OndemandResult:
+                    copy_s: float, neumaier: bool = NEUMAIER_SUM, mark_step: int = -1) -> OndemandResult:
     """Replay the cache's stream through it (updated in place: its stats are ``cache.stats``) on a fresh serial
     channel whose copies take ``copy_s`` each. ``counts``: the stream's use counts; ``step_ntok`` and
     ``step_dense_s``: tokens and dense time per step; ``expert_s[n]``: one expert's time for n tokens
-    (``expert_s[0] = 0``)."""
+    (``expert_s[0] = 0``). ``mark_step``: take the totals when this step begins (the result's ``mark``)."""
     ptr, _ = stream_rows(cache.s)
     step_ntok = np.asarray(step_ntok, np.int64)
     S, L = len(step_ntok), int(num_layers)
@@ -253,12 +303,22 @@ def replay_ondemand(cache: kc.CacheState, counts, step_ntok, step_dense_s, exper
     step_s = np.zeros(S)
     late_l, miss_l, stall_l = np.zeros(L, np.int64), np.zeros(L, np.int64), np.zeros(L)
     out_f, out_i = np.zeros(3), np.zeros(2, np.int64)
+    mark_step = int(mark_step) if 0 <= mark_step < S else -1
+    mark_f, mark_i = np.zeros(MARK_F_LAYERS + L), np.zeros(MARK_I_LAYERS + 2 * L, np.int64)
     _replay_kernel(cache, ch, np.asarray(counts, np.int64), step_ntok, np.asarray(step_dense_s, np.float64),
                    np.asarray(expert_s, np.float64), L, int(top_k), bool(neumaier),
                    np.zeros((DEFERRED + 1, max(width, num_keys)), np.int64), np.zeros(width), step_s, late_l, miss_l,
-                   stall_l, out_f, out_i)
+                   stall_l, out_f, out_i, mark_step, mark_f, mark_i)
     per_layer = int(top_k) * int(step_ntok.sum())  # every layer-step has ntok x top_k uses
     requests = np.full(L, per_layer, np.int64)
+    mark = None
+    if mark_step >= 0:
+        mi = mark_i.tolist()
+        mark = OndemandMark(mark_step, float(mark_f[MARK_T]), float(mark_f[MARK_STALL]), float(mark_f[MARK_COMPUTE]),
+                            mi[MARK_DEMAND_LOADS], mi[MARK_COPIES], mi[MARK_USES],
+                            dict(zip(kc.STATS_FIELDS, mi[MARK_STATS:MARK_STATS + N_STATS])),
+                            mark_i[MARK_I_LAYERS:MARK_I_LAYERS + L].copy(), mark_i[MARK_I_LAYERS + L:].copy(),
+                            mark_f[MARK_F_LAYERS:].copy())
     return OndemandResult(float(out_f[TOTAL]), float(out_f[STALL]), float(out_f[COMPUTE]), step_s, requests,
                           requests - late_l - miss_l, late_l, miss_l, stall_l, int(ch.q[kch.CI, kch.COPIES]),
-                          int(out_i[DEMAND_LOADS]))
+                          int(out_i[DEMAND_LOADS]), mark)

@@ -1,9 +1,8 @@
 """From the simulator's objects (runtime, hardware models, steps) to the compiled kernels' flat inputs, and
-their outputs back to the simulator's results: what a driver's dispatch calls.
-
-Phase 1 of the compiled fast path: nothing calls this module yet but the tests and the benchmark. The
-dispatch (take the kernel where :func:`ondemand_unsupported` returns None, else the Python loop, and say
-which in ``results.json``) comes with the one driver loop.
+their outputs back to the simulator's results: what the simulator's dispatch (``sim/run.py``) calls. It takes
+the kernels where :func:`ondemand_unsupported` / :func:`bounds_unsupported` return None, else the Python
+loops, and says which in ``results.json`` (``run.replay_path``, ``run.bounds_path`` and the reasons); see
+``docs/kernel.md``.
 """
 
 from __future__ import annotations
@@ -20,10 +19,12 @@ from policies.eviction.lfu import LFU
 from policies.eviction.lru import LRU
 from policies.eviction.static import Static
 from policies.eviction.two_level import TwoLevel
+from policies.future import StepStream
 from policies.horizons.fixed import FixedHorizon
 from policies.runtime import PolicyRuntime
 from replay.hardware import CopyModel
 from replay.results import LayerStats, ReplayResult
+from replay.window import WindowMark, take_mark
 from replay_kernels import cache as kc
 from replay_kernels.keys import layer_step_keys, pack_stream, steps_csr
 from replay_kernels.replay import replay_ondemand
@@ -68,6 +69,8 @@ def ondemand_unsupported(runtime: PolicyRuntime, copy_model: CopyModel, log: boo
     horizon = runtime.horizon
     if not runtime.silent and not (type(horizon) is FixedHorizon and horizon.distance() == 0):
         return "the run prefetches (only on-demand runs have a kernel so far)"
+    if runtime.loads is not None:
+        return "a clairvoyant load plan (the oracle's, policies/clairvoyant.py) picks the victims"
     if runtime.cache.load_log is not None or runtime.cache.stats != CacheStats():
         return "the runtime's cache is not fresh"
     return None
@@ -88,6 +91,12 @@ def stream(steps, runtime: PolicyRuntime) -> tuple[np.ndarray, np.ndarray, np.nd
     return layer_step_keys(runtime.experts, runtime.offsets, step_ptr, step_tokens, len(runtime.cache.partition_of))
 
 
+def prepared_stream(p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prepared run's (ptr, keys, counts): the arrays it holds (``p.stream``), else built."""
+    s = p.stream
+    return stream(p.steps, p.runtime) if s is None else (s.ptr, s.keys, s.counts)
+
+
 def dense_times_s(compute, steps) -> list[float]:
     """The dense time of each step (its token count's, computed once per count as the Python loops do)."""
     memo: dict[int, float] = {}
@@ -95,27 +104,32 @@ def dense_times_s(compute, steps) -> list[float]:
 
 
 def replay_kernel(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
-                  num_layers: int) -> ReplayResult:
-    """``sim.engine.replay`` of an on-demand run (see :func:`ondemand_unsupported`) by the compiled kernel. The
+                  num_layers: int, warmup_steps: int = 0, keys: StepStream | None = None) -> ReplayResult:
+    """``sim.engine.replay`` of an on-demand run (see :func:`ondemand_unsupported`) by the compiled kernel, the
+    window mark taken when step ``warmup_steps`` begins; ``keys``: the steps' stream, if already built. The
     runtime's cache stats are set to the replay's, as the Python loop leaves them; its residency is not."""
-    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers)[0]
+    return replay_kernel_state(steps, runtime, copy_model, compute, expert_bytes, num_layers, warmup_steps, keys)[0]
 
 
 def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, compute, expert_bytes: int,
-                        num_layers: int) -> tuple[ReplayResult, kc.CacheState]:
+                        num_layers: int, warmup_steps: int = 0,
+                        keys: StepStream | None = None) -> tuple[ReplayResult, kc.CacheState]:
     """:func:`replay_kernel`, and the kernel cache it replayed through (its final residency and slots)."""
     wall0 = time.perf_counter()
     reason = ondemand_unsupported(runtime, copy_model)
     if reason is not None:
         raise ValueError(f"replay_kernel: {reason}")
-    ptr, keys, counts = stream(steps, runtime)
+    ptr, keys, counts = stream(steps, runtime) if keys is None else (keys.ptr, keys.keys, keys.counts)
     cache = kernel_cache(runtime.cache, num_layers, ptr, keys)
     ntok = np.fromiter((len(s.tokens) for s in steps), dtype=np.int64, count=len(steps))
     res = replay_ondemand(cache, counts, ntok, dense_times_s(compute, steps), expert_times_s(compute, steps),
-                          num_layers, runtime.experts.shape[2], copy_model.seconds(expert_bytes))
+                          num_layers, runtime.experts.shape[2], copy_model.seconds(expert_bytes),
+                          mark_step=warmup_steps)
     stats = runtime.cache.stats
     for name, value in cache.stats.items():
         setattr(stats, name, value)
+    if not runtime.silent:  # a predictor at distance 0: the runtime would note the distance at the first layer
+        runtime.note_distance(0, 0)
     pinned = int(cache.m[kc.PINNED].sum())
     layers = LayerStats(res.requests, res.hits, res.late_hits, res.misses, res.layer_stall_s)
     return ReplayResult(
@@ -123,7 +137,20 @@ def replay_kernel_state(steps, runtime: PolicyRuntime, copy_model: CopyModel, co
         step_phase=[s.phase for s in steps], step_tokens=ntok.tolist(),
         bytes_moved=(res.copies + pinned) * expert_bytes, copies=res.copies + pinned, preload_copies=pinned,
         demand_loads=res.demand_loads, layers=layers, wall_s=time.perf_counter() - wall0,
+        mark=window_mark(res.mark, pinned, expert_bytes),
     ), cache
+
+
+def window_mark(mark, pinned: int, expert_bytes: int) -> WindowMark | None:
+    """The kernel's mark (:class:`replay_kernels.replay.OndemandMark`) as the drivers take it, the pinned
+    experts' preload counted in the copies and bytes as they count it."""
+    if mark is None:
+        return None
+    L = len(mark.misses)
+    copies = mark.copies + pinned
+    return take_mark(mark.step, mark.t, mark.stall_s, mark.compute_s, mark.demand_loads, copies,
+                     copies * expert_bytes, CacheStats(**mark.stats), [mark.uses] * L,
+                     mark.uses - mark.late_hits - mark.misses, mark.late_hits, mark.misses, mark.layer_stall_s)
 
 
 # ---------------------------------------------------------------------------------------------- the bounds
@@ -137,39 +164,46 @@ def bounds_unsupported(p) -> str | None:
 
 
 def min_replay_kernel(p, stream_s: np.ndarray | None = None, counts: np.ndarray | None = None):
-    """``replay.bounds.min_replay`` compiled: MIN's hit rate, its kernel cache (stats, the load log in ``loads``) and
-    every layer-step's compute order over the stream's layout. ``stream_s``: the packed stream with its
-    future, and ``counts``, if already built."""
+    """``replay.bounds.min_replay`` compiled: MIN's hit rate (over the measured window, and over the whole
+    replay), its kernel cache (stats, the load log in ``loads``) and every layer-step's compute order over the
+    stream's layout. ``stream_s``: the packed stream with its future, and ``counts``, if already built."""
     from replay_kernels.decide import decide
 
     if stream_s is None:
-        ptr, keys, counts = stream(p.steps, p.runtime)
+        ptr, keys, counts = prepared_stream(p)
         stream_s = pack_stream(ptr, keys, len(p.partition_of))
-    cache = kc.new_cache("belady", p.partition_of, p.capacity, stream_s, num_layers=p.meta.num_layers,
-                         log_loads=True)
-    _, orders = decide(cache, counts, p.meta.num_layers, record_orders=True)
+    L = p.meta.num_layers
+    cache = kc.new_cache("belady", p.partition_of, p.capacity, stream_s, num_layers=L, log_loads=True)
+    _, orders, mark = decide(cache, counts, L, record_orders=True, mark_at=p.warmup_steps * L)
     st = cache.stats
-    return st["hits"] / (st["hits"] + st["misses"] + st["late_hits"]), cache, orders
+
+    def requests(s: dict) -> int:
+        return s["hits"] + s["misses"] + s["late_hits"]
+
+    base = mark or dict.fromkeys(st, 0)  # no mark: the window is the whole replay (ondemand_replay's count_from)
+    window = (st["hits"] - base["hits"]) / (requests(st) - requests(base))
+    return (window, st["hits"] / requests(st)), cache, orders
 
 
 def compute_bounds_kernel(p) -> dict:
-    """``replay.bounds.compute_bounds`` compiled (see :func:`bounds_unsupported`)."""
+    """``replay.bounds.compute_bounds`` compiled (see :func:`bounds_unsupported`): the same dict, the same
+    numbers."""
+    from replay.bounds import add_oracle, belady_dict
     from replay_kernels.oracle import oracle_stall
 
     reason = bounds_unsupported(p)
     if reason is not None:
         raise ValueError(f"compute_bounds_kernel: {reason}")
-    ptr, keys, counts = stream(p.steps, p.runtime)
+    ptr, keys, counts = prepared_stream(p)
     stream_s = pack_stream(ptr, keys, len(p.partition_of))
-    rate, cache, orders = min_replay_kernel(p, stream_s, counts)
+    rates, cache, orders = min_replay_kernel(p, stream_s, counts)
+    first = p.warmup_steps * p.meta.num_layers
     args = (stream_s, counts, p.partition_of, p.capacity, dense_times_s(p.compute, p.steps),
             expert_times_s(p.compute, p.steps), p.meta.num_layers, p.copy_model.seconds(p.copy_bytes))
-    aggr = oracle_stall(*args, schedule="aggressive")
-    cons = oracle_stall(*args, schedule="conservative", loads=cache.loads, orders=orders)
-    return {
-        "belady_hit_rate": float(rate),
-        "belady_misses_unique": int(cache.stats["inserts"]),
-        "oracle_stall_s": min(aggr, cons),
-        "oracle_aggressive_stall_s": aggr,
-        "oracle_conservative_stall_s": cons,
-    }
+    aggr = oracle_stall(*args, schedule="aggressive", window_from=first)
+    cons = oracle_stall(*args, schedule="conservative", loads=cache.loads, orders=orders, window_from=first)
+    pre = oracle_stall(*args, schedule="aggressive", window_from=first, preload=True)
+    loads = cache.loads
+    out = belady_dict(rates, int((loads[:, 0] >= first).sum()), int(cache.stats["inserts"]))
+    add_oracle(out, aggr, cons, pre)
+    return out

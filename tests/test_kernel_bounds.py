@@ -1,6 +1,8 @@
 """The compiled bounds against the Python ones (replay.bounds.min_replay / compute_bounds, replay.oracle.oracle_stall):
-MIN's hit rate, loads, load log and compute orders, and both perfect-foresight schedules' stall, equal, on
-random traces x cache scopes x batch sizes x links, with the aggressive scan's window and resume variants."""
+MIN's hit rates (measured window and whole replay), loads, load log and compute orders, and the three
+perfect-foresight schedules' stalls (aggressive, conservative, aggressive from a preloaded cache; window and
+whole replay), equal, on random traces x cache scopes x batch sizes x links x warm-ups, with the aggressive
+scan's window and resume variants."""
 
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ from traces import write_trace
 pytestmark = pytest.mark.skipif(not replay_kernels.available(), reason="numba is not installed: no compiled kernels")
 
 
-def prepared(tmp_path, hw: str, batch: int, slots: int, scope: str = "per_layer", seed: int = 5, experts: int = 8):
+def prepared(tmp_path, hw: str, batch: int, slots: int, scope: str = "per_layer", seed: int = 5, experts: int = 8,
+             warmup: str = "null"):
     path = tmp_path / f"t{seed}-{experts}.parquet"
     if not path.exists():
         write_trace(random_trace(tokens=80, layers=4, experts=experts, top_k=2, sequences=4, seed=seed), path)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"trace.path={path}", "trace.name=t", f"hardware={hw}", f"cache.slots={slots}",
-                                           "cache.fraction=null", f"batch_size={batch}", f"cache.scope={scope}"])
+                                           "cache.fraction=null", f"batch_size={batch}", f"cache.scope={scope}",
+                                           f"warmup_tokens={warmup}"])
     return prepare(cfg)
 
 
@@ -43,15 +47,32 @@ CASES = [  # (batch, slots per layer, scope, experts): a partition smaller than 
 @pytest.mark.parametrize("batch,slots,scope,experts", CASES)
 def test_kernel_bounds_equal_python(tmp_path, hw, batch, slots, scope, experts):
     p = prepared(tmp_path, hw, batch, slots, scope, experts=experts)
-    rate, cache, orders = min_replay(p)
-    k_rate, k_cache, k_orders = kb.min_replay_kernel(p)
-    assert k_rate == rate
+    assert p.warmup_steps > 0
+    rates, cache, orders = min_replay(p)
+    k_rates, k_cache, k_orders = kb.min_replay_kernel(p)
+    assert k_rates == rates  # (measured window, whole replay)
     assert k_cache.stats == {f: getattr(cache.stats, f) for f in k_cache.stats}
     assert min_loads(k_cache) == cache.load_log  # MIN's loads and victims, in order
     assert k_orders.tolist() == [k for o in orders for k in o]  # every layer-step's compute order
     want = compute_bounds(p)
     assert kb.compute_bounds_kernel(p) == want
-    assert want["oracle_aggressive_stall_s"] > 0 and want["oracle_conservative_stall_s"] > 0
+    for block in (want, want["whole_run"]):
+        assert block["oracle_aggressive_stall_s"] > 0 and block["oracle_conservative_stall_s"] > 0
+        assert block["oracle_stall_s"] == min(block[f"oracle_{s}_stall_s"] for s in ("aggressive", "conservative",
+                                                                                       "preloaded"))
+    # the cold start's stall is not in the window
+    assert want["oracle_aggressive_stall_s"] < want["whole_run"]["oracle_aggressive_stall_s"]
+
+
+@pytest.mark.parametrize("warmup", ["0", "20", "33"])
+@pytest.mark.parametrize("batch,slots,scope,experts", [(1, 2, "per_layer", 4), (4, 3, "global", 8), (1, 6, "per_layer", 16)])
+def test_kernel_bounds_equal_python_at_any_warmup(tmp_path, warmup, batch, slots, scope, experts):
+    """No warm-up (the window is the whole replay), half the replay, all but the last few tokens (39 replayed)."""
+    p = prepared(tmp_path, "cpu-nvme", batch, slots, scope, experts=experts, warmup=warmup)
+    want = compute_bounds(p)
+    assert kb.compute_bounds_kernel(p) == want
+    if warmup == "0":
+        assert {k: v for k, v in want.items() if k != "whole_run"} == want["whole_run"]
 
 
 @pytest.mark.parametrize("seed", [5, 9])
@@ -69,6 +90,14 @@ def test_kernel_aggressive_window_and_rescan_equal_python(tmp_path, seed, batch,
         for resume in (True, False):
             want = oracle_stall(*args, schedule="aggressive", window=window, resume_scan=resume)
             assert kernel_oracle_stall(*kargs, "aggressive", window=window, resume_scan=resume) == want > 0
+            for start in (0, 7, 40):  # the stall from this layer-step on, and the preloaded schedule
+                for preload in (False, True):
+                    kw = dict(schedule="aggressive", window=window, resume_scan=resume, window_from=start,
+                              preload=preload)
+                    want = oracle_stall(*args, **kw)
+                    kw.pop("schedule")
+                    assert kernel_oracle_stall(*kargs, "aggressive", **kw) == want
+                    assert want[0] >= want[1]
 
 
 def test_what_the_bounds_kernels_do_not_cover_is_said(tmp_path):

@@ -1,6 +1,6 @@
 """Without numba the kernels are unavailable, cleanly: importing them never fails, ``replay_kernels.available()`` says
-False and why, the simulator's dispatch gets that reason (it takes the Python path), and the kernels still run
-as plain Python with the same results. With numba, compiled code is cached on disk under a digest of the
+False and why, the simulator's dispatch gets that reason (``python -m sim`` takes the Python path and records
+why in ``results.json``), and the kernels still run as plain Python with the same results. With numba, compiled code is cached on disk under a digest of the
 kernels' sources, so a second process loads it instead of compiling."""
 
 from __future__ import annotations
@@ -84,3 +84,31 @@ def test_an_edit_anywhere_in_the_kernels_starts_a_fresh_cache(tmp_path):
     (copy / "channel.py").write_text((copy / "channel.py").read_text() + "\n# an edit\n")
     assert _jit.source_digest(copy) != _jit.source_digest()
     assert _jit.cache_dir().name == _jit.source_digest()
+
+
+def test_the_simulator_without_numba_takes_the_python_path_and_says_why(tmp_path):
+    """``python -m sim`` with a numba that fails at import: the run completes in Python, ``results.json`` names
+    that path and the reason for the replay and the bounds, and its figures are the Python path's."""
+    from hydra import compose, initialize_config_dir
+    from kernel_cases import model_trace
+
+    from sim.run import simulate
+    from traces import write_trace
+
+    trace = tmp_path / "t.parquet"
+    write_trace(model_trace(tokens=80, seed=3), trace)
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text("raise OSError('libllvmlite.so: cannot open shared object')\n")
+    over = [f"trace.path={trace}", "trace.name=t", "cache.slots=3", "cache.fraction=null", "paths.bounds_dir=null"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(tmp_path), str(ROOT)))}
+    out = subprocess.run([sys.executable, "-m", "sim", *over, f"hydra.run.dir={tmp_path / 'run'}"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads((tmp_path / "run" / "results.json").read_text())
+    for what in ("replay", "bounds"):
+        assert got["run"][f"{what}_path"] == "python"
+        assert got["run"][f"{what}_fallback"].startswith("numba could not be imported (OSError: libllvmlite.so")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        want = simulate(compose("config", overrides=[*over, "sim.compiled=false"]), tmp_path / "here")
+    for key in ("stall_s", "hit_rate", "total_s", "belady_hit_rate", "oracle_stall_s", "whole_run"):
+        assert got[key] == want[key]

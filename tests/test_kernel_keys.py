@@ -34,4 +34,4 @@ def test_layer_step_keys_equal_step_keys(batch):
     assert np.array_equal(s[head:head + meta.total_experts + 1] - head - meta.total_experts - 1, fptr)
     assert np.array_equal(s[head + meta.total_experts + 1:], at)
     for key in range(meta.total_experts):
-        assert at[fptr[key]:fptr[key + 1]].tolist() == future._uses.get(key, [])
+        assert at[fptr[key]:fptr[key + 1]].tolist() == future.uses_of(key)

@@ -4,6 +4,8 @@ every output field equal (floats bit for bit), the same final residency and slot
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from kernel_cases import COMPUTE, LINKS, POLICIES, model_trace, on_demand_run
@@ -19,11 +21,13 @@ pytestmark = pytest.mark.skipif(not replay_kernels.available(), reason="numba is
 def both(trace, policy, scope, slots, batch, copy_model):
     """The Python replay's and the kernel's results, runtimes, and the kernel's cache."""
     steps, uses, rt_py = on_demand_run(trace, policy, scope, slots, batch)
-    py = replay(steps, rt_py, copy_model, COMPUTE, trace.meta.expert_bytes, trace.meta.num_layers, uses=uses)
+    warmup = len(steps) // 3  # the measured window's first step: the mark is taken there
+    py = replay(steps, rt_py, copy_model, COMPUTE, trace.meta.expert_bytes, trace.meta.num_layers, uses=uses,
+                warmup_steps=warmup)
     steps, _, rt_k = on_demand_run(trace, policy, scope, slots, batch)
     assert kb.ondemand_unsupported(rt_k, copy_model) is None
     k, cache = kb.replay_kernel_state(steps, rt_k, copy_model, COMPUTE, trace.meta.expert_bytes,
-                                      trace.meta.num_layers)
+                                      trace.meta.num_layers, warmup)
     return py, rt_py, k, rt_k, cache
 
 
@@ -35,6 +39,18 @@ def assert_same(py, rt_py, k, rt_k, cache):
         assert np.array_equal(getattr(k.layers, f), getattr(py.layers, f)), f"layers.{f}"
     assert rt_k.cache.stats == rt_py.cache.stats
     assert cache.resident_slots() == rt_py.cache.slot_of  # the same experts resident, in the same slots
+    assert_same_mark(k.mark, py.mark)
+
+
+def assert_same_mark(k, py):
+    """The window marks (replay.window.WindowMark): every total equal, floats bit for bit."""
+    assert py is not None and py.step > 0 and k is not None
+    for f in dataclasses.fields(py):
+        a, b = getattr(k, f.name), getattr(py, f.name)
+        if isinstance(b, np.ndarray):
+            assert a.dtype == b.dtype and np.array_equal(a, b), f"mark.{f.name}"
+        else:
+            assert a == b, f"mark.{f.name}"
 
 
 @pytest.mark.parametrize("link", LINKS)
@@ -99,6 +115,9 @@ def test_what_the_kernel_does_not_cover_is_said():
     assert "serial channel" in kb.ondemand_unsupported(rt, shared)
     with pytest.raises(ValueError, match="serial channel"):
         kb.replay_kernel(steps, rt, shared, COMPUTE, trace.meta.expert_bytes, trace.meta.num_layers)
+    rt.loads = object()  # a clairvoyant load plan: the oracle's demand loads take planned victims
+    assert "clairvoyant load plan" in kb.ondemand_unsupported(rt, copy)
+    rt.loads = None
     rt.horizon = type(rt.horizon)(1)
     rt.silent = False
     assert "prefetches" in kb.ondemand_unsupported(rt, copy)

@@ -89,12 +89,14 @@ def test_a_sweeps_runs_share_their_bounds_through_the_cache(tmp_path, monkeypatc
 
     from test_sim import run_sim
 
-    import replay.bounds as sr
     import replay.bounds_cache as bc
+    import sim.kernel_bridge as kb
+    import sim.run as sim_run
 
-    computed = []  # one entry per fresh computation of the bounds
-    real_compute = sr.compute_bounds
-    monkeypatch.setattr(sr, "compute_bounds", lambda p: computed.append(1) or real_compute(p))
+    computed = []  # one entry per fresh computation of the bounds, by the compiled path or the Python one
+    for module, name in ((sim_run, "compute_bounds"), (kb, "compute_bounds_kernel")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda p, real=real: computed.append(1) or real(p))
     cache = tmp_path / "bounds"
     tr = random_trace(tokens=60, layers=3, experts=8, top_k=2, sequences=3, seed=2)
     keys = ("belady_hit_rate", "belady_misses_unique", "oracle_stall_s", "oracle_aggressive_stall_s",

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import random_trace
 
-from policies.future import FutureIndex, step_keys
+from policies.future import FutureIndex, StepStream, step_keys
 from policies.schedulers.fifo import FIFOScheduler
+from replay_kernels.keys import layer_step_keys, steps_csr
 from traces.schema import PHASE_DECODE, PHASE_PREFILL
 
 
@@ -59,11 +60,36 @@ def test_step_keys_and_future_match_the_loops(seed, batch):
     assert [list(u.items()) for u in uses] == [list(u.items()) for u in ref_uses]  # counts and first-seen order
     fut = FutureIndex(needed)
     ref = reference_future(ref_needed)
-    assert fut._uses == ref
-    for key in range(sum(tr.meta.num_experts) + 1):  # next_use over every layer-step, for every key
+    num_keys = sum(tr.meta.num_experts)
+    assert future_dict(fut, num_keys) == ref
+    for key in range(num_keys + 1):  # next_use over every layer-step, for every key
         for now in range(fut.horizon + 1):
             later = [t for t in ref.get(key, []) if t >= now]
             assert fut.next_use(key, now) == (later[0] if later else fut.horizon)
+    # the same stream as arrays: built by the compiled keys kernel (as prepare does), or from step_keys' lists
+    for stream in (StepStream(*layer_step_keys(tr.experts, tr.meta.layer_offsets, *steps_csr(steps), num_keys)),
+                   StepStream.from_lists(needed, uses)):
+        assert [n.tolist() for n in stream.needed] == ref_needed and all(n.dtype == np.int64 for n in stream.needed)
+        assert [list(u.items()) for u in stream.uses] == [list(u.items()) for u in ref_uses]
+        assert stream.distinct().tolist() == [len(n) for n in ref_needed]
+        assert future_dict(stream.future(), num_keys) == ref and stream.future().horizon == len(ref_needed)
+        if len(ref_uses) > 1:
+            assert stream.uses[-1] == ref_uses[-1] and stream.uses[1:] == ref_uses[1:]
+
+
+def future_dict(fut: FutureIndex, num_keys: int) -> dict[int, list[int]]:
+    """Every key's layer-steps, as :func:`reference_future` lists them."""
+    return {k: fut.uses_of(k) for k in range(num_keys) if fut.uses_of(k)}
+
+
+def test_stream_rows_are_built_once_on_first_access():
+    tr = random_trace(tokens=20, layers=2, experts=4, top_k=2, sequences=1, seed=0)
+    steps = FIFOScheduler().plan(tr.seq_id, tr.phase, 2)
+    stream = StepStream(*layer_step_keys(tr.experts, tr.meta.layer_offsets, *steps_csr(steps), 8))
+    assert stream.uses[3] is stream.uses[3] and stream.needed[0] is stream.needed[0]
+    assert not stream.needed[0].flags.writeable  # views of the stream's keys: nobody may change them
+    with pytest.raises(IndexError):
+        stream.uses[len(stream.uses)]
 
 
 def test_repeated_experts_in_a_one_token_step_are_counted():
@@ -85,7 +111,7 @@ def test_future_index_with_keys_beyond_16_bits():
     rng = np.random.default_rng(1)
     needed = [np.unique(rng.integers(0, 70_000, 5)) for _ in range(200)]
     fut = FutureIndex(needed)
-    assert fut._uses == reference_future([n.tolist() for n in needed])
+    assert future_dict(fut, 70_000) == reference_future([n.tolist() for n in needed])
 
 
 def test_a_step_with_no_tokens_has_no_keys():
