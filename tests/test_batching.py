@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import ROOT, random_trace
+from conftest import ROOT, random_trace, skip_without_shared
 from hydra import compose, initialize_config_dir
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -111,6 +111,8 @@ BUNDLED = [
 
 @pytest.mark.parametrize("trace,batch", BUNDLED)
 def test_bundled_traces_keep_the_invariants(tmp_path, trace, batch):
+    if "trace=mixtral-real" in trace:
+        skip_without_shared("the mixtral-real case")
     common = [*trace, f"paths.traces_dir={tmp_path}", f"batch_size={batch}", "cache.fraction=0.25"]
     belady = run([*common, "strategy=ondemand-belady"], tmp_path)
     oracle = run([*common, "strategy=oracle-belady"], tmp_path)
